@@ -18,10 +18,26 @@ References:
         β) and Eq. 7 (β-guided data filtering).
 """
 import math
-from typing import Optional, Tuple, Union
+import json
+import os
+import random
+import signal
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple, Union
 
 import torch
+import torch.distributed as dist
+import torch.nn as nn
 import torch.nn.functional as F
+import tqdm
+from omegaconf import DictConfig, OmegaConf
+
+from preference_datasets import get_batch_iterator
+from utils import (all_gather_if_needed, atomic_checkpoint_dir, atomic_write_text, formatted_dict, get_local_dir,
+                   load_checkpoint_file, materialize_embedded_model, pad_to_length, point_latest_to, rank0_print,
+                   slice_and_move_batch_for_device)
 
 # β-DPO keeps β above this floor so a batch of very negative margins cannot flip the sign of the
 # loss (the reference implementation clamps at the same value).
@@ -199,3 +215,510 @@ class MarginStats:
         self.momentum = float(state['momentum'])
         self.mean.fill_(float(state['mean']))
         self.std.fill_(float(state['std']))
+
+
+def concatenated_inputs(batch: Dict[str, Union[List, torch.Tensor]]) -> Dict[str, torch.Tensor]:
+    """Chosen and rejected tensors stacked into one batch of 2·B rows (chosen first), padded alike.
+
+    One forward pass over both halves is faster than two, and under FSDP it gathers each shard once.
+    """
+    max_length = max(batch['chosen_input_ids'].shape[1], batch['rejected_input_ids'].shape[1])
+    concatenated = {}
+    for suffix, pad_value in (('input_ids', 0), ('attention_mask', 0), ('labels', -100)):
+        concatenated[f'concatenated_{suffix}'] = torch.cat([
+            pad_to_length(batch[f'chosen_{suffix}'], max_length, pad_value),
+            pad_to_length(batch[f'rejected_{suffix}'], max_length, pad_value),
+        ], dim=0)
+    return concatenated
+
+
+class NonFiniteLossError(RuntimeError):
+    """A training step produced a NaN or infinite loss or gradient norm."""
+
+
+class StopRequest:
+    """Turns SIGTERM / SIGINT into a flag the training loop checks between steps.
+
+    A preempted or Ctrl-C'd run then finishes its step, saves a checkpoint and exits cleanly. A second
+    Ctrl-C interrupts at once (the last complete checkpoint stays loadable).
+    """
+
+    def __init__(self):
+        self.signal_name: Optional[str] = None
+        self._previous = {}
+
+    def __enter__(self):
+        if threading_is_main():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        return False
+
+    def _handle(self, signum, frame):
+        if self.signal_name is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal_name = signal.Signals(signum).name
+        rank0_print(f'\n{self.signal_name} received: finishing this step, then saving a checkpoint '
+                    f'(Ctrl-C again to stop at once)')
+
+
+def threading_is_main() -> bool:
+    import threading
+    return threading.current_thread() is threading.main_thread()
+
+
+class DummyWandb:
+    """Stands in for wandb when it is off (disabled, debug mode, or a process other than rank 0)."""
+
+    def log(self, *args, **kwargs):
+        pass
+
+    def finish(self, *args, **kwargs):
+        pass
+
+
+class BasicTrainer:
+    """SFT or preference training (DPO, cDPO, IPO, β-DPO) in one process.
+
+    With several GPUs the model is split across them (train.py loads it with device_map='balanced'):
+    N times the memory, no parallel compute. Subclasses change how the model is placed and how
+    state is gathered, through small hooks: `clip_gradient`, `policy_state_dict`,
+    `optimizer_state_dict`, `load_optimizer_state_dict`, `export_pretrained`.
+    """
+
+    def __init__(self, policy: nn.Module, config: DictConfig, seed: int, run_dir: str,
+                 reference_model: Optional[nn.Module] = None, rank: int = 0, world_size: int = 1,
+                 wandb_run=None, device: Optional[torch.device] = None):
+        self.config = config
+        self.seed = seed
+        self.run_dir = Path(run_dir)
+        self.rank = rank
+        self.world_size = world_size
+        self.is_main = rank == 0
+        self.device = device if device is not None else first_device(policy)
+        # Data parallelism: which slice of each batch this process computes. Tensor parallel ranks
+        # all see the whole batch (see TensorParallelTrainer).
+        self.dp_rank, self.dp_size = rank, world_size
+        self.wandb = wandb_run or DummyWandb()
+
+        # Loss-mode flags, derived once.
+        self.sft = config.loss.name == 'sft'
+        self.uses_reference_model = not self.sft
+        self.beta_dpo = not self.sft and config.loss.mode_loss == 'beta_DPO'
+
+        self.policy = policy
+        self.reference_model = reference_model
+        self.tokenizer = load_tokenizer(config)
+        self.margin_stats = MarginStats(self.device)
+        # The β-DPO filter's only randomness: seeded alike on every rank, so all ranks keep the same pairs.
+        self.filter_generator = torch.Generator().manual_seed(seed)
+
+        self.example_counter = 0
+        self.batch_counter = 0
+        self.skipped_batches = 0
+        self.last_eval_example = None
+
+        self.data_kwargs = dict(
+            names=list(config.datasets), tokenizer=self.tokenizer, shuffle=True, max_length=config.max_length,
+            max_prompt_length=config.max_prompt_length, sft_mode=self.sft, silent=not self.is_main,
+            cache_dir=get_local_dir(config.local_dirs), dataset_options=dataset_options(config))
+        self.eval_batches = list(get_batch_iterator(**self.data_kwargs, split='test', n_examples=config.n_eval_examples,
+                                                    batch_size=config.eval_batch_size, seed=seed))
+        rank0_print(f'Loaded {len(self.eval_batches)} eval batches of size {config.eval_batch_size}')
+
+    # ----- the training loop ---------------------------------------------------------------------------
+
+    def train(self) -> None:
+        """Train for n_epochs / n_examples: evaluate and save every eval_every examples, log each step."""
+        self.setup_optimization()
+        torch.manual_seed(self.seed)
+        random.seed(self.seed)
+        if self.config.resume_from:
+            self.restore(Path(self.config.resume_from) / 'LATEST')
+        if self.reference_model is not None:
+            self.reference_model.eval()
+
+        last_log = None
+        progress = tqdm.tqdm(total=self.config.n_examples, initial=self.example_counter, unit='ex',
+                             desc='Training', disable=not self.is_main, dynamic_ncols=True)
+        with StopRequest() as stop:
+            for batch in self.train_batches():
+                if self.eval_due():
+                    self.evaluate_and_save()
+                metrics = self.train_step(batch)
+                progress.update(self.config.batch_size)
+                if last_log is None or time.time() - last_log > self.config.minimum_log_interval_secs:
+                    self.log(metrics, split='train')
+                    last_log = time.time()
+                if stop.signal_name:
+                    self.save()
+                    rank0_print(f'Stopped by {stop.signal_name} after {self.example_counter} examples. '
+                                f'Resume with:  python train.py <the same arguments> resume_from={self.run_dir}')
+                    progress.close()
+                    return
+        progress.close()
+        if self.last_eval_example != self.example_counter:
+            self.evaluate_and_save()
+        self.export_pretrained(self.run_dir / 'hf_model')
+
+    def train_batches(self):
+        """The training stream, from the current position (0, or where a resumed run stopped)."""
+        return get_batch_iterator(**self.data_kwargs, split='train', n_epochs=self.config.n_epochs,
+                                  n_examples=self.config.n_examples, batch_size=self.config.batch_size,
+                                  seed=self.seed, start_example=self.example_counter)
+
+    def eval_due(self) -> bool:
+        if self.example_counter % self.config.eval_every != 0 or self.last_eval_example == self.example_counter:
+            return False
+        return self.example_counter > 0 or self.config.do_first_eval
+
+    def train_step(self, batch: Dict) -> Dict[str, float]:
+        """One optimizer step over `batch`, accumulated over gradient_accumulation_steps microbatches."""
+        self.policy.train()
+        start_time = time.time()
+        accumulation = self.config.gradient_accumulation_steps
+        metrics = defaultdict(list)
+        losses = []
+        for microbatch_idx in range(accumulation):
+            global_microbatch = slice_and_move_batch_for_device(batch, microbatch_idx, accumulation, 'cpu')
+            local_microbatch = slice_and_move_batch_for_device(global_microbatch, self.dp_rank, self.dp_size, self.device)
+            loss, microbatch_metrics = self.get_batch_metrics(local_microbatch, train=True)
+            (loss / accumulation).backward()
+            losses.append(loss.detach())
+            for k, v in microbatch_metrics.items():
+                metrics[k].extend(v)
+
+        grad_norm = self.clip_gradient()
+        step_is_finite = bool(torch.isfinite(torch.stack(losses)).all()) and torch.isfinite(torch.tensor(grad_norm))
+        if step_is_finite:
+            self.optimizer.step()
+        else:
+            self.handle_nonfinite(batch, losses, grad_norm)
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+        self.batch_counter += 1
+        self.example_counter += self.config.batch_size
+        metrics = {k: sum(v) / len(v) for k, v in metrics.items()}
+        metrics['examples_per_second'] = self.config.batch_size / (time.time() - start_time)
+        metrics['grad_norm'] = grad_norm
+        metrics['lr'] = self.scheduler.get_last_lr()[0]
+        return metrics
+
+    def handle_nonfinite(self, batch: Dict, losses: List[torch.Tensor], grad_norm: float) -> None:
+        """Stop with a message naming the step and the batch, or skip the batch (on_nonfinite=skip)."""
+        first, last = self.example_counter, self.example_counter + self.config.batch_size - 1
+        where = (f'training step {self.batch_counter + 1} (examples {first}–{last} of the training stream; '
+                 f'first prompt: {batch["prompt"][0][:80]!r})')
+        what = f'loss {[round(l.item(), 4) for l in losses]}, gradient norm {grad_norm}'
+        if self.config.on_nonfinite == 'skip':
+            self.skipped_batches += 1
+            rank0_print(f'Skipping {where}: non-finite {what} ({self.skipped_batches} skipped so far)')
+            return
+        raise NonFiniteLossError(
+            f'Non-finite {what} at {where}. The last checkpoint in {self.run_dir} is intact. Lower lr, check '
+            f'the data of this batch, or pass on_nonfinite=skip to skip such batches.')
+
+    # ----- losses and metrics -------------------------------------------------------------------------
+
+    def forward_logps(self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      labels: torch.Tensor) -> torch.Tensor:
+        """(batch,) summed log-probabilities of the label tokens under `model`."""
+        logits = model(input_ids, attention_mask=attention_mask, use_cache=False).logits
+        return _get_batch_logps(logits, labels, average_log_prob=False)
+
+    def concatenated_forward(self, model: nn.Module, batch: Dict) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Log-probabilities of the chosen and rejected responses from one forward pass over both."""
+        concatenated = concatenated_inputs(batch)
+        all_logps = self.forward_logps(model, concatenated['concatenated_input_ids'],
+                                       concatenated['concatenated_attention_mask'], concatenated['concatenated_labels'])
+        n = batch['chosen_input_ids'].shape[0]
+        return all_logps[:n], all_logps[n:]
+
+    def reference_logps(self, batch: Dict) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The frozen reference model's log-probabilities of the chosen and rejected responses."""
+        with torch.no_grad():
+            return self.concatenated_forward(self.reference_model, batch)
+
+    def gather(self, values: torch.Tensor) -> torch.Tensor:
+        """`values` of every data-parallel process, concatenated in rank order (detached)."""
+        return all_gather_if_needed(values.detach(), self.dp_rank, self.dp_size)
+
+    def get_batch_metrics(self, batch: Dict, train: bool = True) -> Tuple[torch.Tensor, Dict[str, List[float]]]:
+        """The loss of this process's microbatch (to backpropagate) and its metrics (lists over all ranks)."""
+        split = 'train' if train else 'eval'
+        if self.sft:
+            policy_chosen_logps = self.forward_logps(self.policy, batch['chosen_input_ids'],
+                                                     batch['chosen_attention_mask'], batch['chosen_labels'])
+            loss = -policy_chosen_logps.mean()
+            metrics = {f'logps_{split}/chosen': self.gather(policy_chosen_logps),
+                       f'loss/{split}': self.gather(loss.reshape(1))}
+            return loss, {k: v.float().cpu().tolist() for k, v in metrics.items()}
+
+        policy_chosen_logps, policy_rejected_logps = self.concatenated_forward(self.policy, batch)
+        reference_chosen_logps, reference_rejected_logps = self.reference_logps(batch)
+        loss_config = self.config.loss
+        local_keep = None
+        beta = loss_config.beta
+        metrics = {}
+        if self.beta_dpo:
+            beta, local_keep, batch_metrics = self.beta_dpo_filter(
+                policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps, train)
+            metrics.update({f'record_{split}/{k}': v for k, v in batch_metrics.items()})
+
+        losses, chosen_rewards, rejected_rewards = preference_loss(
+            policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
+            beta=beta, label_smoothing=loss_config.label_smoothing, ipo=loss_config.name == 'ipo',
+            reference_free=loss_config.reference_free)
+        if local_keep is None:
+            loss = losses.mean()
+        else:
+            # The mean over the kept pairs of the whole batch across ranks. Data-parallel gradients are
+            # averaged over dp_size ranks, hence the factor dp_size (β-DPO's original divided by each
+            # rank's own kept count, weighting pairs unequally).
+            n_kept = batch_metrics['mask_count'][0]
+            loss = (losses * local_keep).sum() * self.dp_size / n_kept
+
+        metrics.update({
+            f'rewards_{split}/chosen': self.gather(chosen_rewards),
+            f'rewards_{split}/rejected': self.gather(rejected_rewards),
+            f'rewards_{split}/accuracies': self.gather((chosen_rewards > rejected_rewards).float()),
+            f'rewards_{split}/margins': self.gather(chosen_rewards - rejected_rewards),
+            f'logps_{split}/chosen': self.gather(policy_chosen_logps),
+            f'logps_{split}/rejected': self.gather(policy_rejected_logps),
+            f'loss/{split}': self.gather(loss.detach().reshape(1) / self.dp_size).sum().reshape(1),
+        })
+        return loss, {k: (v.float().cpu().tolist() if torch.is_tensor(v) else v) for k, v in metrics.items()}
+
+    def beta_dpo_filter(self, policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
+                        reference_rejected_logps, train: bool):
+        """β-DPO for one microbatch: (β_used, this rank's keep mask as floats, metrics).
+
+        The margins of the whole microbatch are gathered from all ranks; the running statistics are
+        updated in training only, before dynamic_beta reads them (the reference implementation's order).
+        Evaluation draws from its own generator so it never shifts the training stream's draws.
+        """
+        loss_config = self.config.loss
+        reference_term = 0 if loss_config.reference_free else reference_chosen_logps - reference_rejected_logps
+        local_margins = (policy_chosen_logps - policy_rejected_logps - reference_term).detach()
+        margins = self.gather(local_margins)
+        if train:
+            self.margin_stats.update(margins)
+            generator = self.filter_generator
+        else:
+            generator = torch.Generator().manual_seed(self.seed + self.example_counter)
+        beta_used, keep = dynamic_beta(margins, self.margin_stats.mean, self.margin_stats.std, loss_config.beta,
+                                       loss_config.a, loss_config.mode_weight, generator=generator)
+        n_local = local_margins.shape[0]
+        local_keep = keep[self.dp_rank * n_local:(self.dp_rank + 1) * n_local].to(local_margins.device).float()
+        metrics = {'beta_used': [beta_used.item()], 'mask_count': [int(keep.sum())],
+                   'kept_fraction': [keep.float().mean().item()],
+                   'gap_mean': [self.margin_stats.mean.item()], 'gap_std': [self.margin_stats.std.item()]}
+        return beta_used.to(local_margins.device), local_keep, metrics
+
+    # ----- evaluation ---------------------------------------------------------------------------------
+
+    def evaluate(self) -> Dict[str, float]:
+        """Mean metrics over the evaluation set (and samples, if sample_during_eval)."""
+        self.policy.eval()
+        all_metrics = defaultdict(list)
+        for eval_batch in tqdm.tqdm(self.eval_batches, desc='Computing eval metrics', disable=not self.is_main,
+                                    leave=False):
+            local_batch = slice_and_move_batch_for_device(eval_batch, self.dp_rank, self.dp_size, self.device)
+            with torch.no_grad():
+                _, metrics = self.get_batch_metrics(local_batch, train=False)
+            for k, v in metrics.items():
+                all_metrics[k].extend(v)
+        mean_metrics = {k: sum(v) / len(v) for k, v in all_metrics.items()}
+        if self.config.sample_during_eval:
+            self.log_samples()
+        return mean_metrics
+
+    def log_samples(self) -> None:
+        """Sample from the policy (and the reference) on the first eval prompts and print / log them."""
+        n_batches = max(1, self.config.n_eval_model_samples // self.config.eval_batch_size)
+        policy_samples, reference_samples, prompts = [], [], []
+        # Sampling draws from the global RNG; fork it so evaluation never changes the training stream.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed + self.example_counter)
+            for eval_batch in self.eval_batches[:n_batches]:
+                local_batch = slice_and_move_batch_for_device(eval_batch, self.dp_rank, self.dp_size, self.device)
+                prompts.extend(eval_batch['prompt'])
+                policy_samples.extend(self.generate(self.policy, local_batch))
+                if self.reference_model is not None:
+                    reference_samples.extend(self.generate(self.reference_model, local_batch))
+        rank0_print('policy samples:\n' + json.dumps(policy_samples[:4], indent=2))
+        if reference_samples:
+            rank0_print('reference samples:\n' + json.dumps(reference_samples[:4], indent=2))
+        if self.is_main and not isinstance(self.wandb, DummyWandb):
+            import wandb
+            for name, samples in (('policy_samples', policy_samples), ('reference_samples', reference_samples)):
+                if samples:
+                    table = wandb.Table(columns=['step', 'prompt', 'sample'],
+                                        data=[[self.example_counter, p, s] for p, s in zip(prompts, samples)])
+                    self.wandb.log({name: table}, step=self.example_counter)
+
+    def generate(self, model: nn.Module, batch: Dict, do_sample: bool = True) -> List[str]:
+        """Decoded continuations (prompt included) of the batch's prompts, gathered from all ranks."""
+        with torch.no_grad():
+            output = model.generate(batch['prompt_input_ids'], attention_mask=batch['prompt_attention_mask'],
+                                    max_length=self.config.max_length, do_sample=do_sample,
+                                    pad_token_id=self.tokenizer.pad_token_id)
+        output = pad_to_length(output, self.config.max_length, self.tokenizer.pad_token_id)
+        output = all_gather_if_needed(output, self.dp_rank, self.dp_size)
+        return self.tokenizer.batch_decode(output, skip_special_tokens=True)
+
+    def evaluate_and_save(self) -> None:
+        rank0_print(f'Running evaluation after {self.example_counter} train examples')
+        metrics = self.evaluate()
+        self.last_eval_example = self.example_counter
+        self.log(metrics, split='eval')
+        if self.example_counter > 0:
+            self.save(metrics)
+
+    # ----- logging ------------------------------------------------------------------------------------
+
+    def log(self, metrics: Dict[str, float], split: str) -> None:
+        """Print, append to metrics.jsonl and send to wandb (rank 0 only)."""
+        metrics = dict(metrics)
+        metrics['counters/examples'] = self.example_counter
+        metrics['counters/updates'] = self.batch_counter
+        if self.skipped_batches:
+            metrics['counters/skipped_batches'] = self.skipped_batches
+        if not self.is_main:
+            return
+        rank0_print(f'{split} stats after {self.example_counter} examples: {formatted_dict(metrics)}')
+        self.wandb.log(metrics, step=self.example_counter)
+        if self.config.debug:
+            return
+        with open(self.run_dir / 'metrics.jsonl', 'a') as f:
+            f.write(json.dumps({'split': split, **metrics}) + '\n')
+
+    # ----- checkpoints --------------------------------------------------------------------------------
+
+    def setup_optimization(self) -> None:
+        """The optimizer named by config.optimizer and the linear warmup schedule."""
+        self.optimizer = getattr(torch.optim, self.config.optimizer)(
+            [p for p in self.policy.parameters() if p.requires_grad], lr=self.config.lr)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_lambda=lambda step: min(1.0, (step + 1) / (self.config.warmup_steps + 1)))
+
+    def clip_gradient(self) -> float:
+        """Clip the policy's gradients to max_grad_norm; returns the norm before clipping."""
+        return torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.config.max_grad_norm).item()
+
+    def policy_state_dict(self) -> Optional[Dict[str, torch.Tensor]]:
+        """The full policy state dict on rank 0 (None elsewhere); collective in sharded subclasses."""
+        return self.policy.state_dict()
+
+    def optimizer_state_dict(self) -> Optional[Dict]:
+        return self.optimizer.state_dict()
+
+    def load_optimizer_state_dict(self, state: Dict) -> None:
+        self.optimizer.load_state_dict(state)
+
+    def trainer_state(self) -> Dict:
+        """What a resumed run needs besides weights and optimizer: counters, β-DPO statistics, RNG states."""
+        return {'example_counter': self.example_counter, 'batch_counter': self.batch_counter,
+                'skipped_batches': self.skipped_batches, 'margin_stats': self.margin_stats.state_dict(),
+                'filter_generator': self.filter_generator.get_state(), 'torch_rng': torch.get_rng_state()}
+
+    def save(self, metrics: Optional[Dict] = None) -> None:
+        """Write RUN_DIR/step-N/ atomically, then point RUN_DIR/LATEST at it (no-op in debug mode).
+
+        policy.pt, optimizer.pt and scheduler.pt are {'step_idx', 'state', 'metrics'} as in the
+        original, so `model.archive=RUN_DIR/LATEST/policy.pt` starts a DPO run from any trainer's SFT.
+        """
+        if self.config.debug:
+            rank0_print('skipping save in debug mode')
+            return
+        policy_state = self.policy_state_dict()
+        optimizer_state = self.optimizer_state_dict()
+        if self.is_main:
+            step_name = f'step-{self.example_counter}'
+            wrap = lambda state: {'step_idx': self.example_counter, 'state': state, 'metrics': metrics or {}}
+            with atomic_checkpoint_dir(self.run_dir / step_name) as tmp:
+                torch.save(wrap(policy_state), tmp / 'policy.pt')
+                torch.save(wrap(optimizer_state), tmp / 'optimizer.pt')
+                torch.save(wrap(self.scheduler.state_dict()), tmp / 'scheduler.pt')
+                torch.save(self.trainer_state(), tmp / 'trainer_state.pt')
+                (tmp / 'beta_dpo_stats.json').write_text(json.dumps(self.margin_stats.state_dict()) + '\n')
+            point_latest_to(self.run_dir, step_name)
+            rank0_print(f'saved checkpoint {self.run_dir / step_name}')
+        if dist.is_initialized():
+            dist.barrier()
+
+    def restore(self, checkpoint_dir: Path) -> None:
+        """Continue from `checkpoint_dir` (a resume): optimizer, scheduler, counters, statistics, RNGs.
+
+        The policy weights were loaded by train.py before the model was wrapped.
+        """
+        self.load_optimizer_state_dict(load_checkpoint_file(checkpoint_dir / 'optimizer.pt', 'optimizer state')['state'])
+        self.scheduler.load_state_dict(load_checkpoint_file(checkpoint_dir / 'scheduler.pt', 'scheduler state')['state'])
+        state = load_checkpoint_file(checkpoint_dir / 'trainer_state.pt', 'trainer state')
+        self.example_counter = state['example_counter']
+        self.batch_counter = state['batch_counter']
+        self.skipped_batches = state['skipped_batches']
+        self.margin_stats.load_state_dict(state['margin_stats'])
+        self.filter_generator.set_state(state['filter_generator'])
+        torch.set_rng_state(state['torch_rng'])
+        self.last_eval_example = self.example_counter
+        if self.is_main:
+            truncate_metrics_log(self.run_dir / 'metrics.jsonl', self.example_counter)
+        rank0_print(f'Resumed from {checkpoint_dir.resolve()} at {self.example_counter} examples')
+
+    def export_pretrained(self, output_dir: Path) -> None:
+        """Save the policy in Hugging Face format (safetensors, config, tokenizer) for from_pretrained / vLLM."""
+        if self.config.debug:
+            return
+        state = self.policy_state_dict()
+        if self.is_main:
+            with atomic_checkpoint_dir(output_dir) as tmp:
+                unwrap(self.policy).save_pretrained(tmp, state_dict=state)
+                self.tokenizer.save_pretrained(tmp)
+            rank0_print(f'exported the policy in Hugging Face format to {output_dir}')
+        if dist.is_initialized():
+            dist.barrier()
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The Hugging Face model inside any wrapper."""
+    return getattr(model, 'module', model)
+
+
+def first_device(model: nn.Module) -> torch.device:
+    """Where a (possibly GPU-split) model takes its inputs."""
+    device_map = getattr(model, 'hf_device_map', None)
+    if device_map:
+        first = next(iter(device_map.values()))
+        return torch.device(f'cuda:{first}' if isinstance(first, int) else first)
+    return next(model.parameters()).device
+
+
+def load_tokenizer(config: DictConfig):
+    """The tokenizer of config.model (a Hub id, a directory, or an embedded model); pad = EOS if unset."""
+    import transformers
+    name = config.model.tokenizer_name_or_path or config.model.name_or_path
+    path = materialize_embedded_model(name, get_local_dir(config.local_dirs))
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path, cache_dir=get_local_dir(config.local_dirs))
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token_id = tokenizer.eos_token_id
+    return tokenizer
+
+
+def dataset_options(config: DictConfig) -> Dict:
+    """Options the generated data sources read (datasets=[synthetic]); plain dict."""
+    return {'synthetic': OmegaConf.to_container(config.synthetic, resolve=True)} if 'synthetic' in config else {}
+
+
+def truncate_metrics_log(path: Path, up_to_example: int) -> None:
+    """Drop metrics.jsonl lines logged after `up_to_example` (a resumed run logs them again)."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines()
+            if line.strip() and json.loads(line).get('counters/examples', 0) <= up_to_example]
+    atomic_write_text(path, ''.join(line + '\n' for line in kept))

@@ -1,0 +1,41 @@
+"""Shared test helpers: compose the real Hydra config, build a trainer in-process, run train.py."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / 'shared' / 'data'
+
+# Small, fast settings for the embedded tiny model on the synthetic task.
+FAST = ['wandb.enabled=false', 'sample_during_eval=false', 'synthetic.n_train=64', 'synthetic.n_test=16',
+        'synthetic.n_gold_eval=0', 'n_eval_examples=8', 'eval_batch_size=8', 'batch_size=8', 'warmup_steps=0']
+
+
+def compose_config(overrides, tmp_path):
+    """The config train.py would see for these command-line overrides, with caches under tmp_path."""
+    import train  # registers the get_local_run_dir resolver
+    with initialize_config_dir(config_dir=str(ROOT / 'config'), version_base=None):
+        config = compose(config_name='config', overrides=[f'local_dirs=[{tmp_path}]', *overrides])
+    return config
+
+
+def run_train(args, cwd, timeout=600, check=True):
+    """Run `python train.py ARGS` as a user would; returns the CompletedProcess (stdout + stderr)."""
+    env = dict(os.environ, PYTHONUNBUFFERED='1', WANDB_MODE='disabled', HF_HUB_OFFLINE='1', TOKENIZERS_PARALLELISM='false')
+    result = subprocess.run([sys.executable, str(ROOT / 'train.py'), *args], cwd=cwd, env=env, capture_output=True,
+                            text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f'train.py {" ".join(args)} failed with {result.returncode}:\n{result.stdout[-3000:]}\n'
+                             f'{result.stderr[-5000:]}')
+    return result
+
+
+def run_dir_from_output(output: str) -> Path:
+    """The run directory train.py announces ('Writing to HOST:DIR')."""
+    for line in output.splitlines():
+        if line.startswith('Writing to '):
+            return Path(line.split(':', 1)[1].strip())
+    raise AssertionError('train.py did not print its run directory:\n' + output[-2000:])

@@ -1,0 +1,60 @@
+"""Gradient accumulation: batch 8 × 1 step equals batch 1 × 8 accumulation steps for SFT and DPO.
+
+β-DPO differs by design: its statistics, β and filter are per microbatch (as in the reference
+implementation), so 8 microbatches of one pair each keep every pair and update μ, σ eight times.
+"""
+import pytest
+import torch
+
+from helpers import FAST, compose_config
+from train import build_models, prepare_run
+from trainers import BasicTrainer
+
+
+def one_step(tmp_path, overrides, accumulation, perturb=False):
+    """Loss, metrics and updated policy parameters after one SGD step on the first training batch."""
+    config = compose_config([*FAST, 'optimizer=SGD', 'lr=0.5', 'max_grad_norm=1e9', 'n_examples=8',
+                             f'gradient_accumulation_steps={accumulation}', *overrides], tmp_path)
+    prepare_run(config)
+    policy, reference = build_models(config)
+    if perturb:  # move the policy away from the reference so the margins are not all 0
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for p in policy.parameters():
+                p.add_(0.02 * torch.randn(p.shape, generator=g))
+    initial = torch.cat([p.detach().flatten() for p in policy.parameters()])
+    trainer = BasicTrainer(policy, config, config.seed, config.local_run_dir, reference_model=reference)
+    trainer.setup_optimization()
+    batch = next(iter(trainer.train_batches()))
+    metrics = trainer.train_step(batch)
+    update = torch.cat([p.detach().flatten() for p in policy.parameters()]) - initial
+    return metrics, update, trainer
+
+
+@pytest.mark.parametrize('loss', [['loss=sft'], ['loss=dpo'], ['loss=ipo'], ['loss=dpo', 'loss.label_smoothing=0.2']])
+def test_batch_of_8_equals_8_accumulated_microbatches(tmp_path, loss):
+    whole, whole_params, _ = one_step(tmp_path / 'a', loss, accumulation=1, perturb=True)
+    accumulated, accumulated_params, _ = one_step(tmp_path / 'b', loss, accumulation=8, perturb=True)
+    assert accumulated['loss/train'] == pytest.approx(whole['loss/train'], rel=1e-5)
+    assert accumulated['grad_norm'] == pytest.approx(whole['grad_norm'], rel=1e-4)
+    # the SGD update is lr × gradient: equal up to float32 summation order
+    scale = whole_params.abs().max().item()
+    assert scale > 0
+    torch.testing.assert_close(accumulated_params, whole_params, rtol=1e-4, atol=1e-5 * scale)
+
+
+def test_beta_dpo_statistics_are_per_microbatch_by_design(tmp_path):
+    """One microbatch of 8: k = ⌊8·0.8⌋ = 6 pairs kept, μ and σ updated once.
+    Eight microbatches of 1: k = max(1, ⌊0.8⌋) = 1 each, so every pair is kept, and μ, σ are updated
+    8 times, σ from single margins (std 0): σ stays 0 and μ is an 8-step EMA. The loss differs."""
+    beta_dpo = ['loss=dpo', 'loss.mode_loss=beta_DPO', 'loss.mode_weight=0.2', 'loss.a=0.6']
+    whole, whole_params, whole_trainer = one_step(tmp_path / 'a', beta_dpo, accumulation=1, perturb=True)
+    accumulated, accumulated_params, accumulated_trainer = one_step(tmp_path / 'b', beta_dpo, accumulation=8,
+                                                                    perturb=True)
+    assert whole['record_train/mask_count'] == 6
+    assert accumulated['record_train/mask_count'] == 1
+    assert whole_trainer.margin_stats.std.item() > 0
+    assert accumulated_trainer.margin_stats.std.item() == 0
+    assert accumulated_trainer.margin_stats.mean.item() != pytest.approx(whole_trainer.margin_stats.mean.item())
+    assert accumulated['loss/train'] != pytest.approx(whole['loss/train'], rel=1e-3)
+    assert not torch.allclose(accumulated_params, whole_params)
