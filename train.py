@@ -49,7 +49,10 @@ def validate_config(config: DictConfig, n_processes: int = 1) -> List[str]:
     Runs before anything is loaded or written, so a mistake costs seconds and leaves no files behind.
     """
     problems = []
-    missing = sorted(k for k in OmegaConf.missing_keys(config) if k != 'local_run_dir')
+    # Validate a copy whose run directory is not resolved: resolving it creates the directory.
+    config = config.copy()
+    config.local_run_dir = '(not resolved yet)'
+    missing = sorted(OmegaConf.missing_keys(config))
     if missing:
         problems.append(f'missing values for: {", ".join(missing)} (set them on the command line, e.g. {missing[0]}=...)')
 
