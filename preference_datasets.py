@@ -450,11 +450,16 @@ class _HTMLTree(html.parser.HTMLParser):
         self.stack[-1][1].append(data)
 
 
+_LINE_TAGS = {'li', 'p', 'div', 'tr', 'blockquote', 'pre', 'h1', 'h2', 'h3', 'h4', 'h5', 'h6'}
+
+
 def _text_of(node) -> str:
+    """The text inside a node; <br> and the end of a list item, paragraph or heading give a line break."""
     if isinstance(node, str):
         return node
     tag, children = node
-    return '\n' if tag == 'br' else ''.join(_text_of(child) for child in children)
+    text = '\n' if tag == 'br' else ''.join(_text_of(child) for child in children)
+    return text + '\n' if tag in _LINE_TAGS and not text.endswith('\n') else text
 
 
 def _code_blocks(node) -> List[str]:
