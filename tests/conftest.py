@@ -1,6 +1,131 @@
-"""Puts the repository root on sys.path so tests import the flat modules (trainers, utils, ...)."""
+"""Shared test fixtures (the repository root goes on sys.path): fixture files in the upstream schemas, a byte-level toy tokenizer, the real data slices."""
+import copy
+import gzip
+import json
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / 'shared' / 'data'
+
+# A chat template for tests: role and content per line, EOS text closing each assistant turn (so the
+# rendered responses contain a control token that must stay one).
+CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}"
+                 "{% if m['role'] == 'assistant' %}<|endoftext|>{% endif %}{{ '\\n' }}{% endfor %}"
+                 "{% if add_generation_prompt %}assistant:{% endif %}")
+
+
+def write_rows(path: Path, rows, fmt: str = None) -> Path:
+    """Write rows as JSON lines, JSON, or Parquet (by the file name), gzipped for names ending .gz."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    name = path.name
+    if name.endswith('.parquet'):
+        import pyarrow
+        import pyarrow.parquet
+        pyarrow.parquet.write_table(pyarrow.Table.from_pylist(rows), path)
+        return path
+    if name.endswith(('.json', '.json.gz')):
+        text = json.dumps(rows)
+    else:
+        text = ''.join(json.dumps(row) + '\n' for row in rows)
+    data = text.encode('utf-8')
+    path.write_bytes(gzip.compress(data) if name.endswith('.gz') else data)
+    return path
+
+
+def hh_row(prompt_turns, chosen, rejected):
+    """An hh-rlhf row: the dialogue turns [(human, assistant), ..., human] then both final answers."""
+    dialogue = ''.join(f'\n\nHuman: {h}\n\nAssistant: {a}' for h, a in prompt_turns[:-1]) + f'\n\nHuman: {prompt_turns[-1]}\n\nAssistant:'
+    return {'chosen': dialogue + chosen, 'rejected': dialogue + rejected}
+
+
+# Six rows: single turn, multi turn, the first prompt again, an empty final response, and two unusable rows.
+HH_ROWS = [
+    hh_row(['Hi'], ' Hello!', ' Go away.'),
+    hh_row([('A', 'B'), 'C'], ' D', ' E'),
+    hh_row(['Hi'], ' Hey.', ' What?'),
+    hh_row(['X'], '', ' no'),
+    {'chosen': '\n\nHuman: Q\n\nAssistant: a\n\nHuman: R\n\nAssistant: b', 'rejected': '\n\nHuman: Q\n\nAssistant: other'},
+    {'chosen': '\n\nHuman: only a question', 'rejected': '\n\nHuman: only a question'},
+]
+
+
+def shp_row(post_id, history, ref_a, ref_b, score_a, score_b, labels):
+    """A stanfordnlp/SHP row with every upstream field."""
+    return {'post_id': post_id, 'domain': 'askscience_train', 'upvote_ratio': 0.95, 'history': history,
+            'c_root_id_A': post_id + 'a', 'c_root_id_B': post_id + 'b', 'created_at_utc_A': 1600000000,
+            'created_at_utc_B': 1600000100, 'score_A': score_a, 'score_B': score_b, 'human_ref_A': ref_a,
+            'human_ref_B': ref_b, 'labels': labels, 'seconds_difference': 100.0,
+            'score_ratio': max(score_a, score_b) / min(score_a, score_b)}
+
+
+SHP_ROWS = [
+    shp_row('p1', 'Why is the sky blue?', 'Rayleigh scattering.', 'Magic.', 10, 2, 1),
+    shp_row('p1', 'Why is the sky blue?', 'Because of the air.', 'Rayleigh scattering, explained.', 3, 12, 0),
+    shp_row('p2', 'Is water wet?', 'Yes.', 'No.', 5, 4, 1),            # ratio 1.25 < 2: filtered
+    shp_row('p3', 'Best prime?', 'Two.', 'Seven.', 2, 4, 0),          # ratio exactly 2: kept
+]
+
+
+def se_answer(answer_id, text, pm_score):
+    return {'answer_id': answer_id, 'author': 'u', 'author_id': answer_id, 'author_profile': 'https://x/u',
+            'pm_score': pm_score, 'selected': False, 'text': text}
+
+
+SE_ROWS = [
+    {'qid': 1, 'question': '<p>How do I print in <b>Python</b>?</p><pre><code>print(x)\n</code></pre>',
+     'answers': [se_answer(11, '<p>Use <code>print</code> &amp; flush.</p>', 5), se_answer(12, '<p>Try logging.</p>', 2),
+                 se_answer(13, "<pre><code>import sys\nsys.stdout.write('x')</code></pre>", 5)],
+     'date': '2010/01/01', 'metadata': ['https://stackoverflow.com/questions/1']},
+    {'qid': 2, 'question': '<p>One answer only?</p>', 'answers': [se_answer(21, '<p>Yes.</p>', 3)],
+     'date': '2010/01/02', 'metadata': []},
+    {'qid': 3, 'question': '<p>All tied?</p>', 'answers': [se_answer(31, '<p>a</p>', 1), se_answer(32, '<p>b</p>', 1)],
+     'date': '2010/01/03', 'metadata': []},
+]
+
+
+@pytest.fixture(scope='session')
+def byte_tokenizer():
+    """A byte-level tokenizer with no merges: one token per UTF-8 byte, so token counts are byte counts.
+    <|endoftext|> (EOS) is id 256 and <pad> id 257."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    backend = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens(['<|endoftext|>', '<pad>'])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token='<|endoftext|>', pad_token='<pad>')
+
+
+def shared(*parts) -> Path:
+    path = SHARED_DATA.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f'real data slice {path} absent (tests read ../shared/data beside the repository)')
+    return path
+
+
+@pytest.fixture(scope='session')
+def neox_tokenizer():
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(str(shared('tokenizers', 'gpt-neox-20b')))
+
+
+@pytest.fixture(scope='session')
+def neox_chat_tokenizer(neox_tokenizer):
+    """The GPT-NeoX tokenizer has no chat template: a copy with CHAT_TEMPLATE set."""
+    tokenizer = copy.deepcopy(neox_tokenizer)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+@pytest.fixture(scope='session')
+def hh_slice_dir(tmp_path_factory):
+    """A directory whose test.jsonl.gz is the real HH harmless-base test slice, i.e. 'hh:DIR' split 'test'."""
+    source = shared('hh-rlhf', 'harmless-base-test.jsonl.gz')
+    directory = tmp_path_factory.mktemp('hh')
+    (directory / 'test.jsonl.gz').symlink_to(source)
+    return directory
