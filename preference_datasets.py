@@ -44,7 +44,9 @@ import html.parser
 import io
 import json
 import os
+import random
 import re
+import string
 import tempfile
 import warnings
 from collections import defaultdict
@@ -252,6 +254,7 @@ class Loaded:
 class Source(NamedTuple):
     load: Callable[[LoadRequest], Loaded]
     truncation_mode: str = 'keep_start'  # which end of a too long prompt survives
+    generated: bool = False  # made by code (no Hub data set, no 'name:PATH' form)
 
 
 def source_rows(request: LoadRequest, hub_id: str, columns: Sequence[str], schema: str,
@@ -641,11 +644,82 @@ def load_generic(request: LoadRequest) -> Loaded:
     return Loaded(data, chat_rendered=chat)
 
 
+# ----------------------------------------------------------------------------------------------------------
+# synthetic: a generated task with a gold answer that code checks (datasets=[synthetic])
+
+SYNTHETIC_OPERATIONS = {
+    'reverse': lambda word: word[::-1],
+    'uppercase': str.upper,
+    'sort': lambda word: ''.join(sorted(word)),
+    'double': lambda word: ''.join(c + c for c in word),
+}
+SYNTHETIC_DEFAULTS = dict(n_train=2000, n_test=200, low_gap_fraction=0.5, flip_fraction=0.1, n_gold_eval=64,
+                          seed=0, min_word_length=3, max_word_length=6)
+
+
+def synthetic_prompt(operation: str, word: str) -> str:
+    return f'{HUMAN} {operation} {word}{ASSISTANT}'
+
+
+def synthetic_gold_answer(prompt: str) -> str:
+    """The correct response to a synthetic prompt, without the leading space ('reverse abc' -> 'cba')."""
+    operation, word = prompt[len(HUMAN) + 1:-len(ASSISTANT)].split(' ', 1)
+    return SYNTHETIC_OPERATIONS[operation](word)
+
+
+def _near_miss(answer: str, rng: random.Random) -> str:
+    """The answer with one letter replaced: a rejected response with a small reward gap."""
+    i = rng.randrange(len(answer))
+    letters = string.ascii_uppercase if answer[i].isupper() else string.ascii_lowercase
+    return answer[:i] + rng.choice([c for c in letters if c != answer[i]]) + answer[i + 1:]
+
+
+def _clearly_wrong(word: str, answer: str, rng: random.Random) -> str:
+    """A response that ignores the instruction (the word unchanged, or random letters): a large gap."""
+    random_letters = ''.join(rng.choice(string.ascii_lowercase) for _ in range(len(answer)))
+    candidates = [c for c in (word, random_letters) if c != answer]
+    return rng.choice(candidates) if candidates else answer + 'x'
+
+
+def load_synthetic(request: LoadRequest) -> Loaded:
+    """Word-manipulation instructions ('reverse abc', 'uppercase abc', 'sort cab', 'double ab').
+
+    Deterministic for `seed`; the train and test prompts are disjoint. Each prompt has one pair: the
+    gold answer against a near miss (one letter wrong, a fraction `low_gap_fraction`) or a clearly
+    wrong answer; a fraction `flip_fraction` of the training pairs has its labels flipped (noise).
+    Options come from `dataset_options['synthetic']` (config key `synthetic`).
+    """
+    options = {**SYNTHETIC_DEFAULTS, **dict(request.options.get('synthetic', {}))}
+    rng = random.Random(f"synthetic-prompts-{options['seed']}")
+    prompts, seen = [], set()
+    n_total = options['n_train'] + options['n_test']
+    while len(prompts) < n_total:
+        operation = rng.choice(sorted(SYNTHETIC_OPERATIONS))
+        length = rng.randint(options['min_word_length'], options['max_word_length'])
+        word = ''.join(rng.choice(string.ascii_lowercase) for _ in range(length))
+        if (operation, word) not in seen:
+            seen.add((operation, word))
+            prompts.append(synthetic_prompt(operation, word))
+    split_prompts = prompts[:options['n_train']] if request.split == 'train' else prompts[options['n_train']:]
+    pair_rng = random.Random(f"synthetic-pairs-{options['seed']}-{request.split}")
+    data: PreferenceData = {}
+    for prompt in split_prompts:
+        answer = synthetic_gold_answer(prompt)
+        word = prompt[len(HUMAN) + 1:-len(ASSISTANT)].split(' ', 1)[1]
+        low_gap = pair_rng.random() < options['low_gap_fraction']
+        rejected = _near_miss(answer, pair_rng) if low_gap else _clearly_wrong(word, answer, pair_rng)
+        flipped = request.split == 'train' and pair_rng.random() < options['flip_fraction']
+        data[prompt] = {'responses': [' ' + answer, ' ' + rejected], 'pairs': [(1, 0) if flipped else (0, 1)],
+                        'sft_target': ' ' + answer}
+    return Loaded(data)
+
+
 # The dispatch of get_dataset: name -> Source. 'name' loads the Hub data set, 'name:PATH' local files.
 SOURCES: Dict[str, Source] = {
     'hh': Source(load_hh, truncation_mode='keep_end'),  # keep the end of a long dialogue: the last turns
     'shp': Source(load_shp),
     'se': Source(load_se),
+    'synthetic': Source(load_synthetic, generated=True),
 }
 GENERIC = Source(load_generic)
 _HUB_ID = re.compile(r'[\w.-]+/[\w.-]+')
@@ -656,7 +730,7 @@ def resolve_name(name: str) -> Tuple[str, Source, Optional[str]]:
     if name in SOURCES:
         return name, SOURCES[name], None
     prefix, colon, location = name.partition(':')
-    if colon and prefix in SOURCES:
+    if colon and prefix in SOURCES and not SOURCES[prefix].generated:
         if not location:
             raise ValueError(f"'{name}': give a path after the colon, e.g. '{prefix}:data/{prefix}'")
         return prefix, SOURCES[prefix], location
@@ -664,8 +738,11 @@ def resolve_name(name: str) -> Tuple[str, Source, Optional[str]]:
         return 'generic', GENERIC, name
     if name.endswith(FILE_EXTENSIONS) or name.startswith(('/', '.', '~')):
         raise FileNotFoundError(f"'{name}': no such file or directory")
-    raise ValueError(f"Unknown dataset '{name}'. Valid: {', '.join(SOURCES)} (from the Hub); "
-                     f"{', '.join(s + ':PATH' for s in SOURCES)} (local files in that schema: a directory with "
+    hub = [s for s in SOURCES if not SOURCES[s].generated]
+    generated = [s for s in SOURCES if SOURCES[s].generated]
+    raise ValueError(f"Unknown dataset '{name}'. Valid: {', '.join(hub)} (from the Hub); "
+                     f"{', '.join(generated)} (generated, no download); "
+                     f"{', '.join(s + ':PATH' for s in hub)} (local files in that schema: a directory with "
                      f"train.*/test.* or one .jsonl/.json/.parquet file, optionally .gz); or a Hub id 'owner/name' "
                      f"or an existing local path in the generic prompt/chosen/rejected format")
 
