@@ -34,7 +34,7 @@ import torch.nn.functional as F
 import tqdm
 from omegaconf import DictConfig, OmegaConf
 
-from preference_datasets import get_batch_iterator
+from preference_datasets import get_batch_iterator, synthetic_gold_accuracy
 from utils import (all_gather_if_needed, atomic_checkpoint_dir, atomic_write_text, formatted_dict, get_local_dir,
                    load_checkpoint_file, materialize_embedded_model, pad_to_length, point_latest_to, rank0_print,
                    slice_and_move_batch_for_device)
@@ -534,9 +534,37 @@ class BasicTrainer:
             for k, v in metrics.items():
                 all_metrics[k].extend(v)
         mean_metrics = {k: sum(v) / len(v) for k, v in all_metrics.items()}
+        if self.gold_eval_enabled():
+            mean_metrics.update(self.gold_eval())
         if self.config.sample_during_eval:
             self.log_samples()
         return mean_metrics
+
+    def gold_eval_enabled(self) -> bool:
+        """Whether evaluation scores greedy answers against the synthetic task's gold answers."""
+        return 'synthetic' in self.config.datasets and self.config.synthetic.n_gold_eval > 0
+
+    def gold_eval(self) -> Dict[str, float]:
+        """{'gold_eval/accuracy': fraction of held-out synthetic prompts answered exactly right}.
+
+        Greedy generation from the policy on the first `synthetic.n_gold_eval` test prompts (in the
+        split's order, so every evaluation and every run scores the same prompts; rounded up to whole
+        eval batches, at most the whole test split). Each data-parallel rank generates for its slice of a batch; `generate` gathers the
+        answers, so every rank returns the same value.
+        """
+        batches = get_batch_iterator(**{**self.data_kwargs, 'names': ['synthetic'], 'shuffle': False,
+                                        'sft_mode': True, 'silent': True},
+                                     split='test', n_epochs=1, n_examples=self.config.synthetic.n_gold_eval,
+                                     batch_size=self.config.eval_batch_size, seed=self.seed)
+        prompts, completions = [], []
+        for batch in batches:
+            local_batch = slice_and_move_batch_for_device(batch, self.dp_rank, self.dp_size, self.device)
+            texts = self.generate(self.policy, local_batch, do_sample=False)
+            prompts.extend(batch['prompt'])
+            # generate() decodes prompt + continuation; EOS and padding are skipped special tokens
+            completions.extend(text[len(prompt):] if text.startswith(prompt) else None
+                               for prompt, text in zip(batch['prompt'], texts))
+        return {'gold_eval/accuracy': synthetic_gold_accuracy(prompts, completions)}
 
     def log_samples(self) -> None:
         """Sample from the policy (and the reference) on the first eval prompts and print / log them."""

@@ -226,7 +226,10 @@ def load_state_dict_checked(model: torch.nn.Module, state: Dict[str, torch.Tenso
 # is written once with `save_pretrained` and then loaded through the same `from_pretrained` path as a
 # Hub model.
 EMBEDDED_MODELS = {
-    'tiny': dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=512),
+    # Rotary position embedding on all of each head's dimensions (Pythia: a quarter): the synthetic task is
+    # position-based copying, and in one 24,576-example SFT run each this reached 45% gold accuracy
+    # against 19% with Pythia's quarter.
+    'tiny': dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=512, rotary_pct=1.0),
     # The size of EleutherAI/pythia-14m (with our 320-token vocabulary instead of 50,304).
     'pythia14m-shape': dict(hidden_size=128, num_hidden_layers=6, num_attention_heads=4, intermediate_size=512),
 }
@@ -283,10 +286,11 @@ def materialize_embedded_model(name_or_path: str, cache_root: Union[str, Path]) 
         raise ValueError(f'model.name_or_path={name_or_path!r}: unknown embedded model; choose one of '
                          f'{", ".join(EMBEDDED_PREFIX + n for n in EMBEDDED_MODELS)}')
     tokenizer = build_byte_tokenizer()
-    config = GPTNeoXConfig(vocab_size=320, max_position_embeddings=2048, rotary_pct=0.25, use_parallel_residual=True,
-                           bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
-                           pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
-                           attention_dropout=0.0, hidden_dropout=0.0, **EMBEDDED_MODELS[name])
+    config = GPTNeoXConfig(**{**dict(vocab_size=320, max_position_embeddings=2048, rotary_pct=0.25,
+                                     use_parallel_residual=True, bos_token_id=tokenizer.eos_token_id,
+                                     eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                                     tie_word_embeddings=False, attention_dropout=0.0, hidden_dropout=0.0),
+                              **EMBEDDED_MODELS[name]})
     target = Path(cache_root) / 'embedded_models' / f'{name}-{fingerprint(config.to_dict(), len(tokenizer))}'
     if (target / 'config.json').exists():
         return str(target)
