@@ -123,17 +123,22 @@ def _get_batch_logps(logits: torch.Tensor, labels: torch.Tensor, average_log_pro
 class _ChunkedLabelLogps(torch.autograd.Function):
     """log p(y_i | h_i) = (W h_i + b)[y_i] − logsumexp(W h_i + b), a chunk of rows of the (N, V) logits at a time.
 
-    Autograd through a plain loop would keep every chunk's float32 logits and softmax alive until the
-    backward pass (the whole N × V matrix twice over). This Function keeps only h, W, b, the targets and
-    the (N,) normalisers, and recomputes each chunk's logits in the backward pass: one more matmul per
-    chunk for memory that no longer grows with the number of tokens (the trade Liger-Kernel's fused
-    linear cross-entropy makes). All chunks share one float32 buffer, updated in place: on CPUs a fresh
-    100 MB tensor per chunk costs more in page faults than the exponentials computed in it.
+    Autograd through a plain loop would keep every chunk's float32 logits and log-softmax alive until the
+    backward pass. This Function keeps h, W, b, the targets and the (N,) normalisers, and recomputes each
+    chunk's logits in the backward pass: one more matmul per chunk for memory that no longer grows with
+    the number of tokens (the trade Liger-Kernel's fused linear cross-entropy makes). When all N rows fit
+    in one chunk, the backward pass would allocate that chunk anyway, so the forward keeps its softmax
+    instead and the backward needs neither the matmul nor the exponentials again: the same peak, less time.
+    All chunks share one float32 buffer updated in place: on CPUs a fresh 100 MB tensor per chunk costs
+    more in page faults than the exponentials computed in it.
     """
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, chunk_size):
         n = hidden.shape[0]
+        keep_softmax = n <= chunk_size and any(ctx.needs_input_grad[:3])
+        # equal chunks: a last chunk of a few rows would stream the whole weight for little work
+        chunk_size = -(-n // -(-n // chunk_size)) if n > 0 else chunk_size
         token_logps = torch.empty(n, dtype=torch.float32, device=hidden.device)
         normalisers = torch.empty(n, dtype=torch.float32, device=hidden.device)
         buffer = torch.empty(min(n, chunk_size), weight.shape[0], dtype=torch.float32, device=hidden.device)
@@ -141,16 +146,21 @@ class _ChunkedLabelLogps(torch.autograd.Function):
             rows = slice(start, start + chunk_size)
             logits = _chunk_logits(hidden[rows], weight, bias, buffer)
             target_logits = logits.gather(1, targets[rows, None]).squeeze(1)
-            normalisers[rows] = _logsumexp_(logits)
+            normalisers[rows] = _softmax_and_logsumexp_(logits)
             token_logps[rows] = target_logits - normalisers[rows]
-        ctx.save_for_backward(hidden, weight, bias, targets, normalisers)
+        ctx.save_for_backward(hidden, weight, bias, targets, normalisers, buffer if keep_softmax else None)
         ctx.chunk_size = chunk_size
+        ctx.backward_done = False
         return token_logps
 
     @staticmethod
     def backward(ctx, grad_token_logps):
         # ∂ log p(y_i) / ∂ logits_i = onehot(y_i) − softmax(logits_i), weighted by the incoming gradient g_i.
-        hidden, weight, bias, targets, normalisers = ctx.saved_tensors
+        if ctx.backward_done:
+            raise RuntimeError('label_logps_from_hidden supports one backward pass per forward (its softmax is '
+                               'reused in place)')
+        ctx.backward_done = True
+        hidden, weight, bias, targets, normalisers, softmax = ctx.saved_tensors
         n = hidden.shape[0]
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         # float32 accumulators: a bfloat16 weight's gradient summed over thousands of tokens would round away.
@@ -158,13 +168,17 @@ class _ChunkedLabelLogps(torch.autograd.Function):
             if ctx.needs_input_grad[1] else None
         grad_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) \
             if bias is not None and ctx.needs_input_grad[2] else None
-        buffer = torch.empty(min(n, ctx.chunk_size), weight.shape[0], dtype=torch.float32, device=hidden.device)
+        if softmax is None:
+            buffer = torch.empty(min(n, ctx.chunk_size), weight.shape[0], dtype=torch.float32, device=hidden.device)
         for start in range(0, n, ctx.chunk_size):
             rows = slice(start, start + ctx.chunk_size)
             g = grad_token_logps[rows].float().unsqueeze(1)
-            grad_logits = _chunk_logits(hidden[rows], weight, bias, buffer)
-            grad_logits.sub_(normalisers[rows, None]).exp_().mul_(-g)
-            grad_logits.scatter_add_(1, targets[rows, None], g)
+            if softmax is None:
+                grad_logits = _chunk_logits(hidden[rows], weight, bias, buffer)
+                grad_logits.sub_(normalisers[rows, None]).exp_()
+            else:
+                grad_logits = softmax
+            grad_logits.mul_(-g).scatter_add_(1, targets[rows, None], g)
             if grad_hidden is not None:
                 grad_hidden[rows] = (grad_logits.to(weight.dtype) @ weight).to(hidden.dtype)
             if grad_weight is not None:
@@ -192,12 +206,14 @@ def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[tor
     return out.copy_(F.linear(hidden.to(weight.dtype), weight, bias))
 
 
-def _logsumexp_(logits: torch.Tensor) -> torch.Tensor:
-    """(rows,) logsumexp over the last dim of (rows, V) `logits`, which it overwrites (no temporary)."""
+def _softmax_and_logsumexp_(logits: torch.Tensor) -> torch.Tensor:
+    """(rows,) logsumexp over the last dim of (rows, V) `logits`, which it overwrites with their softmax."""
     maxes = logits.amax(dim=1, keepdim=True)
     # a row of −inf logits would give nan in (logits − max); such a row has no probability to normalise
     maxes.masked_fill_(~torch.isfinite(maxes), 0)
-    return logits.sub_(maxes).exp_().sum(dim=1).log_().add_(maxes.squeeze(1))
+    sums = logits.sub_(maxes).exp_().sum(dim=1, keepdim=True)
+    logits.div_(sums)
+    return sums.log_().add_(maxes).squeeze(1)
 
 
 def label_logps_from_hidden(hidden: torch.Tensor, head_weight: torch.Tensor, head_bias: Optional[torch.Tensor],
