@@ -12,7 +12,8 @@ peak resident set size (getrusage ru_maxrss, model loading and any reference pre
 own; ours under this interpreter, TRL's under --trl-python, both with the same environment (glibc malloc with
 its defaults unless the caller sets MALLOC_* or LD_PRELOAD, which both children inherit). Steps are timed
 after the first (excluded) and pairs/s is batch_size × timed steps / their total time; each configuration runs
---repeats times, interleaved, and the table keeps the fastest run (the machine may be shared).
+--repeats times, interleaved, and the table keeps the fastest run (the machine may be shared); its peak RSS
+column is that run's, or an earlier (slower) run's when that was lower.
 
 FLOPs: the step's matmul FLOPs are estimated as 6·N·T for the policy (forward + backward) plus 2·N·T for a
 reference forward run in the step, with N the parameters that take part in matmuls (all but the input
@@ -237,6 +238,8 @@ def main():
         print(json.dumps((child_ours if args.child == 'ours' else child_trl)(args)))
         return
 
+    # absolute, not resolved: a venv's python is a symlink to the base interpreter
+    args.trl_python = str(Path(args.trl_python).absolute())
     workdir = Path(args.workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     paths = build_fixtures(workdir)
