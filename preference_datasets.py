@@ -39,7 +39,6 @@ the data's identity, the tokenizer and the length settings, so a second run neit
 """
 import gzip
 import hashlib
-import html
 import html.parser
 import io
 import json
@@ -250,6 +249,7 @@ class Loaded:
 
 
 class Source(NamedTuple):
+    """One entry of SOURCES: the loader, `load(request) -> Loaded`, and how its too long prompts are cut."""
     load: Callable[[LoadRequest], Loaded]
     truncation_mode: str = 'keep_start'  # which end of a too long prompt survives
 

@@ -85,11 +85,11 @@ def test_ultrafeedback_message_form(tmp_path, neox_chat_tokenizer):
         warnings.simplefilter('ignore', pd.DataWarning)
         strings = pd.get_dataset(str(shared('ultrafeedback')), 'train', silent=True)
         messages = pd.get_dataset(str(tmp_path), 'train', silent=True, tokenizer=neox_chat_tokenizer)
+        tokenized = pd.load_tokenized(str(tmp_path), neox_chat_tokenizer, 'train', max_length=4096, max_prompt_length=512,
+                                      silent=True, cache_dir=tmp_path / 'cache')
     assert len(messages) == 996
     first = 'user: how to cook t-bone in the oven\nassistant:'
     chosen = messages[first]['responses'][0]
     assert chosen == strings['\n\nHuman: how to cook t-bone in the oven\n\nAssistant:']['responses'][0] + '<|endoftext|>\n'
-    tokenized = pd.load_tokenized(str(tmp_path), neox_chat_tokenizer, 'train', max_length=4096, max_prompt_length=512,
-                                  silent=True, cache_dir=tmp_path / 'cache')
     e = tokenized.prompts.index(first)
     assert tokenized.chosen_ids[e][-3:].tolist() == [0, 187, 0]  # template EOS, '\n', appended EOS
