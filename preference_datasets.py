@@ -39,7 +39,6 @@ the data's identity, the tokenizer and the length settings, so a second run neit
 """
 import gzip
 import hashlib
-import html
 import html.parser
 import io
 import json
@@ -252,6 +251,7 @@ class Loaded:
 
 
 class Source(NamedTuple):
+    """One entry of SOURCES: the loader, `load(request) -> Loaded`, and how its too long prompts are cut."""
     load: Callable[[LoadRequest], Loaded]
     truncation_mode: str = 'keep_start'  # which end of a too long prompt survives
     generated: bool = False  # made by code (no Hub data set, no 'name:PATH' form)
@@ -963,7 +963,8 @@ def load_tokenized(name: str, tokenizer, split: str = 'train', max_length: int =
                 print(f'{name} ({split}): {tokenized.n_examples} tokenized examples from the cache {path}')
             return tokenized
         except Exception as e:  # any damage (truncated, garbage, old layout) means: rebuild it
-            warnings.warn(f'{path}: unreadable tokenization cache ({type(e).__name__}: {e}); rebuilding it', DataWarning)
+            reason = (str(e).strip().splitlines() or [''])[0][:200]
+            warnings.warn(f'{path}: unreadable tokenization cache ({type(e).__name__}: {reason}); rebuilding it', DataWarning)
     loaded, source = load_source(name, split, silent, cache_dir, tokenizer, dataset_options)
     tokenized = tokenize_split(loaded.data, tokenizer, source.truncation_mode, max_length, max_prompt_length,
                                sft_mode, loaded.chat_rendered, silent)
