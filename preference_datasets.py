@@ -69,6 +69,9 @@ TEST_FRACTION = 0.01
 MAX_MALFORMED_FRACTION = 0.5
 FILE_EXTENSIONS = ('.jsonl', '.jsonl.gz', '.json', '.json.gz', '.parquet')
 CACHE_VERSION = 1
+# No tokenizer we know has tokens of more than about 20 characters; texts are cut to this many
+# characters per token of max_length before tokenizing (see tokenize_split).
+MAX_CHARS_PER_TOKEN = 64
 
 
 class DataWarning(UserWarning):
@@ -890,8 +893,13 @@ def tokenize_split(data: PreferenceData, tokenizer, truncation_mode: str, max_le
             examples.extend((g, index(entry['responses'][i]), index(entry['responses'][j])) for i, j in entry['pairs'])
         group_offsets.append(len(examples))
     responses = list(response_index)
-    prompt_tokens = encode_texts(tokenizer, prompts, chat_rendered, silent)
-    response_tokens = [ids + [eos] for ids in encode_texts(tokenizer, responses, chat_rendered, silent)]
+    # An enormous row (a broken file, a pasted log) would take minutes and gigabytes to tokenize only to be
+    # cut to max_length tokens: cut its text first, on the side truncate_pair drops, to MAX_CHARS_PER_TOKEN
+    # characters per token allowed, which leaves at least max_length tokens, so the result is unchanged.
+    limit = max_length * MAX_CHARS_PER_TOKEN
+    keep_prompt = (lambda t: t[-limit:]) if truncation_mode == 'keep_end' else (lambda t: t[:limit])
+    prompt_tokens = encode_texts(tokenizer, [keep_prompt(p) for p in prompts], chat_rendered, silent)
+    response_tokens = [ids + [eos] for ids in encode_texts(tokenizer, [r[:limit] for r in responses], chat_rendered, silent)]
     truncated = [truncate_pair(prompt_tokens[g], response_tokens[c], response_tokens[c if r < 0 else r],
                                truncation_mode, max_length, max_prompt_length) for g, c, r in examples]
     return TokenizedSplit(
