@@ -693,7 +693,7 @@ class BasicTrainer:
         if self.is_main:
             truncate_metrics_log(self.run_dir / 'metrics.jsonl', self.example_counter)
             for leftover in remove_incomplete_checkpoints(self.run_dir):
-                rank0_print(f'removed {leftover}, an incomplete checkpoint of the interrupted run')
+                rank0_print(f'cleaned up {leftover.name}, left by a save of the interrupted run')
         rank0_print(f'Resumed from {checkpoint_dir.resolve()} at {self.example_counter} examples')
 
     def export_pretrained(self, output_dir: Path) -> None:

@@ -170,13 +170,18 @@ def point_latest_to(run_dir: Union[str, Path], step_dir_name: str) -> None:
 
 
 def remove_incomplete_checkpoints(run_dir: Union[str, Path]) -> List[Path]:
-    """Delete what a killed save left in `run_dir` (`.step-N.tmp-*`, `.step-N.old-*`, `.LATEST.tmp-*`); returns them.
+    """Delete what a killed save left in `run_dir` (`.step-N.tmp-*`, `.LATEST.tmp-*`, `.step-N.old-*`); returns them.
 
-    Only the run's own process writes there, so on a resume these are certainly abandoned.
+    Only the run's own process writes there, so on a resume these are certainly abandoned. A
+    `.step-N.old-*` whose `step-N` is missing (killed between the two renames of a replacement) is the
+    complete old checkpoint: it is renamed back instead.
     """
     leftovers = sorted(p for p in Path(run_dir).glob('.*') if '.tmp-' in p.name or '.old-' in p.name)
     for path in leftovers:
-        if path.is_dir() and not path.is_symlink():
+        original = path.with_name(path.name[1:].split('.old-')[0])
+        if '.old-' in path.name and not original.exists():
+            os.replace(path, original)
+        elif path.is_dir() and not path.is_symlink():
             shutil.rmtree(path, ignore_errors=True)
         else:
             path.unlink(missing_ok=True)

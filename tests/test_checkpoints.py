@@ -63,3 +63,18 @@ def test_replacing_a_checkpoint_keeps_the_old_one_until_the_new_one_is_complete(
         assert (tmp_path / 'step-8' / 'policy.pt').read_bytes() == b'old'
     assert (tmp_path / 'step-8' / 'policy.pt').read_bytes() == b'new'
     assert os.listdir(tmp_path) == ['step-8']
+
+
+def test_leftovers_of_killed_saves_are_removed_and_a_displaced_checkpoint_is_put_back(tmp_path):
+    """Killed (1) while writing step-24, (2) while swapping LATEST, (3) between the two renames that
+    replace step-16: the first two are deleted, the complete old step-16 is renamed back."""
+    from utils import remove_incomplete_checkpoints
+    (tmp_path / '.step-24.tmp-abc').mkdir()
+    (tmp_path / '.step-24.tmp-abc' / 'policy.pt').write_bytes(b'half')
+    os.symlink('step-16', tmp_path / '.LATEST.tmp-123')
+    (tmp_path / '.step-16.old-123').mkdir()
+    (tmp_path / '.step-16.old-123' / 'policy.pt').write_bytes(b'complete')
+    removed = remove_incomplete_checkpoints(tmp_path)
+    assert [p.name for p in removed] == ['.LATEST.tmp-123', '.step-16.old-123', '.step-24.tmp-abc']
+    assert sorted(os.listdir(tmp_path)) == ['step-16']
+    assert (tmp_path / 'step-16' / 'policy.pt').read_bytes() == b'complete'
