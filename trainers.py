@@ -42,7 +42,7 @@ from preference_datasets import (data_identity, get_batch_iterator, padding_frac
                                  tokenizer_identity)
 from utils import (all_gather_if_needed, atomic_checkpoint_dir, atomic_write_text, formatted_dict, get_local_dir,
                    load_checkpoint_file, materialize_embedded_model, pad_to_length, point_latest_to, rank0_print,
-                   slice_and_move_batch_for_device)
+                   remove_incomplete_checkpoints, slice_and_move_batch_for_device)
 
 # β-DPO keeps β above this floor so a batch of very negative margins cannot flip the sign of the
 # loss (the reference implementation clamps at the same value).
@@ -516,16 +516,33 @@ class BasicTrainer:
                 if last_log is None or time.time() - last_log > self.config.minimum_log_interval_secs:
                     self.log(metrics, split='train')
                     last_log = time.time()
-                if stop.signal_name:
-                    self.save()
-                    rank0_print(f'Stopped by {stop.signal_name} after {self.example_counter} examples. '
-                                f'Resume with:  python train.py <the same arguments> resume_from={self.run_dir}')
+                if self.any_rank(stop.signal_name is not None):
+                    self.save_before_stopping(stop.signal_name or 'a signal to another process')
                     progress.close()
                     return
         progress.close()
         if self.last_eval_example != self.example_counter:
             self.evaluate_and_save()
         self.export_pretrained(self.run_dir / 'hf_model')
+
+    def save_before_stopping(self, signal_name: str) -> None:
+        """The checkpoint of a run stopped by SIGTERM / SIGINT, with the evaluation if one is due at this
+        step (so the resumed run, which does not repeat it, logs exactly what an uninterrupted run logs)."""
+        if self.eval_due():
+            self.evaluate_and_save()
+        else:
+            self.save()
+        rank0_print(f'Stopped by {signal_name} after {self.example_counter} examples. '
+                    f'Resume with:  python train.py <the same arguments> resume_from={self.run_dir}')
+
+    def any_rank(self, flag: bool) -> bool:
+        """Whether `flag` holds on any process. Decisions that change what every rank does next (stop and
+        save, skip a batch) must agree, or the ranks' collectives no longer match and the job hangs."""
+        if not dist.is_initialized():
+            return flag
+        flag_tensor = torch.tensor(float(flag), device=self.device)
+        dist.all_reduce(flag_tensor, op=dist.ReduceOp.MAX)
+        return bool(flag_tensor.item())
 
     def train_batches(self):
         """The training stream, from the current position (0, or where a resumed run stopped)."""
@@ -545,6 +562,7 @@ class BasicTrainer:
         accumulation = self.config.gradient_accumulation_steps
         metrics = defaultdict(list)
         losses = []
+        stats_before = self.margin_stats.state_dict()
         for microbatch_idx in range(accumulation):
             global_microbatch = slice_and_move_batch_for_device(batch, microbatch_idx, accumulation, 'cpu')
             local_microbatch = slice_and_move_batch_for_device(global_microbatch, self.dp_rank, self.dp_size, self.device)
@@ -555,11 +573,12 @@ class BasicTrainer:
                 metrics[k].extend(v)
 
         grad_norm = self.clip_gradient()
-        step_is_finite = bool(torch.isfinite(torch.stack(losses)).all()) and torch.isfinite(torch.tensor(grad_norm))
-        if step_is_finite:
+        locally_finite = bool(torch.isfinite(torch.stack(losses)).all()) and math.isfinite(grad_norm)
+        if not self.any_rank(not locally_finite):
             self.optimizer.step()
         else:
             self.handle_nonfinite(batch, losses, grad_norm)
+            self.margin_stats.load_state_dict(stats_before)  # a skipped batch leaves no trace in β-DPO's statistics
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
 
@@ -582,9 +601,12 @@ class BasicTrainer:
             self.skipped_batches += 1
             rank0_print(f'Skipping {where}: non-finite {what} ({self.skipped_batches} skipped so far)')
             return
+        latest = self.run_dir / 'LATEST'
+        kept = (f'The last checkpoint, {latest.resolve()}, is intact' if latest.exists()
+                else f'No checkpoint was written yet to {self.run_dir}')
         raise NonFiniteLossError(
-            f'Non-finite {what} at {where}. The last checkpoint in {self.run_dir} is intact. Lower lr, check '
-            f'the data of this batch, or pass on_nonfinite=skip to skip such batches.')
+            f'Non-finite {what} at {where}. {kept}. Lower lr, check the data of this batch, or pass '
+            f'on_nonfinite=skip to skip such batches.')
 
     # ----- losses and metrics -------------------------------------------------------------------------
 
@@ -861,7 +883,8 @@ class BasicTrainer:
     def trainer_state(self) -> Dict:
         """What a resumed run needs besides weights and optimizer: counters, β-DPO statistics, RNG states."""
         return {'example_counter': self.example_counter, 'batch_counter': self.batch_counter,
-                'skipped_batches': self.skipped_batches, 'margin_stats': self.margin_stats.state_dict(),
+                'skipped_batches': self.skipped_batches, 'last_eval_example': self.last_eval_example,
+                'margin_stats': self.margin_stats.state_dict(),
                 'filter_generator': self.filter_generator.get_state(), 'torch_rng': torch.get_rng_state()}
 
     def save(self, metrics: Optional[Dict] = None) -> None:
@@ -903,9 +926,11 @@ class BasicTrainer:
         self.margin_stats.load_state_dict(state['margin_stats'])
         self.filter_generator.set_state(state['filter_generator'])
         torch.set_rng_state(state['torch_rng'])
-        self.last_eval_example = self.example_counter
+        self.last_eval_example = state['last_eval_example']
         if self.is_main:
             truncate_metrics_log(self.run_dir / 'metrics.jsonl', self.example_counter)
+            for leftover in remove_incomplete_checkpoints(self.run_dir):
+                rank0_print(f'cleaned up {leftover.name}, left by a save of the interrupted run')
         rank0_print(f'Resumed from {checkpoint_dir.resolve()} at {self.example_counter} examples')
 
     def export_pretrained(self, output_dir: Path) -> None:
