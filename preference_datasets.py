@@ -39,7 +39,6 @@ the data's identity, the tokenizer and the length settings, so a second run neit
 """
 import gzip
 import hashlib
-import html
 import html.parser
 import io
 import json
@@ -70,6 +69,9 @@ TEST_FRACTION = 0.01
 MAX_MALFORMED_FRACTION = 0.5
 FILE_EXTENSIONS = ('.jsonl', '.jsonl.gz', '.json', '.json.gz', '.parquet')
 CACHE_VERSION = 1
+# No tokenizer we know has tokens of more than about 20 characters; texts are cut to this many
+# characters per token of max_length before tokenizing (see tokenize_split).
+MAX_CHARS_PER_TOKEN = 64
 
 
 class DataWarning(UserWarning):
@@ -252,6 +254,7 @@ class Loaded:
 
 
 class Source(NamedTuple):
+    """One entry of SOURCES: the loader, `load(request) -> Loaded`, and how its too long prompts are cut."""
     load: Callable[[LoadRequest], Loaded]
     truncation_mode: str = 'keep_start'  # which end of a too long prompt survives
     generated: bool = False  # made by code (no Hub data set, no 'name:PATH' form)
@@ -985,8 +988,13 @@ def tokenize_split(data: PreferenceData, tokenizer, truncation_mode: str, max_le
             examples.extend((g, index(entry['responses'][i]), index(entry['responses'][j])) for i, j in entry['pairs'])
         group_offsets.append(len(examples))
     responses = list(response_index)
-    prompt_tokens = encode_texts(tokenizer, prompts, chat_rendered, silent)
-    response_tokens = [ids + [eos] for ids in encode_texts(tokenizer, responses, chat_rendered, silent)]
+    # An enormous row (a broken file, a pasted log) would take minutes and gigabytes to tokenize only to be
+    # cut to max_length tokens: cut its text first, on the side truncate_pair drops, to MAX_CHARS_PER_TOKEN
+    # characters per token allowed, which leaves at least max_length tokens, so the result is unchanged.
+    limit = max_length * MAX_CHARS_PER_TOKEN
+    keep_prompt = (lambda t: t[-limit:]) if truncation_mode == 'keep_end' else (lambda t: t[:limit])
+    prompt_tokens = encode_texts(tokenizer, [keep_prompt(p) for p in prompts], chat_rendered, silent)
+    response_tokens = [ids + [eos] for ids in encode_texts(tokenizer, [r[:limit] for r in responses], chat_rendered, silent)]
     truncated = [truncate_pair(prompt_tokens[g], response_tokens[c], response_tokens[c if r < 0 else r],
                                truncation_mode, max_length, max_prompt_length) for g, c, r in examples]
     return TokenizedSplit(
@@ -1058,7 +1066,8 @@ def load_tokenized(name: str, tokenizer, split: str = 'train', max_length: int =
                 print(f'{name} ({split}): {tokenized.n_examples} tokenized examples from the cache {path}')
             return tokenized
         except Exception as e:  # any damage (truncated, garbage, old layout) means: rebuild it
-            warnings.warn(f'{path}: unreadable tokenization cache ({type(e).__name__}: {e}); rebuilding it', DataWarning)
+            reason = (str(e).strip().splitlines() or [''])[0][:200]
+            warnings.warn(f'{path}: unreadable tokenization cache ({type(e).__name__}: {reason}); rebuilding it', DataWarning)
     loaded, source = load_source(name, split, silent, cache_dir, tokenizer, dataset_options)
     tokenized = tokenize_split(loaded.data, tokenizer, source.truncation_mode, max_length, max_prompt_length,
                                sft_mode, loaded.chat_rendered, silent)

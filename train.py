@@ -90,6 +90,12 @@ def validate_config(config: DictConfig, n_processes: int = 1) -> List[str]:
     datasets = get('datasets')
     if not datasets or isinstance(datasets, str):
         problems.append(f'datasets={datasets!r} must be a non-empty list, e.g. datasets=[hh]')
+    local_dirs = get('local_dirs')
+    if not local_dirs or isinstance(local_dirs, str):
+        problems.append(f'local_dirs={local_dirs!r} must be a non-empty list of directories, e.g. local_dirs=[.cache]')
+    elif not writable(first_existing_or_last(local_dirs)):
+        problems.append(f'local_dirs={list(local_dirs)}: cannot write to {first_existing_or_last(local_dirs)} (the '
+                        f'first that exists, else the last); set local_dirs=[a directory you can write to]')
     if get('on_nonfinite') not in ('stop', 'skip'):
         problems.append(f'on_nonfinite={get("on_nonfinite")!r} must be stop or skip')
 
@@ -112,6 +118,12 @@ def validate_config(config: DictConfig, n_processes: int = 1) -> List[str]:
         if not (is_number(smoothing) and 0 <= smoothing < 0.5):
             problems.append(f'loss.label_smoothing={smoothing!r} (ε of conservative DPO) must be in [0, 0.5)')
 
+    chunk_size = get('logps_chunk_size')
+    if chunk_size is not None and not (isinstance(chunk_size, int) and chunk_size > 0):
+        problems.append(f'logps_chunk_size={chunk_size!r} must be a positive integer (e.g. 1024) or null')
+    autocast = get('policy_autocast')
+    if autocast is not None and not isinstance(getattr(torch, str(autocast), None), torch.dtype):
+        problems.append(f'policy_autocast={autocast!r} is not a torch dtype (bfloat16, float16) or null')
     for key in ('model.policy_dtype', 'model.reference_dtype'):
         if not isinstance(getattr(torch, str(get(key)), None), torch.dtype):
             problems.append(f'{key}={get(key)!r} is not a torch dtype (float32, bfloat16, float16)')
@@ -126,6 +138,19 @@ def validate_config(config: DictConfig, n_processes: int = 1) -> List[str]:
         problems.append(f'resume_from={resume_from} has no complete checkpoint (no LATEST/policy.pt); pass the run '
                         f'directory of an earlier run')
     return problems
+
+
+def first_existing_or_last(local_dirs: List[str]) -> Path:
+    """The directory under which get_local_dir puts the run and the caches (not created here)."""
+    return Path(next((d for d in local_dirs if os.path.exists(d)), local_dirs[-1]))
+
+
+def writable(path: Path) -> bool:
+    """Whether `path` is a writable directory, or could be created as one (its nearest existing ancestor is)."""
+    path = path.absolute()
+    while not path.exists():
+        path = path.parent
+    return path.is_dir() and os.access(path, os.W_OK | os.X_OK)
 
 
 def build_model(config: DictConfig, dtype_name: str, device_map: Optional[str]) -> nn.Module:
@@ -223,6 +248,8 @@ def worker_main(rank: int, world_size: int, config: DictConfig, policy: nn.Modul
     trainer_class = getattr(trainers, config.trainer)
     trainer = trainer_class(policy, config, config.seed, config.local_run_dir, reference_model=reference_model,
                             rank=rank, world_size=world_size, wandb_run=wandb_run)
+    # The trainer holds the only reference, so precompute_ref_log_probs can free the model.
+    del reference_model
     trainer.train()
     wandb_run.finish()
 
@@ -248,9 +275,44 @@ def prepare_run(config: DictConfig) -> None:
         rank0_print(f'WARNING: eval_every ({config.eval_every}) is not divisible by batch_size; using '
                     f'{config.eval_every - config.eval_every % config.batch_size}')
         config.eval_every = max(config.batch_size, config.eval_every - config.eval_every % config.batch_size)
+    if config.resume_from is not None:
+        changed = resume_changes(config, Path(config.local_run_dir) / 'config.yaml')
+        if changed:
+            raise ValueError(f'resume_from={config.resume_from}: the run was started with different settings, so it '
+                             f'cannot continue exactly:\n  - ' + '\n  - '.join(changed) +
+                             f'\nPass the values of {config.local_run_dir}/config.yaml, or start a new run with '
+                             f'model.archive={config.local_run_dir}/LATEST/policy.pt')
     os.makedirs(config.local_run_dir, exist_ok=True)
     with open(os.path.join(config.local_run_dir, 'config.yaml'), 'w') as f:
         OmegaConf.save(config, f)
+
+
+# Keys a resumed run may change: where things go, how long to train, logging and evaluation. Every
+# other key (seed, batch sizes, lr, loss, model, data, ...) decides the training stream and must match.
+RESUMABLE_CHANGES = ('resume_from', 'local_run_dir', 'local_dirs', 'exp_name', 'n_epochs', 'n_examples', 'wandb',
+                     'debug', 'minimum_log_interval_secs', 'sample_during_eval', 'n_eval_model_samples',
+                     'n_eval_examples', 'eval_batch_size', 'eval_every', 'do_first_eval', 'on_nonfinite', 'fsdp_port',
+                     'n_cpu_processes', 'trainer', 'activation_checkpointing', 'model.fsdp_policy_mp', 'hydra')
+
+
+def resume_changes(config: DictConfig, saved_config_path: Path) -> List[str]:
+    """'key: was X, now Y' for each setting that differs from the run being resumed (none if it has no config.yaml)."""
+    if not saved_config_path.is_file():
+        return []
+    saved = flat_items(OmegaConf.to_container(OmegaConf.load(saved_config_path), resolve=False))
+    now = flat_items(OmegaConf.to_container(config, resolve=True))
+    return [f'{key}: was {saved[key]!r}, now {now[key]!r}' for key in sorted(saved.keys() & now.keys())
+            if saved[key] != now[key] and not any(key == k or key.startswith(k + '.') for k in RESUMABLE_CHANGES)]
+
+
+def flat_items(tree, prefix: str = '') -> dict:
+    """{'loss.beta': 0.1, ...} from a nested dict."""
+    if not isinstance(tree, dict) or not tree:
+        return {prefix: tree}
+    items = {}
+    for key, value in tree.items():
+        items.update(flat_items(value, f'{prefix}.{key}' if prefix else str(key)))
+    return items
 
 
 @hydra.main(version_base=None, config_path='config', config_name='config')
@@ -261,8 +323,8 @@ def main(config: DictConfig) -> None:
     print(f'Writing to {socket.gethostname()}:{config.local_run_dir}')
     print('=' * 80)
     if config.trainer == 'BasicTrainer':
-        policy, reference_model = build_models(config)
-        worker_main(0, 1, config, policy, reference_model)
+        # No local name for the models: with precompute_ref_log_probs the trainer frees the reference.
+        worker_main(0, 1, config, *build_models(config))
     else:
         from trainers import launch_distributed
         launch_distributed(config)

@@ -48,8 +48,12 @@ def get_local_run_dir(exp_name: str, local_dirs: List[str]) -> str:
     """A new run directory `<local dir>/<exp_name>_<timestamp>` (created)."""
     now = datetime.datetime.now()
     timestamp = now.strftime('%Y-%m-%d_%H-%M-%S_%f')
-    run_dir = os.path.join(get_local_dir(local_dirs), f'{exp_name}_{timestamp}')
-    os.makedirs(run_dir, exist_ok=True)
+    try:
+        run_dir = os.path.join(get_local_dir(local_dirs), f'{exp_name}_{timestamp}')
+        os.makedirs(run_dir, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f'local_dirs={list(local_dirs)}: cannot create the run directory under {e.filename} '
+                         f'({e.strerror}); set local_dirs=[a directory you can write to]') from None
     return run_dir
 
 
@@ -163,6 +167,25 @@ def point_latest_to(run_dir: Union[str, Path], step_dir_name: str) -> None:
         shutil.rmtree(latest)
     os.replace(tmp, latest)
     fsync_dir(run_dir)
+
+
+def remove_incomplete_checkpoints(run_dir: Union[str, Path]) -> List[Path]:
+    """Delete what a killed save left in `run_dir` (`.step-N.tmp-*`, `.LATEST.tmp-*`, `.step-N.old-*`); returns them.
+
+    Only the run's own process writes there, so on a resume these are certainly abandoned. A
+    `.step-N.old-*` whose `step-N` is missing (killed between the two renames of a replacement) is the
+    complete old checkpoint: it is renamed back instead.
+    """
+    leftovers = sorted(p for p in Path(run_dir).glob('.*') if '.tmp-' in p.name or '.old-' in p.name)
+    for path in leftovers:
+        original = path.with_name(path.name[1:].split('.old-')[0])
+        if '.old-' in path.name and not original.exists():
+            os.replace(path, original)
+        elif path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    return leftovers
 
 
 def atomic_write_text(path: Union[str, Path], text: str) -> None:

@@ -1,8 +1,9 @@
 """Tokenization throughput: batched + cached (preference_datasets) against the original's one pair at a time.
 
     python benchmarks/bench_tokenize.py            # real HH harmless-base test slice, GPT-NeoX tokenizer
+    python benchmarks/bench_tokenize.py --sft      # the same in SFT mode (prompt, sft_target)
     python benchmarks/bench_tokenize.py --data ../shared/data/hh-rlhf/harmless-base-test.jsonl.gz \\
-        --tokenizer ../shared/data/tokenizers/gpt-neox-20b --max-length 512 --max-prompt-length 128 --repeats 3
+        --tokenizer ../shared/data/tokenizers/gpt-neox-20b --max-length 512 --max-prompt-length 128 --repeats 5
 
 Prints pairs/s for: the original's `tokenize_batch_element` called per pair (re-implemented below, as in
 eric-mitchell/direct-preference-optimization), our `tokenize_split` alone, a first run of `load_tokenized`
@@ -69,14 +70,16 @@ def original_tokenize_batch_element(prompt, chosen, rejected, truncation_mode, t
     return batch
 
 
-def best_of(repeats, fn):
-    """(smallest wall time, last result) of `repeats` calls."""
-    times, result = [], None
+def best_times(repeats, runs):
+    """{name: (smallest wall time, last result)} over `repeats` rounds, the runs interleaved in each round
+    so that a slow spell of a shared machine does not land on one of them only."""
+    times, results = {name: [] for name in runs}, {}
     for _ in range(repeats):
-        start = time.perf_counter()
-        result = fn()
-        times.append(time.perf_counter() - start)
-    return min(times), result
+        for name, fn in runs.items():
+            start = time.perf_counter()
+            results[name] = fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: (min(times[name]), results[name]) for name in runs}
 
 
 def main():
@@ -85,7 +88,8 @@ def main():
     parser.add_argument('--tokenizer', default=str(SHARED / 'tokenizers' / 'gpt-neox-20b'))
     parser.add_argument('--max-length', type=int, default=512)
     parser.add_argument('--max-prompt-length', type=int, default=128)
-    parser.add_argument('--repeats', type=int, default=3, help='best of this many runs (each first run uses a fresh cache)')
+    parser.add_argument('--repeats', type=int, default=5, help='best of this many interleaved rounds (each first run uses a fresh cache)')
+    parser.add_argument('--sft', action='store_true', help='SFT mode: (prompt, sft_target) examples, one per prompt')
     args = parser.parse_args()
 
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
@@ -96,24 +100,31 @@ def main():
         (name / 'test.jsonl.gz').symlink_to(Path(args.data).resolve())
         name = f'hh:{name}'
         data = pd.get_dataset(name, 'test', silent=True)
-        pairs = [(prompt, entry['responses'][i], entry['responses'][j]) for prompt, entry in data.items() for i, j in entry['pairs']]
+        if args.sft:  # the original calls tokenize_batch_element(prompt, sft_target, sft_target, ...)
+            pairs = [(prompt, entry['sft_target'], entry['sft_target']) for prompt, entry in data.items()]
+        else:
+            pairs = [(prompt, entry['responses'][i], entry['responses'][j]) for prompt, entry in data.items() for i, j in entry['pairs']]
         lengths = (args.max_length, args.max_prompt_length)
         tokenizer('warm up', add_special_tokens=False)
 
-        t_orig, orig = best_of(args.repeats, lambda: [original_tokenize_batch_element(p, c, r, 'keep_end', tokenizer, *lengths)
-                                                      for p, c, r in pairs])
-        t_ours, ours = best_of(args.repeats, lambda: pd.tokenize_split(data, tokenizer, 'keep_end', *lengths))
         caches = iter(tempfile.mkdtemp(dir=tmp) for _ in range(args.repeats))
-        t_first, _ = best_of(args.repeats, lambda: pd.load_tokenized(name, tokenizer, 'test', *lengths, silent=True, cache_dir=next(caches)))
-        t_cached, _ = best_of(args.repeats, lambda: pd.load_tokenized(name, tokenizer, 'test', *lengths, silent=True, cache_dir=tmp + '/c'))
+        load = lambda cache_dir: pd.load_tokenized(name, tokenizer, 'test', *lengths, sft_mode=args.sft, silent=True, cache_dir=cache_dir)
+        load(tmp + '/c')  # fills the cache the 'cached' run reads
+        timed = best_times(args.repeats, {
+            'original': lambda: [original_tokenize_batch_element(p, c, r, 'keep_end', tokenizer, *lengths) for p, c, r in pairs],
+            'ours': lambda: pd.tokenize_split(data, tokenizer, 'keep_end', *lengths, sft_mode=args.sft),
+            'first': lambda: load(next(caches)),
+            'cached': lambda: load(tmp + '/c')})
+        (t_orig, orig), (t_ours, ours), (t_first, _), (t_cached, _) = timed.values()
 
         for e, element in enumerate(orig):  # same ids for every pair
             assert list(ours.prompt_ids[e]) == element['prompt_input_ids'], e
             assert list(ours.prompt_ids[e]) + list(ours.chosen_ids[e]) == element['chosen_input_ids'], e
-            assert list(ours.prompt_ids[e]) + list(ours.rejected_ids[e]) == element['rejected_input_ids'], e
+            if not args.sft:
+                assert list(ours.prompt_ids[e]) + list(ours.rejected_ids[e]) == element['rejected_input_ids'], e
 
     n = len(pairs)
-    print(f'{n} pairs of {args.data}, tokenizer {args.tokenizer}, max_length {args.max_length}, '
+    print(f'{n} {"SFT examples" if args.sft else "pairs"} of {args.data}, tokenizer {args.tokenizer}, max_length {args.max_length}, '
           f'max_prompt_length {args.max_prompt_length}, {os.cpu_count()} CPUs, best of {args.repeats}')
     print(f'original, one pair at a time      {n / t_orig:9.0f} pairs/s  ({t_orig:.2f} s)')
     print(f'tokenize_split (batched)          {n / t_ours:9.0f} pairs/s  ({t_ours:.2f} s)  {t_orig / t_ours:.1f}x')

@@ -129,3 +129,29 @@ def hh_slice_dir(tmp_path_factory):
     directory = tmp_path_factory.mktemp('hh')
     (directory / 'test.jsonl.gz').symlink_to(source)
     return directory
+
+
+def toy_data(tag: str, n_prompts: int = 5) -> dict:
+    """n_prompts prompts, each with 4 responses and 2 pairs ((0, 1), (2, 3)); prompt i is i + 1 words
+    long, so prompts differ in length. sft_target = the first response."""
+    data = {}
+    for i in range(n_prompts):
+        prompt = f'\n\nHuman: {tag}{i}' + ' w' * i + '\n\nAssistant:'
+        responses = [f' {tag}{i}r{k}' + '!' * k for k in range(4)]
+        data[prompt] = {'responses': responses, 'pairs': [(0, 1), (2, 3)], 'sft_target': responses[0]}
+    return data
+
+
+@pytest.fixture
+def toy_source(monkeypatch):
+    """Registers 'toy' (keep_start) and 'toy_end' (keep_end), generated sources like the coming
+    `synthetic` one; 'toy:TAG' tags the texts. Returns the list of LoadRequests they served."""
+    import preference_datasets as pd
+    requests = []
+
+    def load_toy(request):
+        requests.append(request)
+        return pd.Loaded(toy_data(request.location or 't', request.options.get('n_prompts', 5)))
+    monkeypatch.setitem(pd.SOURCES, 'toy', pd.Source(load_toy))
+    monkeypatch.setitem(pd.SOURCES, 'toy_end', pd.Source(load_toy, truncation_mode='keep_end'))
+    return requests

@@ -22,9 +22,12 @@ def compose_config(overrides, tmp_path):
     return config
 
 
+TRAIN_ENV = dict(PYTHONUNBUFFERED='1', WANDB_MODE='disabled', HF_HUB_OFFLINE='1', TOKENIZERS_PARALLELISM='false')
+
+
 def run_train(args, cwd, timeout=600, check=True):
     """Run `python train.py ARGS` as a user would; returns the CompletedProcess (stdout + stderr)."""
-    env = dict(os.environ, PYTHONUNBUFFERED='1', WANDB_MODE='disabled', HF_HUB_OFFLINE='1', TOKENIZERS_PARALLELISM='false')
+    env = dict(os.environ, **TRAIN_ENV)
     result = subprocess.run([sys.executable, str(ROOT / 'train.py'), *args], cwd=cwd, env=env, capture_output=True,
                             text=True, timeout=timeout)
     if check and result.returncode != 0:
@@ -39,3 +42,61 @@ def run_dir_from_output(output: str) -> Path:
         if line.startswith('Writing to '):
             return Path(line.split(':', 1)[1].strip())
     raise AssertionError('train.py did not print its run directory:\n' + output[-2000:])
+
+
+def start_run(overrides, tmp_path):
+    """What `python train.py OVERRIDES` does up to its first training batch, in this process: validate and
+    write the run directory, build the models (archive / resume loaded), build the trainer (eval data
+    loaded), set up the optimizer, restore a resume, draw the first batch. Returns the trainer."""
+    import train
+    import trainers
+    config = compose_config(overrides, tmp_path)
+    train.prepare_run(config)
+    policy, reference_model = train.build_models(config)
+    trainer = trainers.BasicTrainer(policy, config, config.seed, config.local_run_dir, reference_model=reference_model)
+    trainer.setup_optimization()
+    if config.resume_from:
+        trainer.restore(Path(config.resume_from) / 'LATEST')
+    next(iter(trainer.train_batches()))
+    return trainer
+
+
+class Evil:
+    """Unpickling this object writes `marker` (the classic malicious-pickle payload, made harmless)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return exec, (f'open({self.marker!r}, "w").write("this code ran")',)
+
+
+def start_train(args, cwd, script=ROOT / 'train.py'):
+    """Start `python SCRIPT ARGS` in the background (output to cwd/output.txt, so no pipe can fill); returns the Popen."""
+    output = open(Path(cwd) / 'output.txt', 'w')
+    return subprocess.Popen([sys.executable, str(script), *args], cwd=cwd, env=dict(os.environ, **TRAIN_ENV),
+                            stdout=output, stderr=subprocess.STDOUT, text=True)
+
+
+def wait_until(condition, process, timeout=300):
+    """Poll `condition()` every 10 ms until it holds; fails if `process` ends first or time runs out."""
+    import time
+    deadline = time.time() + timeout
+    while not condition():
+        if process.poll() is not None:
+            raise AssertionError(f'the process ended (exit code {process.returncode}) before the awaited moment')
+        if time.time() > deadline:
+            process.kill()
+            raise AssertionError('timed out')
+        time.sleep(0.01)
+
+
+def train_in_process(overrides, tmp_path) -> Path:
+    """What `python train.py OVERRIDES` does (BasicTrainer), in this process, without the interpreter start;
+    returns the run directory."""
+    import train
+    config = compose_config(overrides, tmp_path)
+    train.prepare_run(config)
+    policy, reference_model = train.build_models(config)
+    train.worker_main(0, 1, config, policy, reference_model)
+    return Path(config.local_run_dir)

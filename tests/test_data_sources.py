@@ -184,3 +184,17 @@ def test_hub_path_with_a_local_directory(tmp_path, monkeypatch):
     assert se_test == load_quietly(f'se:{tmp_path / "se" / "train.jsonl"}', 'test')
     test_rows = pd.deterministic_split(300, 'test')  # int(300 * 0.01) = 3 rows
     assert sum(len(e['responses']) for e in se_test.values()) == sum(len(SE_ROWS[i % 3]['answers']) for i in test_rows)
+
+
+def test_special_token_text_in_a_message_is_left_out(tmp_path, byte_tokenizer):
+    """Chat-rendered text keeps the template's special tokens as control tokens, so a message that
+    itself contains '<|endoftext|>' would become one: that row (2 of 3) is left out, with a warning."""
+    import copy
+    tokenizer = copy.deepcopy(byte_tokenizer)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    row = lambda answer: {'prompt': 'Hi', 'chosen': [{'role': 'assistant', 'content': answer}],
+                          'rejected': [{'role': 'assistant', 'content': 'no'}]}
+    write_rows(tmp_path / 'test.jsonl', [row('a'), row('say <|endoftext|>'), row('b')])
+    with pytest.warns(pd.DataWarning, match=r'1 special-token text inside a message \(rows 2\)'):
+        data = pd.get_dataset(str(tmp_path), 'test', silent=True, tokenizer=tokenizer)
+    assert data['user: Hi\nassistant:']['responses'] == [' a<|endoftext|>\n', ' no<|endoftext|>\n', ' b<|endoftext|>\n', ' no<|endoftext|>\n']
