@@ -1,11 +1,13 @@
-# make demo   SFT → DPO → β-DPO on the embedded tiny model and the synthetic task (CPU, no downloads)
+# make demo   SFT → DPO → β-DPO on the embedded tiny model and the synthetic task (CPU, no downloads);
+#             report in demo_report/ (DEMO_ARGS="--seeds 0 1 2" for three seeds, see demo.py)
+# make plot RUN=RUN_DIR   the demo's figures for any run directory, into RUN_DIR/plots/
 # make test   the test suite (creates .venv and installs the requirements on first use)
 # make bench  training-step speed and memory against TRL's DPOTrainer (creates .venv-bench with TRL; ~25 min on 2 cores)
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: test demo bench clean-venv
+.PHONY: test demo plot bench clean-venv
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -14,6 +16,15 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 
 test: $(VENV)/.installed
 	$(PY) -m pytest tests -q
+
+DEMO_ARGS ?=
+
+demo: $(VENV)/.installed
+	$(PY) demo.py $(DEMO_ARGS)
+
+plot: $(VENV)/.installed
+	@test -n "$(RUN)" || { echo 'usage: make plot RUN=RUN_DIR (a directory train.py wrote)'; exit 2; }
+	$(PY) plot_run.py $(RUN)
 
 BENCH_VENV ?= .venv-bench
 

@@ -1,0 +1,68 @@
+"""`make demo` shortened: demo.py --quick runs SFT → DPO → β-DPO through train.py and writes the report;
+plot_run.py plots any run directory. (The full demo is measured by hand, see the README's "The demo".)"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from helpers import ROOT, TRAIN_ENV
+
+pytestmark = pytest.mark.slow
+
+PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
+FIGURES = {'gold_accuracy.png', 'loss.png', 'reward_margins.png', 'reward_accuracy.png', 'beta.png'}
+
+
+def run_script(args, cwd):
+    result = subprocess.run([sys.executable, *args], cwd=cwd, env=dict(os.environ, **TRAIN_ENV), capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, f'{args} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}'
+    return result
+
+
+@pytest.fixture(scope='module')
+def quick_demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp('demo') / 'report'
+    run_script([str(ROOT / 'demo.py'), '--quick', '--threads', '1', '--out', str(out)], cwd=tmp_path_factory.getbasetemp())
+    return out
+
+
+def test_quick_demo_writes_the_report_figures_and_results(quick_demo):
+    """Three stages for seed 0; the table has a row per method with 'SFT has no rewards' as '—'; the
+    preference stages started from the SFT run's LATEST/policy.pt; β-DPO logged its β and kept 6 of each
+    batch of 8 (ρ = 0.2: ⌊8 · 0.8⌋ = 6, 0.75); every figure is a PNG."""
+    results = json.loads((quick_demo / 'results.json').read_text())
+    assert [(r['seed'], r['method']) for r in results] == [(0, 'SFT'), (0, 'DPO'), (0, 'β-DPO')]
+    for r in results:
+        assert 0 <= r['final_eval']['gold_eval/accuracy'] <= 1 and r['final_eval']['counters/examples'] == 32
+    sft_dir = results[0]['run_dir']
+    for r in results[1:]:
+        config = (ROOT / r['run_dir'] / 'config.yaml').read_text()
+        assert f'archive: {sft_dir}/LATEST/policy.pt' in config
+    assert results[1]['beta_mean'] == pytest.approx(0.1) and results[1]['kept_mean'] is None
+    assert results[2]['kept_mean'] == pytest.approx(0.75)
+
+    report = (quick_demo / 'report.md').read_text()
+    rows = [line for line in report.splitlines() if line.startswith(('| SFT |', '| DPO |', '| β-DPO |'))]
+    assert len(rows) == 3 and rows[0].split(' | ')[2:4] == ['—', '—']
+    assert 'gold accuracy | reward accuracy | reward margin' in report
+    for name in FIGURES:
+        assert (quick_demo / name).read_bytes()[:8] == PNG_MAGIC, name
+        assert f'({name})' in report
+    assert (quick_demo / 'logs' / 'beta_dpo_seed0.log').is_file()
+
+
+def test_plot_run_plots_any_run_directory(quick_demo, tmp_path):
+    """plot_run.py on the β-DPO run: all five figures; on the SFT run only loss and gold accuracy (no rewards,
+    no β); a folder without metrics.jsonl is a usage error naming the file."""
+    results = json.loads((quick_demo / 'results.json').read_text())
+    beta_dir, sft_dir = results[2]['run_dir'], results[0]['run_dir']
+    run_script([str(ROOT / 'plot_run.py'), beta_dir, '--out', str(tmp_path / 'beta')], cwd=tmp_path)
+    assert {p.name for p in (tmp_path / 'beta').iterdir()} == FIGURES
+    printed = run_script([str(ROOT / 'plot_run.py'), sft_dir], cwd=tmp_path).stdout
+    assert {p.name for p in (ROOT / sft_dir / 'plots').iterdir()} == {'loss.png', 'gold_accuracy.png'}
+    assert 'loss.png' in printed
+    result = subprocess.run([sys.executable, str(ROOT / 'plot_run.py'), str(tmp_path)], capture_output=True, text=True)
+    assert result.returncode == 2 and 'metrics.jsonl does not exist' in result.stderr
