@@ -77,6 +77,8 @@ class StageRun:
     final_eval: Dict[str, float]
     beta_mean: Optional[float] = None
     kept_mean: Optional[float] = None
+    # gold accuracy minus that of the SFT run it started from (same seed): the paired change
+    gold_change: Optional[float] = None
 
 
 def stage_args(stage: Stage, seed: int, out: Path, quick: bool, wandb: bool, archive: Optional[Path]) -> List[str]:
@@ -132,11 +134,13 @@ def run_stage(stage: Stage, seed: int, out: Path, args, archive: Optional[Path])
 def run_pipeline(seed: int, out: Path, args) -> List[StageRun]:
     """SFT, then each preference stage from the SFT's LATEST/policy.pt."""
     runs = []
-    sft_archive = None
+    sft = None
     for stage in STAGES:
-        run = run_stage(stage, seed, out, args, sft_archive if stage.from_sft else None)
+        run = run_stage(stage, seed, out, args, sft.run_dir / 'LATEST' / 'policy.pt' if stage.from_sft else None)
         if not stage.from_sft:
-            sft_archive = run.run_dir / 'LATEST' / 'policy.pt'
+            sft = run
+        elif 'gold_eval/accuracy' in run.final_eval and 'gold_eval/accuracy' in sft.final_eval:
+            run.gold_change = run.final_eval['gold_eval/accuracy'] - sft.final_eval['gold_eval/accuracy']
         runs.append(run)
     return runs
 
@@ -145,6 +149,7 @@ def run_pipeline(seed: int, out: Path, args) -> List[StageRun]:
 
 COLUMNS = (  # (heading, how to read it from a StageRun, format)
     ('gold accuracy', lambda r: r.final_eval.get('gold_eval/accuracy'), '{:.3f}'),
+    ('Δ gold vs SFT', lambda r: r.gold_change, '{:+.3f}'),
     ('reward accuracy', lambda r: r.final_eval.get('rewards_eval/accuracies'), '{:.3f}'),
     ('reward margin', lambda r: r.final_eval.get('rewards_eval/margins'), '{:.3f}'),
     ('log p(chosen)', lambda r: r.final_eval.get('logps_eval/chosen'), '{:.2f}'),
@@ -219,9 +224,9 @@ def write_report(runs: Sequence[StageRun], out: Path, args, total_s: float) -> P
         + (' **--quick: a few steps only, the numbers mean nothing.**' if args.quick else ''),
         '',
         f'Final evaluation of each stage, {spread}. Gold accuracy: greedy answers exactly right on held-out '
-        'prompts (`gold_eval/accuracy`). Reward accuracy and margin: implicit rewards β·log(π/π_ref) on held-out '
-        'pairs, whose labels are never flipped (SFT has no reference model: —). log p(chosen): mean log-probability '
-        'of the gold answer. Wall time: the whole `train.py` run, start-up and evaluations included.',
+        'prompts (`gold_eval/accuracy`); Δ: minus the gold accuracy of the SFT run it started from. Reward accuracy and margin: implicit rewards β·log(π/π_ref) on held-out '
+        'pairs, whose labels are never flipped (SFT has no reference model: —); β-DPO scales them by its own β. '
+        'log p(chosen): mean log-probability of the gold answer. Wall time: the whole `train.py` run, start-up and evaluations included.',
         '',
         results_table(runs),
         '',
@@ -233,7 +238,8 @@ def write_report(runs: Sequence[StageRun], out: Path, args, total_s: float) -> P
     path = out / 'report.md'
     path.write_text('\n'.join(lines))
     results = [{'seed': r.seed, 'method': r.stage.label, 'run_dir': str(r.run_dir), 'wall_s': r.wall_s,
-                'beta_mean': r.beta_mean, 'kept_mean': r.kept_mean, 'final_eval': r.final_eval} for r in runs]
+                'beta_mean': r.beta_mean, 'kept_mean': r.kept_mean, 'gold_change': r.gold_change,
+                'final_eval': r.final_eval, 'command': shlex.join(['python', *r.command[1:]])} for r in runs]
     (out / 'results.json').write_text(json.dumps(results, indent=1) + '\n')
     return path
 

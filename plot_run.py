@@ -123,7 +123,7 @@ def plot_reward_margins(curves: Sequence[Curve], out: Path) -> Optional[Path]:
         plt.close(fig)
         return None
     ax.axhline(0, color='gray', linewidth=0.8)
-    return finish(fig, ax, 'Reward margin  β·(h_chosen − h_rejected)', 'mean reward margin', out / 'reward_margins.png')
+    return finish(fig, ax, 'Reward margin: β·log(π/π_ref) of chosen minus rejected', 'mean reward margin', out / 'reward_margins.png')
 
 
 def plot_reward_accuracy(curves: Sequence[Curve], out: Path) -> Optional[Path]:

@@ -30,7 +30,7 @@ def quick_demo(tmp_path_factory):
 
 
 def test_quick_demo_writes_the_report_figures_and_results(quick_demo):
-    """Three stages for seed 0; the table has a row per method with 'SFT has no rewards' as '—'; the
+    """Three stages for seed 0; the table has a row per method, SFT's Δ and rewards as '—'; Δ is the change from SFT; the
     preference stages started from the SFT run's LATEST/policy.pt; β-DPO logged its β and kept 6 of each
     batch of 8 (ρ = 0.2: ⌊8 · 0.8⌋ = 6, 0.75); every figure is a PNG."""
     results = json.loads((quick_demo / 'results.json').read_text())
@@ -46,7 +46,10 @@ def test_quick_demo_writes_the_report_figures_and_results(quick_demo):
 
     report = (quick_demo / 'report.md').read_text()
     rows = [line for line in report.splitlines() if line.startswith(('| SFT |', '| DPO |', '| β-DPO |'))]
-    assert len(rows) == 3 and rows[0].split(' | ')[2:4] == ['—', '—']
+    assert len(rows) == 3 and rows[0].split(' | ')[2:5] == ['—', '—', '—']
+    sft_gold = results[0]['final_eval']['gold_eval/accuracy']
+    for r in results[1:]:
+        assert r['gold_change'] == pytest.approx(r['final_eval']['gold_eval/accuracy'] - sft_gold)
     assert 'gold accuracy | reward accuracy | reward margin' in report
     for name in FIGURES:
         assert (quick_demo / name).read_bytes()[:8] == PNG_MAGIC, name
