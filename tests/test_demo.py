@@ -30,8 +30,8 @@ def quick_demo(tmp_path_factory):
 
 
 def test_quick_demo_writes_the_report_figures_and_results(quick_demo):
-    """Three stages for seed 0; the table has a row per method, SFT's Δ and rewards as '—'; Δ is the change from SFT; the
-    preference stages started from the SFT run's LATEST/policy.pt; β-DPO logged its β and kept 6 of each
+    """Three stages for seed 0; the table has a row per method, SFT's Δ and rewards as '—', Δ is the change
+    from SFT; the preference stages started from the SFT run's LATEST/policy.pt; β-DPO logged its β and kept 6 of each
     batch of 8 (ρ = 0.2: ⌊8 · 0.8⌋ = 6, 0.75); every figure is a PNG."""
     results = json.loads((quick_demo / 'results.json').read_text())
     assert [(r['seed'], r['method']) for r in results] == [(0, 'SFT'), (0, 'DPO'), (0, 'β-DPO')]
