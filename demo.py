@@ -224,7 +224,7 @@ def write_report(runs: Sequence[StageRun], out: Path, args, total_s: float) -> P
         + (' **--quick: a few steps only, the numbers mean nothing.**' if args.quick else ''),
         '',
         f'Final evaluation of each stage, {spread}. Gold accuracy: greedy answers exactly right on held-out '
-        'prompts (`gold_eval/accuracy`); Δ: minus the gold accuracy of the SFT run it started from. Reward accuracy and margin: implicit rewards β·log(π/π_ref) on held-out '
+        'prompts (`gold_eval/accuracy`); Δ: that minus the gold accuracy of the SFT run it started from. Reward accuracy and margin: implicit rewards β·log(π/π_ref) on held-out '
         'pairs, whose labels are never flipped (SFT has no reference model: —); β-DPO scales them by its own β. '
         'log p(chosen): mean log-probability of the gold answer. Wall time: the whole `train.py` run, start-up and evaluations included.',
         '',
