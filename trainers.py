@@ -33,11 +33,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 import tqdm
 from omegaconf import DictConfig, OmegaConf
+from torch.distributed.tensor import DTensor, Replicate
+from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel
 
 from preference_datasets import get_batch_iterator
 from utils import (all_gather_if_needed, atomic_checkpoint_dir, atomic_write_text, formatted_dict, get_local_dir,
                    load_checkpoint_file, materialize_embedded_model, pad_to_length, point_latest_to, rank0_print,
-                   remove_incomplete_checkpoints, slice_and_move_batch_for_device)
+                   get_block_modules, remove_incomplete_checkpoints, slice_and_move_batch_for_device)
 
 # β-DPO keeps β above this floor so a batch of very negative margins cannot flip the sign of the
 # loss (the reference implementation clamps at the same value).
@@ -527,20 +529,28 @@ class BasicTrainer:
         loss_config = self.config.loss
         reference_term = 0 if loss_config.reference_free else reference_chosen_logps - reference_rejected_logps
         local_margins = (policy_chosen_logps - policy_rejected_logps - reference_term).detach()
-        margins = self.gather(local_margins)
-        if train:
-            self.margin_stats.update(margins)
-            generator = self.filter_generator
-        else:
-            generator = torch.Generator().manual_seed(self.seed + self.example_counter)
-        beta_used, keep = dynamic_beta(margins, self.margin_stats.mean, self.margin_stats.std, loss_config.beta,
-                                       loss_config.a, loss_config.mode_weight, generator=generator)
+        beta_used, keep = self.batch_beta_and_mask(self.gather(local_margins), train)
         n_local = local_margins.shape[0]
         local_keep = keep[self.dp_rank * n_local:(self.dp_rank + 1) * n_local].to(local_margins.device).float()
         metrics = {'beta_used': [beta_used.item()], 'mask_count': [int(keep.sum())],
                    'kept_fraction': [keep.float().mean().item()],
                    'gap_mean': [self.margin_stats.mean.item()], 'gap_std': [self.margin_stats.std.item()]}
         return beta_used.to(local_margins.device), local_keep, metrics
+
+    def batch_beta_and_mask(self, margins: torch.Tensor, train: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+        """β and the keep mask of the whole microbatch from its (N,) margins gathered over all ranks.
+
+        Identical on every rank by construction: the same margins, the same statistics, and a generator
+        seeded alike everywhere that nothing else draws from.
+        """
+        loss_config = self.config.loss
+        if train:
+            self.margin_stats.update(margins)
+            generator = self.filter_generator
+        else:
+            generator = torch.Generator().manual_seed(self.seed + self.example_counter)
+        return dynamic_beta(margins, self.margin_stats.mean, self.margin_stats.std, loss_config.beta, loss_config.a,
+                            loss_config.mode_weight, generator=generator)
 
     # ----- evaluation ---------------------------------------------------------------------------------
 
@@ -589,7 +599,9 @@ class BasicTrainer:
         with torch.no_grad():
             output = model.generate(batch['prompt_input_ids'], attention_mask=batch['prompt_attention_mask'],
                                     max_length=self.config.max_length, do_sample=do_sample,
-                                    pad_token_id=self.tokenizer.pad_token_id)
+                                    pad_token_id=self.tokenizer.pad_token_id,
+                                    # sharded models: every rank runs each step until all ranks are done
+                                    synced_gpus=self.dp_size > 1)
         output = pad_to_length(output, self.config.max_length, self.tokenizer.pad_token_id)
         output = all_gather_if_needed(output, self.dp_rank, self.dp_size)
         return self.tokenizer.batch_decode(output, skip_special_tokens=True)
@@ -708,6 +720,229 @@ class BasicTrainer:
             rank0_print(f'exported the policy in Hugging Face format to {output_dir}')
         if dist.is_initialized():
             dist.barrier()
+
+
+class ShardedTrainer(BasicTrainer):
+    """What FSDPTrainer and TensorParallelTrainer share: the model is split over the processes.
+
+    The models arrive whole on rank 0 and empty (on the meta device, no memory) on the other ranks
+    (train.build_models); each trainer splits them with `split`, then rank 0's weights are broadcast
+    into every rank's part. Checkpoints gather the full state dict on rank 0 in BasicTrainer's format,
+    so any trainer can continue from any other's policy.pt or resume its run.
+    """
+
+    def __init__(self, policy: nn.Module, config: DictConfig, seed: int, run_dir: str,
+                 reference_model: Optional[nn.Module] = None, rank: int = 0, world_size: int = 1,
+                 wandb_run=None, device: Optional[torch.device] = None):
+        super().__init__(policy, config, seed, run_dir, reference_model=reference_model, rank=rank,
+                         world_size=world_size, wandb_run=wandb_run, device=device)
+        # BasicTrainer's optimizer.pt numbers the parameters in this order; the gathered state names them.
+        self.trainable_names = [name for name, p in policy.named_parameters() if p.requires_grad]
+        self.policy = split_and_load(policy, lambda model: self.split(model, reference=False), self.device)
+        if reference_model is not None:
+            self.reference_model = split_and_load(reference_model, lambda model: self.split(model, reference=True),
+                                                  self.device)
+
+    def split(self, model: nn.Module, reference: bool) -> nn.Module:
+        """`model` split over the processes (in place); `reference` for the frozen reference model."""
+        raise NotImplementedError
+
+    def clip_gradient(self) -> float:
+        return clip_grad_norm(self.policy.parameters(), self.config.max_grad_norm, self.device)
+
+    def policy_state_dict(self) -> Optional[Dict[str, torch.Tensor]]:
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+        state = get_model_state_dict(self.policy, options=full_state_dict_options())
+        return state if self.is_main else None
+
+    def optimizer_state_dict(self) -> Optional[Dict]:
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+        state = get_optimizer_state_dict(self.policy, self.optimizer, options=full_state_dict_options())
+        return optimizer_state_by_index(state, self.trainable_names) if self.is_main else None
+
+    def load_optimizer_state_dict(self, state: Dict) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+        set_optimizer_state_dict(self.policy, self.optimizer, optimizer_state_by_name(state, self.trainable_names),
+                                 options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+
+
+class FSDPTrainer(ShardedTrainer):
+    """Fully sharded data parallel (PyTorch's FSDP2, `fully_shard`): each process holds 1/N of the
+    parameters, gradients and optimizer state, and computes 1/N of each batch.
+
+    Every transformer block (model.block_name) is sharded as one unit, then the root; a block's
+    parameters are gathered just before it runs and freed after. model.fsdp_policy_mp=bfloat16 computes
+    in bfloat16 and reduces gradients in float32 while the sharded parameters and the optimizer stay
+    in model.policy_dtype; activation_checkpointing=true recomputes each block's activations in the
+    backward pass.
+    """
+
+    def split(self, model: nn.Module, reference: bool) -> nn.Module:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        blocks = get_block_modules(model, self.config.model.block_name)
+        if self.config.activation_checkpointing and not reference:
+            blocks = checkpoint_blocks(model, blocks)
+        mp_dtype = self.config.model.fsdp_policy_mp
+        mixed_precision = (MixedPrecisionPolicy(param_dtype=getattr(torch, mp_dtype), reduce_dtype=torch.float32)
+                           if mp_dtype else MixedPrecisionPolicy())
+        for block in blocks:
+            fully_shard(block, mp_policy=mixed_precision)
+        return fully_shard(model, mp_policy=mixed_precision)
+
+
+class TensorParallelTrainer(ShardedTrainer):
+    """Tensor parallel (`torch.distributed.tensor.parallel`): every weight matrix of the attention and
+    MLP layers is split over the processes, which all compute the same batch together.
+
+    The split follows the model's own plan (`base_model_tp_plan` of its transformers config: column-
+    wise q/k/v and up projections, row-wise output and down projections), so GPT-NeoX and Llama
+    families work as they are. Attention heads (and key/value heads) must divide by the number of
+    processes. Embeddings and norms are replicated.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # Every rank computes the whole batch; there is no data-parallel split.
+        self.dp_rank, self.dp_size = 0, 1
+
+    def split(self, model: nn.Module, reference: bool) -> nn.Module:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor.parallel import parallelize_module
+        mesh = init_device_mesh(self.device.type, (self.world_size,))
+        # src_data_rank=None: each rank keeps its own slice without communication (the weights on
+        # ranks other than 0 are still empty; split_and_load fills them from rank 0 afterwards).
+        parallelize_module(model, mesh, tensor_parallel_plan(model, self.world_size), src_data_rank=None)
+        if self.config.activation_checkpointing and not reference:
+            # After the split: the plan names modules by their paths, which the wrappers change.
+            checkpoint_blocks(model, get_block_modules(model, self.config.model.block_name))
+        return model
+
+
+def split_and_load(model: nn.Module, split, device: torch.device) -> nn.Module:
+    """`split(model)`, then rank 0's weights broadcast into every rank's part. Collective.
+
+    Only rank 0 needs real weights: the other ranks' `model` may be on the meta device (allocated on
+    `device` here, after the split, so that no process ever holds a second full copy).
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    full_state = dict(model.state_dict()) if dist.get_rank() == 0 else {}
+    model = split(model)
+    if any(t.is_meta for t in list(model.parameters()) + list(model.buffers())):
+        model.to_empty(device=device)
+        if getattr(model.config, 'tie_word_embeddings', False):
+            model.tie_weights()  # to_empty gives each module its own new tensor, which unties them
+    set_model_state_dict(model, full_state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    with torch.no_grad():
+        for buffer in model.buffers():  # not in the state dict (e.g. rotary frequencies): rank 0's too
+            dist.broadcast(buffer, src=0)
+    return model
+
+
+def checkpoint_blocks(model: nn.Module, blocks: List[nn.Module]) -> List[nn.Module]:
+    """Wrap each block so its activations are recomputed in the backward pass; returns the wrappers.
+
+    The wrappers replace the blocks in their parents; state-dict keys do not change.
+    """
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
+    targets = {id(block) for block in blocks}
+    wrappers = []
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if id(child) in targets:
+                wrapper = checkpoint_wrapper(child, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
+                parent.register_module(name, wrapper)
+                wrappers.append(wrapper)
+    return wrappers
+
+
+# transformers' tensor-parallel style names, as torch ParallelStyles. Colwise splits a Linear's output
+# features, rowwise its input features (and sums the partial outputs); *_gather_output / *_rep /
+# *_split_input return or take whole (replicated) tensors.
+TP_STYLES = {
+    'colwise': lambda: ColwiseParallel(),
+    'local_colwise': lambda: ColwiseParallel(),
+    'colwise_rep': lambda: ColwiseParallel(output_layouts=Replicate()),
+    'colwise_gather_output': lambda: ColwiseParallel(output_layouts=Replicate()),
+    'rowwise': lambda: RowwiseParallel(),
+    'local_rowwise': lambda: RowwiseParallel(),
+    'rowwise_rep': lambda: RowwiseParallel(input_layouts=Replicate()),
+    'rowwise_split_input': lambda: RowwiseParallel(input_layouts=Replicate()),
+}
+
+
+def tensor_parallel_plan(model: nn.Module, world_size: int) -> Dict[str, ParallelStyle]:
+    """{module path pattern: torch ParallelStyle} from the model's transformers tensor-parallel plan.
+
+    `config.base_model_tp_plan` names modules inside the base model (e.g. `layers.*.mlp.up_proj`), so
+    its keys get the base model's prefix (`model.`, `gpt_neox.`); the head's plan (`lm_head`) is added
+    unless the input and output embeddings are tied: splitting lm_head would replace the shared
+    weight and silently untie them.
+    """
+    config = model.config
+    name = type(model).__name__
+    base_plan = getattr(config, 'base_model_tp_plan', None)
+    if not base_plan:
+        raise ValueError(f'{name} has no tensor-parallel plan (config.base_model_tp_plan); use trainer=FSDPTrainer')
+    for key in ('num_attention_heads', 'num_key_value_heads'):
+        heads = getattr(config, key, None)
+        if heads is not None and heads % world_size:
+            raise ValueError(f'TensorParallelTrainer splits attention heads over {world_size} processes, but {name} '
+                             f'has {key}={heads}; use a number of processes that divides it, or trainer=FSDPTrainer')
+    plan = {f'{model.base_model_prefix}.{key}': style for key, style in base_plan.items()}
+    if not getattr(config, 'tie_word_embeddings', False):
+        plan.update(getattr(model, '_tp_plan', None) or {})
+    unknown = sorted({style for style in plan.values() if style not in TP_STYLES})
+    if unknown:
+        raise ValueError(f'{name}: tensor-parallel styles {unknown} are not supported here '
+                         f'(supported: {", ".join(TP_STYLES)}); use trainer=FSDPTrainer')
+    return {key: TP_STYLES[style]() for key, style in plan.items()}
+
+
+def clip_grad_norm(parameters, max_norm: float, device: torch.device) -> float:
+    """Clip gradients split over processes to a global L2 norm ≤ max_norm; returns the norm before clipping.
+
+    Gradients that are DTensors sharded over the ranks (FSDP's, TP's split matrices) add their local
+    squares over all ranks; replicated ones (TP's embeddings and norms, identical on every rank) count
+    once. One all-reduce in all. Same rule as torch.nn.utils.clip_grad_norm_: scale by
+    max_norm / (norm + 1e-6) when that is below 1. Collective.
+    """
+    grads = [p.grad for p in parameters if p.grad is not None]
+    sharded_squares = torch.zeros((), device=device)
+    replicated_squares = torch.zeros((), device=device)
+    for grad in grads:
+        if isinstance(grad, DTensor) and any(placement.is_shard() for placement in grad.placements):
+            sharded_squares += torch.linalg.vector_norm(grad.to_local(), dtype=torch.float32) ** 2
+        else:
+            local = grad.to_local() if isinstance(grad, DTensor) else grad
+            replicated_squares += torch.linalg.vector_norm(local, dtype=torch.float32) ** 2
+    dist.all_reduce(sharded_squares)
+    total = (sharded_squares + replicated_squares).sqrt()
+    scale = (max_norm / (total + 1e-6)).clamp(max=1.0).item()
+    for grad in grads:
+        grad.mul_(scale)
+    return total.item()
+
+
+def full_state_dict_options():
+    """Gather whole tensors to CPU on rank 0 (the other ranks get {})."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+    return StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def optimizer_state_by_index(state: Dict, names: List[str]) -> Dict:
+    """An optimizer state keyed by parameter names (torch.distributed.checkpoint's) in torch's own
+    layout, keyed by the parameter's position, as BasicTrainer saves it."""
+    index = {name: i for i, name in enumerate(names)}
+    return {'state': {index[name]: value for name, value in state['state'].items()},
+            'param_groups': [{**group, 'params': [index[name] for name in group['params']]}
+                             for group in state['param_groups']]}
+
+
+def optimizer_state_by_name(state: Dict, names: List[str]) -> Dict:
+    """The inverse of optimizer_state_by_index."""
+    return {'state': {names[i]: value for i, value in state['state'].items()},
+            'param_groups': [{**group, 'params': [names[i] for i in group['params']]}
+                             for group in state['param_groups']]}
 
 
 def unwrap(model: nn.Module) -> nn.Module:
