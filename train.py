@@ -14,6 +14,9 @@
         sample_during_eval=false model.fsdp_policy_mp=bfloat16 \
         model.archive=/path/to/sft_run/LATEST/policy.pt loss.mode_loss=beta_DPO loss.mode_weight=0.2 loss.a=0.6
 
+    # FSDP in 2 CPU processes (gloo), to try a distributed run without GPUs (one process per GPU on GPUs)
+    python train.py trainer=FSDPTrainer n_cpu_processes=2
+
     # several nodes: one torchrun per node; ranks come from the launcher
     torchrun --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint HOST:PORT \
         train.py trainer=FSDPTrainer ...

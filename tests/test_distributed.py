@@ -33,6 +33,17 @@ BETA_DPO = ['loss=dpo', 'loss.beta=0.1', 'loss.mode_loss=beta_DPO', 'loss.mode_w
 RMSPROP = [*FAST, 'optimizer=RMSprop', 'lr=1e-3', 'eval_every=16', 'minimum_log_interval_secs=0', 'loss=sft']
 
 
+def save_tiny_llama(directory):
+    """A 2-layer Llama with tied input/output embeddings, 4 query and 2 key/value heads, random weights."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         tie_word_embeddings=True, bos_token_id=256, eos_token_id=256, pad_token_id=256)
+    LlamaForCausalLM(config).save_pretrained(directory)
+    return directory
+
+
 def read_metrics(run_dir, split='train'):
     return [json.loads(line) for line in (run_dir / 'metrics.jsonl').read_text().splitlines()
             if json.loads(line)['split'] == split]
@@ -102,6 +113,9 @@ def runs(tmp_path_factory):
     found['dpo'] = Path(train_basic(tmp, 'dpo', [*COMMON, 'loss=dpo', archive]))
     found['beta_dpo'] = Path(train_basic(tmp, 'beta_dpo', [*COMMON, *BETA_DPO, archive]))
     found['rmsprop_24'] = Path(train_basic(tmp, 'rmsprop', [*RMSPROP, 'n_examples=24']))
+    llama = [f'model.name_or_path={save_tiny_llama(tmp / "llama")}', 'model.tokenizer_name_or_path=embedded:tiny',
+             'model.block_name=LlamaDecoderLayer', 'loss=sft', 'n_examples=16']
+    found['llama_sft'] = Path(train_basic(tmp, 'llama_sft', [*COMMON, *llama]))
 
     result = run_train([*COMMON, f'local_dirs=[{tmp}]', 'loss=sft', 'trainer=FSDPTrainer', 'exp_name=fsdp_sft'],
                        cwd=tmp)
@@ -123,11 +137,16 @@ def runs(tmp_path_factory):
         ('fsdp_dpo', 'FSDPTrainer', ['loss=dpo', archive]),
         ('fsdp_beta_dpo', 'FSDPTrainer', [*BETA_DPO, archive]),
         ('tp_dpo', 'TensorParallelTrainer', ['loss=dpo', archive]),
-        ('tp_beta_dpo', 'TensorParallelTrainer', [*BETA_DPO, archive])]]
+        ('tp_beta_dpo', 'TensorParallelTrainer', [*BETA_DPO, archive]),
+        ('fsdp_dpo_checkpointed', 'FSDPTrainer', ['loss=dpo', archive, 'activation_checkpointing=true']),
+        ('fsdp_sft_bf16', 'FSDPTrainer', ['loss=sft', 'model.fsdp_policy_mp=bfloat16']),
+        ('fsdp_llama_sft', 'FSDPTrainer', llama),
+        ('tp_llama_sft', 'TensorParallelTrainer', [*llama, 'activation_checkpointing=true'])]]
     jobs += [([*RMSPROP, 'trainer=FSDPTrainer', 'n_examples=16', f'local_run_dir={fsdp_rmsprop}'], tmp),
              ([*RMSPROP, 'trainer=FSDPTrainer', 'n_examples=24', f'resume_from={fsdp_rmsprop}'], tmp)]
     mp.spawn(sharded_worker, args=(2, get_open_port(), jobs), nprocs=2, join=True)
-    for name in ('fsdp_dpo', 'fsdp_beta_dpo', 'tp_dpo', 'tp_beta_dpo'):
+    for name in ('fsdp_dpo', 'fsdp_beta_dpo', 'tp_dpo', 'tp_beta_dpo', 'fsdp_dpo_checkpointed', 'fsdp_sft_bf16',
+                 'fsdp_llama_sft', 'tp_llama_sft'):
         found[name] = next(tmp.glob(f'*/{name}_*'))
     found['fsdp_rmsprop_24'] = fsdp_rmsprop
     return found
@@ -211,3 +230,26 @@ def test_torchrun_run_logs_once_into_one_run_directory(runs):
     assert stdout.count('Writing to ') == 1
     assert len(list(runs['tp_sft'].parent.glob('tp_sft_*'))) == 1
     assert [m['counters/examples'] for m in read_metrics(runs['tp_sft'])] == [8, 16, 24, 32]
+
+
+@pytest.mark.parametrize('name, basic', [('fsdp_dpo_checkpointed', 'dpo'), ('fsdp_llama_sft', 'llama_sft'),
+                                         ('tp_llama_sft', 'llama_sft')])
+def test_checkpointed_and_llama_runs_match_basic_trainer(runs, name, basic):
+    """Activation checkpointing recomputes the same numbers; a Llama with grouped key/value heads
+    (4 query, 2 key/value: one of each per rank under TP) and tied embeddings gives BasicTrainer's
+    losses and weights, its embedding and output matrices still one tensor."""
+    assert train_losses(runs[name]) == pytest.approx(train_losses(runs[basic]), rel=1e-4)
+    basic_weights, sharded_weights = weights(runs[basic]), weights(runs[name])
+    for key, value in basic_weights.items():
+        torch.testing.assert_close(sharded_weights[key], value, rtol=1e-4, atol=1e-6, msg=key)
+    if 'llama' in name:  # one tensor trained for both uses, on every rank (untied, they would drift apart)
+        torch.testing.assert_close(sharded_weights['lm_head.weight'], sharded_weights['model.embed_tokens.weight'],
+                                   rtol=0, atol=0)
+
+
+def test_fsdp_bfloat16_compute_stays_close_to_float32(runs):
+    """model.fsdp_policy_mp=bfloat16: bfloat16 compute (8 bits of mantissa, relative error about
+    0.4% per rounding) gives SFT losses within 2% of float32's; the saved weights stay float32."""
+    assert train_losses(runs['fsdp_sft_bf16']) == pytest.approx(train_losses(runs['sft']), rel=0.02)
+    assert train_losses(runs['fsdp_sft_bf16']) != pytest.approx(train_losses(runs['sft']), rel=1e-5)
+    assert all(value.dtype == torch.float32 for value in weights(runs['fsdp_sft_bf16']).values())
