@@ -812,6 +812,8 @@ class TensorParallelTrainer(ShardedTrainer):
         # src_data_rank=None: each rank keeps its own slice without communication (the weights on
         # ranks other than 0 are still empty; split_and_load fills them from rank 0 afterwards).
         parallelize_module(model, mesh, tensor_parallel_plan(model, self.world_size), src_data_rank=None)
+        if not next(model.parameters()).is_meta:
+            model.to(self.device)  # the split matrices are on the GPU now; the rest is where it was built
         if self.config.activation_checkpointing and not reference:
             # After the split: the plan names modules by their paths, which the wrappers change.
             checkpoint_blocks(model, get_block_modules(model, self.config.model.block_name))
