@@ -280,8 +280,6 @@ def launch_distributed(config: DictConfig) -> None:
     world_size = count_processes(config)
     port = config.fsdp_port or get_open_port()
     rank0_print(f'starting {world_size} processes ({config.trainer})')
-    # The embedded model is written once here, before the processes read it.
-    materialize_embedded_model(config.model.name_or_path, get_local_dir(config.local_dirs))
     mp.spawn(distributed_worker, args=(world_size, config, port), nprocs=world_size, join=True)
 
 

@@ -9,6 +9,10 @@ hidden randomness), so they can be read and tested on their own:
     beta_used, keep = dynamic_beta(margins, stats.mean, stats.std, beta=0.1, a=0.6,
                                    mode_weight=0.2, generator=torch.Generator().manual_seed(0))
 
+The trainers come after: BasicTrainer (one process), then FSDPTrainer and TensorParallelTrainer,
+which split the model over several processes (train.py starts them, or torchrun does) and change only
+how the model is placed, how gradients are clipped and how state is gathered for checkpoints.
+
 References:
     DPO: Rafailov et al. 2023, "Direct Preference Optimization", Eq. 7.
     Conservative DPO: Mitchell 2023, "A note on DPO with noisy preferences" (label smoothing ε).
