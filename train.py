@@ -127,6 +127,12 @@ def validate_config(config: DictConfig, n_processes: int = 1) -> List[str]:
         if not (is_number(smoothing) and 0 <= smoothing < 0.5):
             problems.append(f'loss.label_smoothing={smoothing!r} (ε of conservative DPO) must be in [0, 0.5)')
 
+    chunk_size = get('logps_chunk_size')
+    if chunk_size is not None and not (isinstance(chunk_size, int) and chunk_size > 0):
+        problems.append(f'logps_chunk_size={chunk_size!r} must be a positive integer (e.g. 1024) or null')
+    autocast = get('policy_autocast')
+    if autocast is not None and not isinstance(getattr(torch, str(autocast), None), torch.dtype):
+        problems.append(f'policy_autocast={autocast!r} is not a torch dtype (bfloat16, float16) or null')
     for key in ('model.policy_dtype', 'model.reference_dtype'):
         if not isinstance(getattr(torch, str(get(key)), None), torch.dtype):
             problems.append(f'{key}={get(key)!r} is not a torch dtype (float32, bfloat16, float16)')
@@ -266,6 +272,8 @@ def worker_main(rank: int, world_size: int, config: DictConfig, policy: nn.Modul
     trainer_class = getattr(trainers, config.trainer)
     trainer = trainer_class(policy, config, config.seed, config.local_run_dir, reference_model=reference_model,
                             rank=rank, world_size=world_size, wandb_run=wandb_run, device=device)
+    # The trainer holds the only reference, so precompute_ref_log_probs can free the model.
+    del reference_model
     trainer.train()
     wandb_run.finish()
 
@@ -394,8 +402,8 @@ def main(config: DictConfig) -> None:
     rank0_print(f'Writing to {socket.gethostname()}:{config.local_run_dir}')
     rank0_print('=' * 80)
     if config.trainer == 'BasicTrainer':
-        policy, reference_model = build_models(config)
-        worker_main(0, 1, config, policy, reference_model)
+        # No local name for the models: with precompute_ref_log_probs the trainer frees the reference.
+        worker_main(0, 1, config, *build_models(config))
     else:
         launch_distributed(config)
 

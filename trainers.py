@@ -21,6 +21,9 @@ References:
     β-DPO: Wu et al. 2024, "β-DPO: Direct Preference Optimization with Dynamic β", Eq. 6 (batch-level
         β) and Eq. 7 (β-guided data filtering).
 """
+import contextlib
+import hashlib
+import itertools
 import math
 import json
 import os
@@ -40,7 +43,8 @@ from omegaconf import DictConfig, OmegaConf
 from torch.distributed.tensor import DTensor, Replicate
 from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel
 
-from preference_datasets import get_batch_iterator
+from preference_datasets import (data_identity, get_batch_iterator, padding_fraction, save_atomically,
+                                 tokenizer_identity)
 from utils import (all_gather_if_needed, atomic_checkpoint_dir, atomic_write_text, formatted_dict, get_local_dir,
                    load_checkpoint_file, materialize_embedded_model, pad_to_length, point_latest_to, rank0_print,
                    get_block_modules, remove_incomplete_checkpoints, slice_and_move_batch_for_device)
@@ -119,6 +123,156 @@ def _get_batch_logps(logits: torch.Tensor, labels: torch.Tensor, average_log_pro
     if average_log_prob:
         return summed / loss_mask.sum(-1).clamp(min=1)
     return summed
+
+
+class _ChunkedLabelLogps(torch.autograd.Function):
+    """log p(y_i | h_i) = (W h_i + b)[y_i] − logsumexp(W h_i + b), a chunk of rows of the (N, V) logits at a time.
+
+    Autograd through a plain loop would keep every chunk's float32 logits and log-softmax alive until the
+    backward pass. This Function keeps h, W, b, the targets and the (N,) normalisers, and recomputes each
+    chunk's logits in the backward pass: one more matmul per chunk for memory that no longer grows with
+    the number of tokens (the trade Liger-Kernel's fused linear cross-entropy makes). When all N rows fit
+    in one chunk, the backward pass would allocate that chunk anyway, so the forward keeps its softmax
+    instead and the backward needs neither the matmul nor the exponentials again: the same peak, less time.
+    All chunks share one float32 buffer updated in place: on CPUs a fresh 100 MB tensor per chunk costs
+    more in page faults than the exponentials computed in it.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk_size):
+        n = hidden.shape[0]
+        keep_softmax = n <= chunk_size and any(ctx.needs_input_grad[:3])
+        # equal chunks: a last chunk of a few rows would stream the whole weight for little work
+        chunk_size = -(-n // -(-n // chunk_size)) if n > 0 else chunk_size
+        token_logps = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        normalisers = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        buffer = torch.empty(min(n, chunk_size), weight.shape[0], dtype=torch.float32, device=hidden.device)
+        for start in range(0, n, chunk_size):
+            rows = slice(start, start + chunk_size)
+            logits = _chunk_logits(hidden[rows], weight, bias, buffer)
+            target_logits = logits.gather(1, targets[rows, None]).squeeze(1)
+            normalisers[rows] = _softmax_and_logsumexp_(logits)
+            token_logps[rows] = target_logits - normalisers[rows]
+        ctx.save_for_backward(hidden, weight, bias, targets, normalisers, buffer if keep_softmax else None)
+        ctx.chunk_size = chunk_size
+        ctx.backward_done = False
+        return token_logps
+
+    @staticmethod
+    def backward(ctx, grad_token_logps):
+        # ∂ log p(y_i) / ∂ logits_i = onehot(y_i) − softmax(logits_i), weighted by the incoming gradient g_i.
+        if ctx.backward_done:
+            raise RuntimeError('label_logps_from_hidden supports one backward pass per forward (its softmax is '
+                               'reused in place)')
+        ctx.backward_done = True
+        hidden, weight, bias, targets, normalisers, softmax = ctx.saved_tensors
+        n = hidden.shape[0]
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        # float32 accumulators: a bfloat16 weight's gradient summed over thousands of tokens would round away.
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \
+            if ctx.needs_input_grad[1] else None
+        grad_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) \
+            if bias is not None and ctx.needs_input_grad[2] else None
+        if softmax is None:
+            buffer = torch.empty(min(n, ctx.chunk_size), weight.shape[0], dtype=torch.float32, device=hidden.device)
+        for start in range(0, n, ctx.chunk_size):
+            rows = slice(start, start + ctx.chunk_size)
+            g = grad_token_logps[rows].float().unsqueeze(1)
+            if softmax is None:
+                grad_logits = _chunk_logits(hidden[rows], weight, bias, buffer)
+                grad_logits.sub_(normalisers[rows, None]).exp_()
+            else:
+                grad_logits = softmax
+            grad_logits.mul_(-g).scatter_add_(1, targets[rows, None], g)
+            if grad_hidden is not None:
+                grad_hidden[rows] = (grad_logits.to(weight.dtype) @ weight).to(hidden.dtype)
+            if grad_weight is not None:
+                grad_weight.addmm_(grad_logits.t(), hidden[rows].float())
+            if grad_bias is not None:
+                grad_bias.add_(grad_logits.sum(0))
+        if grad_weight is not None:
+            grad_weight = grad_weight.to(weight.dtype)
+        if grad_bias is not None:
+            grad_bias = grad_bias.to(bias.dtype)
+        return grad_hidden, grad_weight, grad_bias, None, None
+
+
+def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                  buffer: torch.Tensor) -> torch.Tensor:
+    """(rows, V) float32 logits of `hidden` (rows, H), written into the first rows of `buffer`.
+
+    The product is taken in the weight's dtype, as the model's own head would, then held in float32.
+    """
+    out = buffer[:hidden.shape[0]]
+    if weight.dtype == torch.float32:
+        if bias is None:
+            return torch.mm(hidden, weight.t(), out=out)
+        return torch.addmm(bias, hidden, weight.t(), out=out)
+    return out.copy_(F.linear(hidden.to(weight.dtype), weight, bias))
+
+
+def _softmax_and_logsumexp_(logits: torch.Tensor) -> torch.Tensor:
+    """(rows,) logsumexp over the last dim of (rows, V) `logits`, which it overwrites with their softmax."""
+    maxes = logits.amax(dim=1, keepdim=True)
+    # a row of −inf logits would give nan in (logits − max); such a row has no probability to normalise
+    maxes.masked_fill_(~torch.isfinite(maxes), 0)
+    sums = logits.sub_(maxes).exp_().sum(dim=1, keepdim=True)
+    logits.div_(sums)
+    return sums.log_().add_(maxes).squeeze(1)
+
+
+def label_logps_from_hidden(hidden: torch.Tensor, head_weight: torch.Tensor, head_bias: Optional[torch.Tensor],
+                            labels: torch.Tensor, chunk_size: int = 1024,
+                            average_log_prob: bool = False) -> torch.Tensor:
+    """`_get_batch_logps(F.linear(hidden, head_weight, head_bias), labels, average_log_prob)` without the logits.
+
+    Args:
+        hidden: (batch, seq, hidden) final hidden states (after the last norm), position t predicts token t + 1.
+        head_weight, head_bias: the output projection, (vocab, hidden) and (vocab,) or None.
+        labels: (batch, seq) token ids, −100 where no loss is taken (prompt, padding).
+        chunk_size: labelled tokens per block of the vocabulary projection; peak memory of the head is
+            about 3 · chunk_size · vocab floats in the backward pass, instead of 2 · batch · seq · vocab.
+        average_log_prob: the mean per labelled token instead of the sum.
+
+    Returns:
+        (batch,) float32, equal to the naive computation up to float32 rounding (same logits, same
+        float32 log-softmax). Only the labelled positions are projected: prompts and padding carry no
+        loss, and in preference data they are about half of every sequence.
+    """
+    if hidden.shape[:-1] != labels.shape:
+        raise ValueError(f'hidden {tuple(hidden.shape)} and labels {tuple(labels.shape)} disagree in (batch, seq)')
+    loss_mask = labels[:, 1:] != -100
+    token_logps = _ChunkedLabelLogps.apply(hidden[:, :-1][loss_mask], head_weight, head_bias,
+                                           labels[:, 1:][loss_mask], chunk_size)
+    return _per_sequence(token_logps, loss_mask, average_log_prob)
+
+
+def _per_sequence(token_logps: torch.Tensor, loss_mask: torch.Tensor, average_log_prob: bool) -> torch.Tensor:
+    """(batch,) sums (or means) of the (N,) labelled-token values, N = loss_mask.sum(), in row-major order.
+
+    A row without labels gets 0, as in `_get_batch_logps`.
+    """
+    rows = loss_mask.nonzero()[:, 0]
+    summed = torch.zeros(loss_mask.shape[0], dtype=torch.float32, device=token_logps.device)
+    summed = summed.index_add(0, rows, token_logps.float())
+    if average_log_prob:
+        return summed / loss_mask.sum(-1).clamp(min=1)
+    return summed
+
+
+def sharded_head_label_logps(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(batch,) summed label log-probabilities with `head` called as a module on the labelled positions only.
+
+    For a head whose weight is sharded over the vocabulary (tensor parallelism): the module's hooks
+    gather its output, which `label_logps_from_hidden` could not do with the weight shard alone.
+    """
+    loss_mask = labels[:, 1:] != -100
+    logits = head(hidden[:, :-1][loss_mask])
+    if isinstance(logits, DTensor):
+        logits = logits.full_tensor()
+    targets = labels[:, 1:][loss_mask]
+    token_logps = logits.float().log_softmax(-1).gather(1, targets[:, None]).squeeze(1)
+    return _per_sequence(token_logps, loss_mask, average_log_prob=False)
 
 
 def _keep_indices(weights: torch.Tensor, k: int, generator: Optional[torch.Generator]) -> torch.Tensor:
@@ -317,7 +471,12 @@ class BasicTrainer:
         self.beta_dpo = not self.sft and config.loss.mode_loss == 'beta_DPO'
 
         self.policy = policy
+        if config.compile_policy:
+            # nn.Module.compile compiles in place: the class and the state dict's keys stay as they are.
+            self.policy.compile()
         self.reference_model = reference_model
+        # pair key -> (chosen, rejected) reference log-probabilities, once precompute_reference_logps ran
+        self.reference_cache: Optional[Dict[str, Tuple[float, float]]] = None
         self.tokenizer = load_tokenizer(config)
         self.margin_stats = MarginStats(self.device)
         # The β-DPO filter's only randomness: seeded alike on every rank, so all ranks keep the same pairs.
@@ -347,6 +506,8 @@ class BasicTrainer:
             self.restore(Path(self.config.resume_from) / 'LATEST')
         if self.reference_model is not None:
             self.reference_model.eval()
+            if self.config.precompute_ref_log_probs:
+                self.precompute_reference_logps()
 
         last_log = None
         progress = tqdm.tqdm(total=self.config.n_examples, initial=self.example_counter, unit='ex',
@@ -432,6 +593,7 @@ class BasicTrainer:
         metrics['examples_per_second'] = self.config.batch_size / (time.time() - start_time)
         metrics['grad_norm'] = grad_norm
         metrics['lr'] = self.scheduler.get_last_lr()[0]
+        metrics['padding/fraction'] = padding_fraction(batch)
         return metrics
 
     def handle_nonfinite(self, batch: Dict, losses: List[torch.Tensor], grad_norm: float) -> None:
@@ -455,9 +617,31 @@ class BasicTrainer:
 
     def forward_logps(self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                       labels: torch.Tensor) -> torch.Tensor:
-        """(batch,) summed log-probabilities of the label tokens under `model`."""
-        logits = model(input_ids, attention_mask=attention_mask, use_cache=False).logits
-        return _get_batch_logps(logits, labels, average_log_prob=False)
+        """(batch,) summed log-probabilities of the label tokens under `model` (a Hugging Face causal LM).
+
+        With logps_chunk_size set, the model runs through its own forward (so FSDP's and tensor
+        parallelism's hooks fire) but keeps only its last, normed hidden state (output_hidden_states=-1)
+        and projects no position through its head (logits_to_keep = an all-False mask); the head is then
+        applied to the labelled positions only, a chunk at a time (`label_logps_from_hidden`). FSDP2
+        leaves the root module's parameters, the head's among them, unsharded after the forward, and
+        reduces their gradients at the end of the backward pass, so the head's weight can be used here.
+        A head whose weight stays sharded (tensor parallelism's colwise lm_head) is called as a module
+        on the labelled positions instead: its hooks gather the vocabulary, so full-width logits exist
+        for those positions, still not for the prompt and padding.
+        """
+        chunk_size = self.config.logps_chunk_size
+        if not chunk_size:
+            logits = model(input_ids, attention_mask=attention_mask, use_cache=False).logits
+            return _get_batch_logps(logits, labels, average_log_prob=False)
+        outputs = model(input_ids, attention_mask=attention_mask, use_cache=False, output_hidden_states=-1,
+                        logits_to_keep=torch.zeros_like(labels, dtype=torch.bool))
+        hidden = outputs.hidden_states[-1]
+        head = model.get_output_embeddings()
+        # The head in float32 (or its own dtype) even under the policy's autocast: see _get_batch_logps.
+        with torch.autocast(device_type=hidden.device.type, enabled=False):
+            if isinstance(head.weight, DTensor):
+                return sharded_head_label_logps(head, hidden, labels)
+            return label_logps_from_hidden(hidden, head.weight, head.bias, labels, chunk_size)
 
     def concatenated_forward(self, model: nn.Module, batch: Dict) -> Tuple[torch.Tensor, torch.Tensor]:
         """Log-probabilities of the chosen and rejected responses from one forward pass over both."""
@@ -468,9 +652,59 @@ class BasicTrainer:
         return all_logps[:n], all_logps[n:]
 
     def reference_logps(self, batch: Dict) -> Tuple[torch.Tensor, torch.Tensor]:
-        """The frozen reference model's log-probabilities of the chosen and rejected responses."""
+        """The frozen reference model's log-probabilities of the chosen and rejected responses.
+
+        From the precomputed cache when precompute_ref_log_probs is on (`precompute_reference_logps`).
+        """
+        if self.reference_cache is not None:
+            keys = pair_keys(batch)
+            missing = [k for k in keys if k not in self.reference_cache]
+            if missing:
+                raise RuntimeError(f'{len(missing)} pairs of this batch are not in the precomputed reference '
+                                   f'log-probabilities (first prompt: {batch["prompt"][0][:80]!r})')
+            values = torch.tensor([self.reference_cache[k] for k in keys], dtype=torch.float32, device=self.device)
+            return values[:, 0], values[:, 1]
         with torch.no_grad():
             return self.concatenated_forward(self.reference_model, batch)
+
+    def precompute_reference_logps(self) -> None:
+        """One pass of the reference model over the training stream and the evaluation batches, then free it.
+
+        The log-probabilities are cached per pair (keyed by a hash of its prompt, chosen and rejected
+        texts) in one file per model, model.archive, reference dtype, data and length settings
+        (`reference_cache_path`), so later runs on the same data skip the pass, and a different
+        seed or n_examples computes only the pairs it lacks. Each data-parallel rank computes its slice
+        of a batch and all ranks gather the whole; rank 0 reads and writes the file.
+        """
+        path = reference_cache_path(self.config, self.tokenizer)
+        cache = load_reference_cache(path) if self.is_main else None
+        if dist.is_initialized():
+            shared = [cache]
+            dist.broadcast_object_list(shared, src=0)
+            cache = shared[0]
+        n_cached = len(cache)
+        batches = itertools.chain(self.train_batches(), self.eval_batches)
+        for batch in tqdm.tqdm(batches, desc='Reference log-probabilities', disable=not self.is_main, leave=False):
+            keys = pair_keys(batch)
+            if all(k in cache for k in keys):
+                continue
+            local_batch = slice_and_move_batch_for_device(batch, self.dp_rank, self.dp_size, self.device)
+            with torch.no_grad():
+                chosen, rejected = self.concatenated_forward(self.reference_model, local_batch)
+            pairs = torch.stack([self.gather(chosen), self.gather(rejected)], dim=1).float().cpu().tolist()
+            cache.update(zip(keys, pairs))
+        if self.is_main and len(cache) > n_cached:
+            save_reference_cache(cache, path)
+        rank0_print(f'reference log-probabilities of {len(cache)} pairs ({len(cache) - n_cached} computed now) '
+                    f'in {path}; the reference model is freed')
+        self.reference_cache = cache
+        self.reference_model = None
+
+    def policy_autocast(self):
+        """torch.autocast in policy_autocast's dtype on a GPU; nothing elsewhere (CPU autocast is slower)."""
+        if self.config.policy_autocast is None or self.device.type != 'cuda':
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=getattr(torch, self.config.policy_autocast))
 
     def gather(self, values: torch.Tensor) -> torch.Tensor:
         """`values` of every data-parallel process, concatenated in rank order (detached)."""
@@ -480,14 +714,16 @@ class BasicTrainer:
         """The loss of this process's microbatch (to backpropagate) and its metrics (lists over all ranks)."""
         split = 'train' if train else 'eval'
         if self.sft:
-            policy_chosen_logps = self.forward_logps(self.policy, batch['chosen_input_ids'],
-                                                     batch['chosen_attention_mask'], batch['chosen_labels'])
+            with self.policy_autocast():
+                policy_chosen_logps = self.forward_logps(self.policy, batch['chosen_input_ids'],
+                                                         batch['chosen_attention_mask'], batch['chosen_labels'])
             loss = -policy_chosen_logps.mean()
             metrics = {f'logps_{split}/chosen': self.gather(policy_chosen_logps),
                        f'loss/{split}': self.gather(loss.reshape(1))}
             return loss, {k: v.float().cpu().tolist() for k, v in metrics.items()}
 
-        policy_chosen_logps, policy_rejected_logps = self.concatenated_forward(self.policy, batch)
+        with self.policy_autocast():
+            policy_chosen_logps, policy_rejected_logps = self.concatenated_forward(self.policy, batch)
         reference_chosen_logps, reference_rejected_logps = self.reference_logps(batch)
         loss_config = self.config.loss
         local_keep = None
@@ -731,21 +967,23 @@ class ShardedTrainer(BasicTrainer):
 
     The models arrive whole on rank 0 and empty (on the meta device, no memory) on the other ranks
     (train.build_models); each trainer splits them with `split`, then rank 0's weights are broadcast
-    into every rank's part. Checkpoints gather the full state dict on rank 0 in BasicTrainer's format,
-    so any trainer can continue from any other's policy.pt or resume its run.
+    into every rank's part. Checkpoints gather the full state dict on rank 0 in BasicTrainer's format
+    (policy.pt, and optimizer.pt keyed by parameter position), so an SFT run of any trainer starts a
+    β-DPO run of any other.
     """
 
     def __init__(self, policy: nn.Module, config: DictConfig, seed: int, run_dir: str,
                  reference_model: Optional[nn.Module] = None, rank: int = 0, world_size: int = 1,
                  wandb_run=None, device: Optional[torch.device] = None):
-        super().__init__(policy, config, seed, run_dir, reference_model=reference_model, rank=rank,
-                         world_size=world_size, wandb_run=wandb_run, device=device)
+        # What `split` reads, set before BasicTrainer's __init__, which compiles the (then split) policy.
+        self.config, self.world_size, self.device = config, world_size, device
         # BasicTrainer's optimizer.pt numbers the parameters in this order; the gathered state names them.
         self.trainable_names = [name for name, p in policy.named_parameters() if p.requires_grad]
-        self.policy = split_and_load(policy, lambda model: self.split(model, reference=False), self.device)
+        policy = split_and_load(policy, lambda model: self.split(model, reference=False), device)
         if reference_model is not None:
-            self.reference_model = split_and_load(reference_model, lambda model: self.split(model, reference=True),
-                                                  self.device)
+            reference_model = split_and_load(reference_model, lambda model: self.split(model, reference=True), device)
+        super().__init__(policy, config, seed, run_dir, reference_model=reference_model, rank=rank,
+                         world_size=world_size, wandb_run=wandb_run, device=device)
 
     def split(self, model: nn.Module, reference: bool) -> nn.Module:
         """`model` split over the processes (in place); `reference` for the frozen reference model."""
@@ -988,3 +1226,57 @@ def truncate_metrics_log(path: Path, up_to_example: int) -> None:
     kept = [line for line in path.read_text().splitlines()
             if line.strip() and json.loads(line).get('counters/examples', 0) <= up_to_example]
     atomic_write_text(path, ''.join(line + '\n' for line in kept))
+
+
+# Bump when the meaning of the cached reference log-probabilities changes.
+REFERENCE_CACHE_VERSION = 1
+
+
+def pair_keys(batch: Dict) -> List[str]:
+    """One key per example of `batch`: a hash of its prompt, chosen and rejected texts."""
+    return [hashlib.blake2b('\0'.join(texts).encode('utf-8'), digest_size=16).hexdigest()
+            for texts in zip(batch['prompt'], batch['chosen'], batch['rejected'])]
+
+
+def file_identity(path: Union[str, Path]) -> List:
+    """A file's resolved path, size and modification time: changes whenever the file is rewritten."""
+    path = Path(path).expanduser().resolve()
+    stat = path.stat()
+    return [str(path), stat.st_size, stat.st_mtime_ns]
+
+
+def model_identity(name_or_path: str, local_dir: str) -> List:
+    """What identifies a model's weights: the files of a local directory (or embedded model), else the Hub id."""
+    path = Path(materialize_embedded_model(name_or_path, local_dir)).expanduser()
+    if not path.is_dir():
+        return [name_or_path]
+    return [file_identity(f) for f in sorted(path.iterdir())
+            if f.suffix in ('.json', '.safetensors', '.bin', '.pt') and not f.name.startswith('tokenizer')]
+
+
+def reference_cache_path(config: DictConfig, tokenizer) -> Path:
+    """Where the precomputed reference log-probabilities of this model, archive, data and lengths live."""
+    local_dir = get_local_dir(config.local_dirs)
+    archive = config.model.archive
+    key = json.dumps([
+        REFERENCE_CACHE_VERSION, model_identity(config.model.name_or_path, local_dir),
+        None if archive is None else file_identity(archive), config.model.reference_dtype,
+        tokenizer_identity(tokenizer), config.max_length, config.max_prompt_length, list(config.datasets),
+        [data_identity(name, split) for name in config.datasets for split in ('train', 'test')],
+        dataset_options(config)], sort_keys=True, default=repr)
+    return Path(local_dir) / 'beta_dpo' / 'reference_logps' / f'{hashlib.sha256(key.encode()).hexdigest()[:24]}.pt'
+
+
+def load_reference_cache(path: Path) -> Dict[str, List[float]]:
+    """The cached pair key -> [chosen, rejected] log-probabilities at `path`; empty if absent or unreadable."""
+    if not path.exists():
+        return {}
+    try:
+        return dict(torch.load(path, weights_only=True)['logps'])
+    except Exception as e:  # a damaged cache is recomputed, never trusted
+        rank0_print(f'{path}: unreadable reference log-probability cache ({type(e).__name__}: {e}); recomputing')
+        return {}
+
+
+def save_reference_cache(cache: Dict[str, List[float]], path: Path) -> None:
+    save_atomically({'version': REFERENCE_CACHE_VERSION, 'logps': cache}, path)

@@ -1,0 +1,79 @@
+"""precompute_ref_log_probs: the cached reference log-probabilities give the losses of the in-memory
+reference model, the model is freed, and the cache is keyed by what decides its values."""
+import gc
+import weakref
+
+import pytest
+import torch
+
+from helpers import FAST, compose_config
+from train import build_models, prepare_run
+from trainers import BasicTrainer, load_reference_cache, reference_cache_path
+
+DPO = [*FAST, 'loss=dpo', 'n_examples=24', 'optimizer=SGD', 'lr=0.1']
+
+
+def make_trainer(tmp_path, overrides):
+    """A DPO trainer whose policy is perturbed away from the reference (margins are not all 0)."""
+    config = compose_config([*DPO, *overrides], tmp_path)
+    prepare_run(config)
+    policy, reference = build_models(config)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(0.02 * torch.randn(p.shape, generator=g))
+    trainer = BasicTrainer(policy, config, config.seed, config.local_run_dir, reference_model=reference)
+    trainer.setup_optimization()
+    return trainer, weakref.ref(reference)
+
+
+def three_step_losses(trainer):
+    return [trainer.train_step(batch)['loss/train'] for batch in trainer.train_batches()]
+
+
+@pytest.mark.slow
+def test_precomputed_reference_gives_the_same_losses_and_frees_the_model(tmp_path, capsys):
+    """3 SGD steps of DPO (24 examples, batch 8): the losses with the cached reference log-probabilities
+    equal those with the reference model in memory (same batches, same forward: equal to float32
+    rounding), and after the precompute no reference model is alive. The cache holds the 24 training
+    pairs and the 8 evaluation pairs; a second run finds all 32 and computes none."""
+    in_memory, _ = make_trainer(tmp_path, [])
+    expected = three_step_losses(in_memory)
+    assert len(expected) == 3 and expected[0] != pytest.approx(expected[2])
+
+    cached, reference_alive = make_trainer(tmp_path, ['precompute_ref_log_probs=true'])
+    cached.precompute_reference_logps()
+    gc.collect()
+    assert cached.reference_model is None and reference_alive() is None
+    assert len(cached.reference_cache) == 32
+    assert three_step_losses(cached) == pytest.approx(expected, rel=1e-6, abs=1e-7)
+
+    again, _ = make_trainer(tmp_path, ['precompute_ref_log_probs=true'])
+    capsys.readouterr()
+    again.precompute_reference_logps()
+    assert 'of 32 pairs (0 computed now)' in capsys.readouterr().out
+    assert load_reference_cache(reference_cache_path(again.config, again.tokenizer)) == cached.reference_cache
+
+
+def test_cache_key_changes_with_archive_data_and_lengths(tmp_path):
+    """The cache file changes with model.archive (and when the archive is rewritten), the data (datasets,
+    the synthetic task's options) and the length settings; it stays for what does not change the
+    reference's values (seed, n_examples, lr, the loss)."""
+    archive = tmp_path / 'policy.pt'
+    archive.write_bytes(b'weights one')
+
+    def path(*overrides):
+        config = compose_config([*DPO, *overrides], tmp_path)
+        from trainers import load_tokenizer
+        return reference_cache_path(config, load_tokenizer(config))
+
+    base = path()
+    assert path('seed=3', 'n_examples=64', 'lr=0.5', 'loss.beta=0.3', 'loss.mode_loss=beta_DPO') == base
+    with_archive = path(f'model.archive={archive}')
+    assert with_archive != base
+    archive.write_bytes(b'weights two, longer')
+    assert path(f'model.archive={archive}') != with_archive
+    assert path('synthetic.n_train=65') != base
+    assert path('max_length=80') != base
+    assert path('max_prompt_length=32') != base
+    assert path('model.reference_dtype=bfloat16') != base
