@@ -297,8 +297,9 @@ def distributed_worker(rank: Optional[int], world_size: Optional[int], config: D
     setup = init_distributed(rank, world_size, port)
     try:
         materialize_in_turn(config, setup)
-        policy, reference_model = build_models(config, empty=setup.rank != 0)
-        worker_main(setup.rank, setup.world_size, config, policy, reference_model, device=setup.device)
+        # No local name for the models: with precompute_ref_log_probs the trainer frees the reference.
+        worker_main(setup.rank, setup.world_size, config, *build_models(config, empty=setup.rank != 0),
+                    device=setup.device)
     finally:
         dist.destroy_process_group()
 

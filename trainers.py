@@ -23,7 +23,6 @@ References:
 """
 import contextlib
 import hashlib
-import itertools
 import math
 import json
 import os
@@ -674,7 +673,9 @@ class BasicTrainer:
         texts) in one file per model, model.archive, reference dtype, data and length settings
         (`reference_cache_path`), so later runs on the same data skip the pass, and a different
         seed or n_examples computes only the pairs it lacks. Each data-parallel rank computes its slice
-        of a batch and all ranks gather the whole; rank 0 reads and writes the file.
+        of a batch and all ranks gather the whole (tensor-parallel ranks all compute the whole batch);
+        rank 0 reads the file and sends it to the others, then writes it atomically while they wait.
+        Collective: every rank must call it.
         """
         path = reference_cache_path(self.config, self.tokenizer)
         cache = load_reference_cache(path) if self.is_main else None
@@ -683,8 +684,8 @@ class BasicTrainer:
             dist.broadcast_object_list(shared, src=0)
             cache = shared[0]
         n_cached = len(cache)
-        batches = itertools.chain(self.train_batches(), self.eval_batches)
-        for batch in tqdm.tqdm(batches, desc='Reference log-probabilities', disable=not self.is_main, leave=False):
+        for batch in tqdm.tqdm(self.reference_pass_batches(), desc='Reference log-probabilities',
+                               disable=not self.is_main, leave=False):
             keys = pair_keys(batch)
             if all(k in cache for k in keys):
                 continue
@@ -695,10 +696,22 @@ class BasicTrainer:
             cache.update(zip(keys, pairs))
         if self.is_main and len(cache) > n_cached:
             save_reference_cache(cache, path)
+        if dist.is_initialized():
+            dist.barrier()  # the file is complete before any rank goes on (and, say, starts the next run)
         rank0_print(f'reference log-probabilities of {len(cache)} pairs ({len(cache) - n_cached} computed now) '
                     f'in {path}; the reference model is freed')
         self.reference_cache = cache
         self.reference_model = None
+
+    def reference_pass_batches(self):
+        """The whole batches of the reference pass: each training batch's gradient_accumulation_steps
+        microbatches, as train_step slices them (so the pass never runs a larger forward than training
+        does), then the evaluation batches."""
+        accumulation = self.config.gradient_accumulation_steps
+        for batch in self.train_batches():
+            for microbatch_idx in range(accumulation):
+                yield slice_and_move_batch_for_device(batch, microbatch_idx, accumulation, 'cpu')
+        yield from self.eval_batches
 
     def policy_autocast(self):
         """torch.autocast in policy_autocast's dtype on a GPU; nothing elsewhere (CPU autocast is slower)."""

@@ -4,14 +4,17 @@ The same data, seed and SGD steps give the same per-step losses (relative differ
 float32; float32 sums in a different order differ by ~1e-7) and the same saved weights, for SFT, DPO
 and β-DPO; β-DPO's β and keep mask are identical on both ranks at every step; an SFT checkpoint of
 either kind starts a β-DPO run of the other; an RMSprop run resumed from an FSDP checkpoint continues
-as the uninterrupted BasicTrainer run does. Runs: BasicTrainer in this process, one FSDP run through
+as the uninterrupted BasicTrainer run does; precomputed reference log-probabilities give the losses of
+the split reference model in memory. Runs: BasicTrainer in this process, one FSDP run through
 `python train.py trainer=FSDPTrainer n_cpu_processes=2`, one TensorParallelTrainer run through
-torchrun, and the rest in one 2-process group started here (one start-up for six runs).
+torchrun, and the rest in one 2-process group started here (one start-up for all of them).
 """
+import gc
 import json
 import os
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 
 import pytest
@@ -20,6 +23,7 @@ import torch.multiprocessing as mp
 
 from helpers import FAST, ROOT, compose_config, run_dir_from_output, run_train
 from train import build_models, prepare_run, worker_main
+from trainers import load_reference_cache, reference_cache_path
 from utils import get_open_port, init_distributed
 
 pytestmark = pytest.mark.slow
@@ -84,9 +88,29 @@ class RecordingFilter:
         (self.run_dir / f'filter_rank{self.rank}.json').write_text(json.dumps(self.records))
 
 
+class RecordingPrecompute:
+    """Records what this rank's reference pass found and computed, and whether the split reference
+    model is gone afterwards. A DPO run first deletes the cache, so it computes every pair; a β-DPO run
+    then reads the DPO run's file."""
+
+    def precompute_reference_logps(self):
+        path = reference_cache_path(self.config, self.tokenizer)
+        if self.config.loss.mode_loss == 'mean' and self.is_main:
+            path.unlink(missing_ok=True)
+        torch.distributed.barrier()
+        n_before = len(load_reference_cache(path))
+        reference = weakref.ref(self.reference_model)
+        super().precompute_reference_logps()
+        gc.collect()
+        record = {'n_before': n_before, 'n_after': len(self.reference_cache), 'n_on_disk': len(load_reference_cache(path)),
+                  'reference_freed': reference() is None}
+        (self.run_dir / f'precompute_rank{self.rank}.json').write_text(json.dumps(record))
+
+
 def sharded_worker(rank, world_size, port, jobs):
     """One of the 2 processes: each job (overrides, tmp) is prepared and trained as train.py would
-    (run directory shared from rank 0), β-DPO runs with RecordingFilter."""
+    (run directory shared from rank 0), β-DPO runs with RecordingFilter, precompute_ref_log_probs runs
+    with RecordingPrecompute."""
     import trainers
     setup = init_distributed(rank, world_size, port)
     for overrides, tmp in jobs:
@@ -95,9 +119,13 @@ def sharded_worker(rank, world_size, port, jobs):
         trainer_class = getattr(trainers, config.trainer)
         if config.loss.name != 'sft' and config.loss.mode_loss == 'beta_DPO':
             trainer_class = type(f'Recording{trainer_class.__name__}', (RecordingFilter, trainer_class), {})
+        if config.precompute_ref_log_probs:
+            trainer_class = type(f'Precompute{trainer_class.__name__}', (RecordingPrecompute, trainer_class), {})
         policy, reference = build_models(config, empty=setup.rank != 0)
-        trainer_class(policy, config, config.seed, config.local_run_dir, reference_model=reference,
-                      rank=setup.rank, world_size=setup.world_size, device=setup.device).train()
+        trainer = trainer_class(policy, config, config.seed, config.local_run_dir, reference_model=reference,
+                                rank=setup.rank, world_size=setup.world_size, device=setup.device)
+        del policy, reference  # the trainer holds the only references, as in train.py
+        trainer.train()
     torch.distributed.destroy_process_group()
 
 
@@ -105,7 +133,8 @@ def sharded_worker(rank, world_size, port, jobs):
 def runs(tmp_path_factory):
     """Run directories by name. BasicTrainer: sft, dpo and beta_dpo (both from sft's archive),
     rmsprop_24. FSDP: fsdp_sft (train.py), fsdp_dpo, fsdp_beta_dpo, fsdp_rmsprop_16 and its resume to 24
-    examples. TP: tp_sft (torchrun), tp_dpo, tp_beta_dpo. And basic_beta_dpo_from_fsdp."""
+    examples. TP: tp_sft (torchrun), tp_dpo, tp_beta_dpo. And basic_beta_dpo_from_fsdp. Each sharded
+    DPO / β-DPO run also as {name}_precomputed, with precompute_ref_log_probs=true."""
     tmp = tmp_path_factory.mktemp('distributed')
     found = {}
     found['sft'] = Path(train_basic(tmp, 'sft', [*COMMON, 'loss=sft']))
@@ -141,12 +170,17 @@ def runs(tmp_path_factory):
         ('fsdp_dpo_checkpointed', 'FSDPTrainer', ['loss=dpo', archive, 'activation_checkpointing=true']),
         ('fsdp_sft_bf16', 'FSDPTrainer', ['loss=sft', 'model.fsdp_policy_mp=bfloat16']),
         ('fsdp_llama_sft', 'FSDPTrainer', llama),
-        ('tp_llama_sft', 'TensorParallelTrainer', [*llama, 'activation_checkpointing=true'])]]
+        ('tp_llama_sft', 'TensorParallelTrainer', [*llama, 'activation_checkpointing=true']),
+        ('fsdp_dpo_precomputed', 'FSDPTrainer', ['loss=dpo', archive, 'precompute_ref_log_probs=true']),
+        ('fsdp_beta_dpo_precomputed', 'FSDPTrainer', [*BETA_DPO, archive, 'precompute_ref_log_probs=true']),
+        ('tp_dpo_precomputed', 'TensorParallelTrainer', ['loss=dpo', archive, 'precompute_ref_log_probs=true']),
+        ('tp_beta_dpo_precomputed', 'TensorParallelTrainer', [*BETA_DPO, archive, 'precompute_ref_log_probs=true'])]]
     jobs += [([*RMSPROP, 'trainer=FSDPTrainer', 'n_examples=16', f'local_run_dir={fsdp_rmsprop}'], tmp),
              ([*RMSPROP, 'trainer=FSDPTrainer', 'n_examples=24', f'resume_from={fsdp_rmsprop}'], tmp)]
     mp.spawn(sharded_worker, args=(2, get_open_port(), jobs), nprocs=2, join=True)
     for name in ('fsdp_dpo', 'fsdp_beta_dpo', 'tp_dpo', 'tp_beta_dpo', 'fsdp_dpo_checkpointed', 'fsdp_sft_bf16',
-                 'fsdp_llama_sft', 'tp_llama_sft'):
+                 'fsdp_llama_sft', 'tp_llama_sft', 'fsdp_dpo_precomputed', 'fsdp_beta_dpo_precomputed',
+                 'tp_dpo_precomputed', 'tp_beta_dpo_precomputed'):
         found[name] = next(tmp.glob(f'*/{name}_*'))
     found['fsdp_rmsprop_24'] = fsdp_rmsprop
     return found
@@ -253,3 +287,24 @@ def test_fsdp_bfloat16_compute_stays_close_to_float32(runs):
     assert train_losses(runs['fsdp_sft_bf16']) == pytest.approx(train_losses(runs['sft']), rel=0.02)
     assert train_losses(runs['fsdp_sft_bf16']) != pytest.approx(train_losses(runs['sft']), rel=1e-5)
     assert all(value.dtype == torch.float32 for value in weights(runs['fsdp_sft_bf16']).values())
+
+
+@pytest.mark.parametrize('loss', ['dpo', 'beta_dpo'])
+@pytest.mark.parametrize('trainer', ['fsdp', 'tp'])
+def test_precomputed_reference_gives_the_in_memory_losses(runs, trainer, loss):
+    """precompute_ref_log_probs=true on 2 processes: the same per-step losses as the run with the split
+    reference model in memory (first ln 2 = 0.693147: policy = reference). The cache holds 40 pairs (4
+    training batches of 8 and one evaluation batch of 8): the DPO run computed all 40 from an empty cache
+    (FSDP: 4 per rank and batch, gathered; TP: every rank all 8), the β-DPO run read them from the file
+    rank 0 wrote; afterwards the split reference model is gone on both ranks."""
+    precomputed, in_memory = runs[f'{trainer}_{loss}_precomputed'], runs[f'{trainer}_{loss}']
+    losses = train_losses(precomputed)
+    assert len(losses) == 4 and losses[0] == pytest.approx(0.693147, abs=1e-5)
+    assert losses == pytest.approx(train_losses(in_memory), rel=1e-4)
+    n_before = 0 if loss == 'dpo' else 40
+    for rank in (0, 1):
+        record = json.loads((precomputed / f'precompute_rank{rank}.json').read_text())
+        assert record == {'n_before': n_before, 'n_after': 40, 'n_on_disk': 40, 'reference_freed': True}
+    if loss == 'beta_dpo':  # the same β at every step as with the reference model in memory
+        assert [m['record_train/beta_used'] for m in read_metrics(precomputed)] == pytest.approx(
+            [m['record_train/beta_used'] for m in read_metrics(in_memory)], rel=1e-4)
