@@ -445,7 +445,7 @@ class BasicTrainer:
 
     With several GPUs the model is split across them (train.py loads it with device_map='balanced'):
     N times the memory, no parallel compute. Subclasses change how the model is placed and how
-    state is gathered, through small hooks: `clip_gradient`, `policy_state_dict`,
+    state is gathered, through small hooks: `checkpoint_activations`, `clip_gradient`, `policy_state_dict`,
     `optimizer_state_dict`, `load_optimizer_state_dict`, `export_pretrained`.
     """
 
@@ -470,6 +470,8 @@ class BasicTrainer:
         self.beta_dpo = not self.sft and config.loss.mode_loss == 'beta_DPO'
 
         self.policy = policy
+        if config.activation_checkpointing:
+            self.checkpoint_activations()
         if config.compile_policy:
             # nn.Module.compile compiles in place: the class and the state dict's keys stay as they are.
             self.policy.compile()
@@ -493,6 +495,12 @@ class BasicTrainer:
         self.eval_batches = list(get_batch_iterator(**self.data_kwargs, split='test', n_examples=config.n_eval_examples,
                                                     batch_size=config.eval_batch_size, seed=seed))
         rank0_print(f'Loaded {len(self.eval_batches)} eval batches of size {config.eval_batch_size}')
+
+    def checkpoint_activations(self) -> None:
+        """activation_checkpointing=true: each transformer block of the policy keeps only its input and
+        recomputes its activations in the backward pass, through the model's own checkpointing (non-reentrant
+        torch.utils.checkpoint, which needs no input that requires a gradient)."""
+        unwrap(self.policy).activation_checkpointing_enable(activation_checkpointing_kwargs={'use_reentrant': False})
 
     # ----- the training loop ---------------------------------------------------------------------------
 
@@ -1001,6 +1009,9 @@ class ShardedTrainer(BasicTrainer):
     def split(self, model: nn.Module, reference: bool) -> nn.Module:
         """`model` split over the processes (in place); `reference` for the frozen reference model."""
         raise NotImplementedError
+
+    def checkpoint_activations(self) -> None:
+        """Nothing: `split` has already wrapped the policy's blocks (FSDP must shard the wrappers)."""
 
     def clip_gradient(self) -> float:
         return clip_grad_norm(self.policy.parameters(), self.config.max_grad_norm, self.device)
