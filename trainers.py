@@ -712,9 +712,9 @@ class BasicTrainer:
         self.reference_model = None
 
     def reference_pass_batches(self):
-        """The whole batches of the reference pass: each training batch's gradient_accumulation_steps
-        microbatches, as train_step slices them (so the pass never runs a larger forward than training
-        does), then the evaluation batches."""
+        """The batches of the reference pass, before the data-parallel split: each training batch's
+        gradient_accumulation_steps microbatches, as train_step slices them (so the pass never runs a
+        larger forward than training does), then the evaluation batches."""
         accumulation = self.config.gradient_accumulation_steps
         for batch in self.train_batches():
             for microbatch_idx in range(accumulation):
