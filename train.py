@@ -130,6 +130,9 @@ def validate_config(config: DictConfig, n_processes: int = 1) -> List[str]:
     chunk_size = get('logps_chunk_size')
     if chunk_size is not None and not (isinstance(chunk_size, int) and chunk_size > 0):
         problems.append(f'logps_chunk_size={chunk_size!r} must be a positive integer (e.g. 1024) or null')
+    if get('compile_policy') and get('trainer') == 'TensorParallelTrainer':
+        problems.append('compile_policy=true does not work with trainer=TensorParallelTrainer (torch 2.13 fails to '
+                        'trace the split model\'s backward pass); use compile_policy=false or trainer=FSDPTrainer')
     autocast = get('policy_autocast')
     if autocast is not None and not isinstance(getattr(torch, str(autocast), None), torch.dtype):
         problems.append(f'policy_autocast={autocast!r} is not a torch dtype (bfloat16, float16) or null')
