@@ -14,6 +14,9 @@
         sample_during_eval=false model.fsdp_policy_mp=bfloat16 \
         model.archive=/path/to/sft_run/LATEST/policy.pt loss.mode_loss=beta_DPO loss.mode_weight=0.2 loss.a=0.6
 
+    # FSDP in 2 CPU processes (gloo), to try a distributed run without GPUs (one process per GPU on GPUs)
+    python train.py trainer=FSDPTrainer n_cpu_processes=2
+
     # several nodes: one torchrun per node; ranks come from the launcher
     torchrun --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint HOST:PORT \
         train.py trainer=FSDPTrainer ...
@@ -26,11 +29,13 @@ from typing import List, Optional, Tuple
 
 import hydra
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 from omegaconf import DictConfig, OmegaConf
 
-from utils import (disable_dropout, get_local_dir, get_local_run_dir, load_checkpoint_file, load_state_dict_checked,
-                   materialize_embedded_model, rank0_print)
+from utils import (disable_dropout, get_local_dir, get_local_run_dir, get_open_port, init_distributed,
+                   launched_by_torchrun, load_checkpoint_file, load_state_dict_checked, materialize_embedded_model,
+                   rank0_print)
 
 OmegaConf.register_new_resolver('get_local_run_dir', get_local_run_dir, replace=True)
 
@@ -64,6 +69,10 @@ def validate_config(config: DictConfig, n_processes: int = 1) -> List[str]:
 
     if get('trainer') not in TRAINERS:
         problems.append(f'trainer={get("trainer")!r} is unknown; choose one of {", ".join(TRAINERS)}')
+    if get('trainer') == 'BasicTrainer' and int(os.environ.get('WORLD_SIZE', 1)) > 1:
+        problems.append(f'trainer=BasicTrainer runs in one process, but the launcher started '
+                        f'{os.environ["WORLD_SIZE"]}; use trainer=FSDPTrainer or trainer=TensorParallelTrainer, '
+                        f'or start it with python train.py')
     optimizer = get('optimizer')
     if not (isinstance(optimizer, str) and isinstance(getattr(torch.optim, optimizer, None), type)):
         problems.append(f'optimizer={optimizer!r} is not a torch.optim optimizer (e.g. RMSprop, Adam, AdamW)')
@@ -121,6 +130,9 @@ def validate_config(config: DictConfig, n_processes: int = 1) -> List[str]:
     chunk_size = get('logps_chunk_size')
     if chunk_size is not None and not (isinstance(chunk_size, int) and chunk_size > 0):
         problems.append(f'logps_chunk_size={chunk_size!r} must be a positive integer (e.g. 1024) or null')
+    if get('compile_policy') and get('trainer') == 'TensorParallelTrainer':
+        problems.append('compile_policy=true does not work with trainer=TensorParallelTrainer (torch 2.13 fails to '
+                        'trace the split model\'s backward pass); use compile_policy=false or trainer=FSDPTrainer')
     autocast = get('policy_autocast')
     if autocast is not None and not isinstance(getattr(torch, str(autocast), None), torch.dtype):
         problems.append(f'policy_autocast={autocast!r} is not a torch dtype (bfloat16, float16) or null')
@@ -153,26 +165,41 @@ def writable(path: Path) -> bool:
     return path.is_dir() and os.access(path, os.W_OK | os.X_OK)
 
 
-def build_model(config: DictConfig, dtype_name: str, device_map: Optional[str]) -> nn.Module:
-    """AutoModelForCausalLM.from_pretrained of config.model.name_or_path (Hub id, directory or embedded:NAME)."""
+def build_model(config: DictConfig, dtype_name: str, device_map: Optional[str], empty: bool = False) -> nn.Module:
+    """AutoModelForCausalLM.from_pretrained of config.model.name_or_path (Hub id, directory or embedded:NAME).
+
+    empty: the same model on the meta device, without weights and without memory (see build_models).
+    """
     import transformers
     path = materialize_embedded_model(config.model.name_or_path, get_local_dir(config.local_dirs))
-    kwargs = {'device_map': device_map} if device_map else {}
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        path, cache_dir=get_local_dir(config.local_dirs), dtype=getattr(torch, dtype_name), **kwargs)
+    if empty:
+        model_config = transformers.AutoConfig.from_pretrained(path, cache_dir=get_local_dir(config.local_dirs))
+        with torch.device('meta'):
+            model = transformers.AutoModelForCausalLM.from_config(model_config, dtype=getattr(torch, dtype_name))
+    else:
+        kwargs = {'device_map': device_map} if device_map else {}
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            path, cache_dir=get_local_dir(config.local_dirs), dtype=getattr(torch, dtype_name), **kwargs)
     disable_dropout(model)
     return model
 
 
-def build_models(config: DictConfig) -> Tuple[nn.Module, Optional[nn.Module]]:
-    """The policy and, for the DPO family, the frozen reference, with model.archive (or a resume) loaded."""
+def build_models(config: DictConfig, empty: bool = False) -> Tuple[nn.Module, Optional[nn.Module]]:
+    """The policy and, for the DPO family, the frozen reference, with model.archive (or a resume) loaded.
+
+    empty: models without weights on the meta device, for the ranks other than 0 of FSDPTrainer and
+    TensorParallelTrainer, which receive rank 0's weights once the models are split (so a machine
+    holds one full copy of the model in memory, not one per process).
+    """
     multi_gpu_split = config.trainer == 'BasicTrainer' and torch.cuda.device_count() > 1
     device_map = 'balanced' if multi_gpu_split else None
-    policy = build_model(config, config.model.policy_dtype, device_map)
+    policy = build_model(config, config.model.policy_dtype, device_map, empty)
     reference_model = None
     if config.loss.name != 'sft':
-        reference_model = build_model(config, config.model.reference_dtype, device_map)
+        reference_model = build_model(config, config.model.reference_dtype, device_map, empty)
         reference_model.requires_grad_(False)
+    if empty:
+        return policy, reference_model
 
     if config.model.archive is not None:
         archive = load_checkpoint_file(config.model.archive, 'model.archive')
@@ -241,17 +268,52 @@ def wandb_logged_in() -> bool:
 
 
 def worker_main(rank: int, world_size: int, config: DictConfig, policy: nn.Module,
-                reference_model: Optional[nn.Module] = None) -> None:
+                reference_model: Optional[nn.Module] = None, device: Optional[torch.device] = None) -> None:
     """Run the trainer named by config.trainer in this process."""
     import trainers
     wandb_run = init_wandb(config, rank)
     trainer_class = getattr(trainers, config.trainer)
     trainer = trainer_class(policy, config, config.seed, config.local_run_dir, reference_model=reference_model,
-                            rank=rank, world_size=world_size, wandb_run=wandb_run)
+                            rank=rank, world_size=world_size, wandb_run=wandb_run, device=device)
     # The trainer holds the only reference, so precompute_ref_log_probs can free the model.
     del reference_model
     trainer.train()
     wandb_run.finish()
+
+
+def launch_distributed(config: DictConfig) -> None:
+    """Run FSDPTrainer / TensorParallelTrainer: in this process under torchrun (which started the others),
+    else in one new process per GPU (per n_cpu_processes on CPU) on this machine."""
+    if dist.is_initialized():
+        distributed_worker(None, None, config)
+        return
+    import torch.multiprocessing as mp
+    world_size = count_processes(config)
+    port = config.fsdp_port or get_open_port()
+    rank0_print(f'starting {world_size} processes ({config.trainer})')
+    mp.spawn(distributed_worker, args=(world_size, config, port), nprocs=world_size, join=True)
+
+
+def distributed_worker(rank: Optional[int], world_size: Optional[int], config: DictConfig,
+                       port: Optional[int] = None) -> None:
+    """One process of a distributed run: join the group, build the models (whole on rank 0 only), train."""
+    setup = init_distributed(rank, world_size, port)
+    try:
+        materialize_in_turn(config, setup)
+        # No local name for the models: with precompute_ref_log_probs the trainer frees the reference.
+        worker_main(setup.rank, setup.world_size, config, *build_models(config, empty=setup.rank != 0),
+                    device=setup.device)
+    finally:
+        dist.destroy_process_group()
+
+
+def materialize_in_turn(config: DictConfig, setup) -> None:
+    """Write the embedded model (model.name_or_path=embedded:NAME) before any process reads it: rank 0
+    first, then the first process of each other machine (in case they share no disk)."""
+    for writes in (setup.rank == 0, setup.local_rank == 0):
+        if writes:
+            materialize_embedded_model(config.model.name_or_path, get_local_dir(config.local_dirs))
+        dist.barrier()
 
 
 def count_processes(config: DictConfig) -> int:
@@ -264,12 +326,20 @@ def count_processes(config: DictConfig) -> int:
 
 
 def prepare_run(config: DictConfig) -> None:
-    """Validate the config (every problem at once), resolve it, and write RUN_DIR/config.yaml."""
-    problems = validate_config(config, count_processes(config))
+    """Validate the config (every problem at once), resolve it, and write RUN_DIR/config.yaml.
+
+    Under torchrun every process runs this: they join the process group here, and rank 0's run
+    directory becomes everyone's.
+    """
+    data_parallel = count_processes(config) if config.trainer == 'FSDPTrainer' else 1
+    problems = validate_config(config, data_parallel)
     if problems:
         raise ValueError('invalid config:\n  - ' + '\n  - '.join(problems))
+    if config.trainer != 'BasicTrainer' and launched_by_torchrun():
+        init_distributed()
     if config.resume_from is not None:
         config.local_run_dir = str(Path(config.resume_from).resolve())
+    share_run_dir(config)
     OmegaConf.resolve(config)
     if config.eval_every % config.batch_size != 0:
         rank0_print(f'WARNING: eval_every ({config.eval_every}) is not divisible by batch_size; using '
@@ -282,9 +352,22 @@ def prepare_run(config: DictConfig) -> None:
                              f'cannot continue exactly:\n  - ' + '\n  - '.join(changed) +
                              f'\nPass the values of {config.local_run_dir}/config.yaml, or start a new run with '
                              f'model.archive={config.local_run_dir}/LATEST/policy.pt')
+    if dist.is_initialized():
+        dist.barrier()  # every rank has read the resumed run's config.yaml before rank 0 rewrites it
+        if dist.get_rank() != 0:
+            return
     os.makedirs(config.local_run_dir, exist_ok=True)
     with open(os.path.join(config.local_run_dir, 'config.yaml'), 'w') as f:
         OmegaConf.save(config, f)
+
+
+def share_run_dir(config: DictConfig) -> None:
+    """Under torchrun, set config.local_run_dir to rank 0's: only rank 0 resolves (and creates) it."""
+    if not dist.is_initialized():
+        return
+    run_dir = [config.local_run_dir if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(run_dir, src=0)
+    config.local_run_dir = run_dir[0]
 
 
 # Keys a resumed run may change: where things go, how long to train, logging and evaluation. Every
@@ -318,15 +401,14 @@ def flat_items(tree, prefix: str = '') -> dict:
 @hydra.main(version_base=None, config_path='config', config_name='config')
 def main(config: DictConfig) -> None:
     prepare_run(config)
-    print(OmegaConf.to_yaml(config))
-    print('=' * 80)
-    print(f'Writing to {socket.gethostname()}:{config.local_run_dir}')
-    print('=' * 80)
+    rank0_print(OmegaConf.to_yaml(config))
+    rank0_print('=' * 80)
+    rank0_print(f'Writing to {socket.gethostname()}:{config.local_run_dir}')
+    rank0_print('=' * 80)
     if config.trainer == 'BasicTrainer':
         # No local name for the models: with precompute_ref_log_probs the trainer frees the reference.
         worker_main(0, 1, config, *build_models(config))
     else:
-        from trainers import launch_distributed
         launch_distributed(config)
 
 

@@ -13,7 +13,7 @@ import shutil
 import socket
 import tempfile
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Union
+from typing import Dict, Iterator, List, NamedTuple, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -91,14 +91,66 @@ def disable_dropout(model: torch.nn.Module) -> None:
             setattr(config, name, 0.0)
 
 
-def get_block_class_from_model(model: torch.nn.Module, block_class_name: str) -> type:
-    """The class named `block_class_name` among `model`'s submodules (e.g. GPTNeoXLayer)."""
-    for module in model.modules():
-        if type(module).__name__ == block_class_name:
-            return type(module)
-    names = sorted({type(m).__name__ for m in model.modules()})
-    raise ValueError(f'model.block_name={block_class_name!r} is not a module class of this model; '
-                     f'classes present: {", ".join(n for n in names if "Layer" in n or "Block" in n) or names}')
+def get_block_modules(model: torch.nn.Module, block_class_name: str) -> List[torch.nn.Module]:
+    """Every submodule of class `block_class_name` (e.g. GPTNeoXLayer): the units FSDP shards and checkpointing wraps.
+
+    A class or any of its bases counts, because `fully_shard` turns a GPTNeoXLayer into a subclass
+    named FSDPGPTNeoXLayer in place.
+    """
+    blocks = [m for m in model.modules() if any(c.__name__ == block_class_name for c in type(m).__mro__)]
+    if not blocks:
+        names = sorted({type(m).__name__ for m in model.modules()})
+        raise ValueError(f'model.block_name={block_class_name!r} is not a module class of this model; '
+                         f'classes present: {", ".join(n for n in names if "Layer" in n or "Block" in n) or names}')
+    return blocks
+
+
+class DistributedSetup(NamedTuple):
+    """Where this process stands in a distributed run."""
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+
+def launched_by_torchrun() -> bool:
+    """Whether torchrun (or another launcher with its environment variables) started this process."""
+    return 'LOCAL_RANK' in os.environ and 'WORLD_SIZE' in os.environ
+
+
+def init_distributed(rank: Optional[int] = None, world_size: Optional[int] = None,
+                     port: Optional[int] = None) -> DistributedSetup:
+    """Join the process group: the one place that decides rank, world size, device and backend.
+
+    Under torchrun the ranks come from its environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
+    MASTER_PORT); otherwise train.py spawned `world_size` processes on this machine and passes `rank`
+    and the rendezvous `port`. GPUs: nccl, one GPU per process (cuda:LOCAL_RANK). CPU: gloo, and the
+    machine's cores are divided among its processes (two processes on two cores each with two
+    threads run several times slower than with one). Returns the existing setup if already joined.
+    """
+    if launched_by_torchrun():
+        rank, world_size = int(os.environ['RANK']), int(os.environ['WORLD_SIZE'])
+        local_rank = int(os.environ['LOCAL_RANK'])
+        local_world_size = int(os.environ.get('LOCAL_WORLD_SIZE', world_size))
+        init_method = 'env://'
+    else:
+        if rank is None or world_size is None or port is None:
+            raise ValueError('init_distributed: outside torchrun, pass rank, world_size and port')
+        local_rank, local_world_size = rank, world_size
+        init_method = f'tcp://127.0.0.1:{port}'
+    if torch.cuda.is_available():
+        device = torch.device('cuda', local_rank)
+        torch.cuda.set_device(device)
+        backend = 'nccl'
+    else:
+        device = torch.device('cpu')
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+        torch.set_num_threads(max(1, cores // local_world_size))
+        backend = 'gloo'
+    if not dist.is_initialized():
+        extra = {'device_id': device} if device.type == 'cuda' else {}
+        dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size, **extra)
+    return DistributedSetup(dist.get_rank(), dist.get_world_size(), local_rank, device)
 
 
 def fingerprint(*parts) -> str:
