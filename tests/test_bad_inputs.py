@@ -117,7 +117,7 @@ CASES = [
          'has no complete checkpoint (no LATEST/policy.pt); pass the run directory of an earlier run', True),
     Case('resume with other settings', lambda s, p: [f'resume_from={p}', 'lr=0.5', 'seed=3'], ValueError,
          'the run was started with different settings, so it cannot continue exactly:\n'
-         '  - lr: was 0.001, now 0.5\n  - seed: was 0, now 3', True),
+         '  - lr: was 0.003, now 0.5\n  - seed: was 0, now 3', True),
     # --- tokenizer -----------------------------------------------------------------------------------
     Case('tokenizer larger than the vocabulary', bigger_tokenizer, ValueError,
          'has 357 tokens but the model embedded:tiny embeds only 320: they do not belong together'),

@@ -50,7 +50,7 @@ def test_quick_demo_writes_the_report_figures_and_results(quick_demo):
     sft_gold = results[0]['final_eval']['gold_eval/accuracy']
     for r in results[1:]:
         assert r['gold_change'] == pytest.approx(r['final_eval']['gold_eval/accuracy'] - sft_gold)
-    assert 'gold accuracy | reward accuracy | reward margin' in report
+    assert '| method | gold accuracy | Δ gold vs SFT | reward accuracy | reward margin |' in report
     for name in FIGURES:
         assert (quick_demo / name).read_bytes()[:8] == PNG_MAGIC, name
         assert f'({name})' in report

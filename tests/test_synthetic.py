@@ -109,7 +109,7 @@ class AnswersUppercaseOnly(nn.Module):
         self.tokenizer = tokenizer
         self.weight = nn.Parameter(torch.zeros(1))  # trainers find the device through the parameters
 
-    def generate(self, input_ids, attention_mask, max_length, do_sample, pad_token_id):
+    def generate(self, input_ids, attention_mask, max_length, do_sample, pad_token_id, synced_gpus=False):
         assert not do_sample, 'gold evaluation decodes greedily'
         rows = []
         for ids, mask in zip(input_ids, attention_mask):
