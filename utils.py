@@ -302,8 +302,8 @@ def load_state_dict_checked(model: torch.nn.Module, state: Dict[str, torch.Tenso
 # Hub model.
 EMBEDDED_MODELS = {
     # Rotary position embedding on all of each head's dimensions (Pythia: a quarter): the synthetic task is
-    # position-based copying, and in one 24,576-example SFT run each this reached 45% gold accuracy
-    # against 19% with Pythia's quarter.
+    # position-based copying, and in one 24,576-example SFT run each (AdamW, lr 3e-3, a draft of the task,
+    # 64 held-out prompts) this reached 45% gold accuracy against 19% with Pythia's quarter.
     'tiny': dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=512, rotary_pct=1.0),
     # The size of EleutherAI/pythia-14m (with our 320-token vocabulary instead of 50,304).
     'pythia14m-shape': dict(hidden_size=128, num_hidden_layers=6, num_attention_heads=4, intermediate_size=512),
