@@ -258,6 +258,7 @@ class Source(NamedTuple):
     load: Callable[[LoadRequest], Loaded]
     truncation_mode: str = 'keep_start'  # which end of a too long prompt survives
     generated: bool = False  # made by code (no Hub data set, no 'name:PATH' form)
+    version: int = 1  # part of the tokenization cache key: bump it when a generated source's output changes
 
 
 def source_rows(request: LoadRequest, hub_id: str, columns: Sequence[str], schema: str,
@@ -817,7 +818,7 @@ SOURCES: Dict[str, Source] = {
     'hh': Source(load_hh, truncation_mode='keep_end'),  # keep the end of a long dialogue: the last turns
     'shp': Source(load_shp),
     'se': Source(load_se),
-    'synthetic': Source(load_synthetic, generated=True),
+    'synthetic': Source(load_synthetic, generated=True, version=2)  # 2: one-edit near misses
 }
 GENERIC = Source(load_generic)
 _HUB_ID = re.compile(r'[\w.-]+/[\w.-]+')
@@ -1030,7 +1031,8 @@ def cache_path(name: str, split: str, tokenizer, max_length: int, max_prompt_len
                cache_dir: Optional[str], dataset_options: Mapping[str, Any]) -> Path:
     """Where the tokenized split lives: a hash of the data, tokenizer and length settings."""
     key_source, source, _ = resolve_name(name)
-    key = json.dumps([CACHE_VERSION, name, key_source, split, data_identity(name, split), tokenizer_identity(tokenizer),
+    key = json.dumps([CACHE_VERSION, source.version, name, key_source, split, data_identity(name, split),
+                      tokenizer_identity(tokenizer),
                       max_length, max_prompt_length, source.truncation_mode, sft_mode, dataset_options],
                      sort_keys=True, default=repr)
     root = Path(cache_dir).expanduser() / 'beta_dpo' if cache_dir else Path('~/.cache/beta_dpo').expanduser()
