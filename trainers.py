@@ -29,6 +29,7 @@ import json
 import os
 import random
 import signal
+import threading
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -427,7 +428,7 @@ class StopRequest:
 
 
 def threading_is_main() -> bool:
-    import threading
+    """Signal handlers can only be installed from the main thread (e.g. not under a test runner's worker)."""
     return threading.current_thread() is threading.main_thread()
 
 
