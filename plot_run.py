@@ -13,7 +13,7 @@ import argparse
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 # Figures are only written to files: the non-interactive backend needs no display.
 import matplotlib
@@ -109,31 +109,32 @@ def finish(fig, ax, title: str, ylabel: str, path: Path, xlabel: str = 'training
     return path
 
 
-def plot_loss(curves: Sequence[Curve], out: Path) -> Optional[Path]:
+def plot_train_and_eval_figure(curves: Sequence[Curve], pattern: str, title: str, ylabel: str, path: Path,
+                               decorate: Callable = lambda ax: None) -> Optional[Path]:
+    """One figure of the train and eval series matching `pattern` (None when no run logged it)."""
     fig, ax = plt.subplots(figsize=(7, 4))
-    if not plot_train_and_eval(ax, curves, 'loss/*'):
+    if not plot_train_and_eval(ax, curves, pattern):
         plt.close(fig)
         return None
-    return finish(fig, ax, 'Loss', 'loss', out / 'loss.png')
+    decorate(ax)
+    return finish(fig, ax, title, ylabel, path)
+
+
+def plot_loss(curves: Sequence[Curve], out: Path) -> Optional[Path]:
+    return plot_train_and_eval_figure(curves, 'loss/*', 'Loss', 'loss', out / 'loss.png')
 
 
 def plot_reward_margins(curves: Sequence[Curve], out: Path) -> Optional[Path]:
-    fig, ax = plt.subplots(figsize=(7, 4))
-    if not plot_train_and_eval(ax, curves, 'rewards_*/margins'):
-        plt.close(fig)
-        return None
-    ax.axhline(0, color='gray', linewidth=0.8)
-    return finish(fig, ax, 'Reward margin: β·log(π/π_ref) of chosen minus rejected', 'mean reward margin', out / 'reward_margins.png')
+    return plot_train_and_eval_figure(curves, 'rewards_*/margins',
+                                      'Reward margin: β·log(π/π_ref) of chosen minus rejected', 'mean reward margin',
+                                      out / 'reward_margins.png',
+                                      decorate=lambda ax: ax.axhline(0, color='gray', linewidth=0.8))
 
 
 def plot_reward_accuracy(curves: Sequence[Curve], out: Path) -> Optional[Path]:
-    fig, ax = plt.subplots(figsize=(7, 4))
-    if not plot_train_and_eval(ax, curves, 'rewards_*/accuracies'):
-        plt.close(fig)
-        return None
-    ax.set_ylim(-0.02, 1.02)
-    return finish(fig, ax, 'Reward accuracy (chosen reward > rejected reward)', 'fraction of pairs',
-                  out / 'reward_accuracy.png')
+    return plot_train_and_eval_figure(curves, 'rewards_*/accuracies', 'Reward accuracy (chosen reward > rejected reward)',
+                                      'fraction of pairs', out / 'reward_accuracy.png',
+                                      decorate=lambda ax: ax.set_ylim(-0.02, 1.02))
 
 
 def plot_gold_accuracy(curves: Sequence[Curve], out: Path, xlabel: str = 'training examples') -> Optional[Path]:
