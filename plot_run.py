@@ -125,10 +125,21 @@ def plot_loss(curves: Sequence[Curve], out: Path) -> Optional[Path]:
 
 
 def plot_reward_margins(curves: Sequence[Curve], out: Path) -> Optional[Path]:
-    return plot_train_and_eval_figure(curves, 'rewards_*/margins',
-                                      'Reward margin: β·log(π/π_ref) of chosen minus rejected', 'mean reward margin',
-                                      out / 'reward_margins.png',
-                                      decorate=lambda ax: ax.axhline(0, color='gray', linewidth=0.8))
+    """Two panels: the reward margin β·m (with each batch's β for β-DPO) and m itself, the log-ratio margin
+    (π_c − ref_c) − (π_r − ref_r), which compares runs of different β (runs from before it was logged: left only)."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4))
+    if not plot_train_and_eval(left, curves, 'rewards_*/margins'):
+        plt.close(fig)
+        return None
+    for ax, title in ((left, 'Reward margin: β·log(π/π_ref) of chosen minus rejected'),
+                      (right, 'Log-ratio margin (no β): log(π/π_ref) of chosen minus rejected')):
+        ax.axhline(0, color='gray', linewidth=0.8)
+        ax.set_title(title, fontsize=10)
+    if not plot_train_and_eval(right, curves, 'rewards_*/logratio_margins'):
+        right.set_axis_off()
+    right.set_xlabel('training examples')
+    right.grid(alpha=0.3)
+    return finish(fig, left, left.get_title(), 'mean margin', out / 'reward_margins.png')
 
 
 def plot_reward_accuracy(curves: Sequence[Curve], out: Path) -> Optional[Path]:

@@ -665,6 +665,8 @@ def load_generic(request: LoadRequest) -> Loaded:
 # prompts after them, so the test set (and gold evaluation) does not change with n_train. Each pair is drawn
 # from a generator seeded by its split and prompt: changing a fraction changes only the pairs that cross
 # it. The data set is fixed; the run's `seed` changes the order of training, not the data.
+# `train_pairs` (a JSON lines file, e.g. a model's own mistakes written by sample_pairs.py) replaces the
+# generated training pairs; the test split stays the generated one.
 
 SYNTHETIC_OPERATIONS: Dict[str, Callable[[str], str]] = {
     'reverse': lambda word: word[::-1],
@@ -692,6 +694,9 @@ def synthetic_options(options: Mapping[str, Any]) -> Dict[str, Any]:
     problems += [f'synthetic.{key}={merged[key]!r} must be a fraction in [0, 1]'
                  for key in ('low_gap_fraction', 'flip_fraction')
                  if not (isinstance(merged[key], (int, float)) and 0 <= merged[key] <= 1)]
+    if merged['train_pairs'] is not None and not (isinstance(merged['train_pairs'], str) and merged['train_pairs']):
+        problems.append(f'synthetic.train_pairs={merged["train_pairs"]!r} must be the path of a JSON lines file '
+                        f'(written by sample_pairs.py) or null')
     if not (isinstance(merged['n_gold_eval'], int) and merged['n_gold_eval'] >= 0):
         problems.append(f'synthetic.n_gold_eval={merged["n_gold_eval"]!r} must be an integer, 0 to turn gold '
                         f'evaluation off (more than n_test scores the whole test split)')
@@ -795,6 +800,11 @@ def load_synthetic(request: LoadRequest) -> Loaded:
     (the config's `synthetic:` block), the defaults from config/config.yaml."""
     options = synthetic_options(request.options.get('synthetic', {}))
     prompts = synthetic_prompts(options['n_test'] + options['n_train'])
+    if request.split == 'train' and options['train_pairs'] is not None:
+        data = load_synthetic_pairs_file(Path(options['train_pairs']).expanduser(), set(prompts[:options['n_test']]))
+        if not request.silent:
+            print(f'synthetic (train, pairs from {options["train_pairs"]}): {len(data)} prompts, {describe_synthetic(data)}')
+        return Loaded(data)
     split_prompts = prompts[:options['n_test']] if request.split == 'test' else prompts[options['n_test']:]
     data: PreferenceData = {}
     for prompt in split_prompts:
@@ -805,11 +815,46 @@ def load_synthetic(request: LoadRequest) -> Loaded:
     return Loaded(data)
 
 
+def load_synthetic_pairs_file(path: Path, test_prompts: set) -> PreferenceData:
+    """The training pairs of `synthetic.train_pairs` (rows {prompt, chosen, rejected}, e.g. written by
+    sample_pairs.py): every row must be a synthetic training prompt (a test prompt would leak the held-out
+    set into training) with two different string responses; ValueError naming the file and row otherwise.
+    Several rows of one prompt become several pairs of it."""
+    if not path.is_file():
+        raise FileNotFoundError(f'synthetic.train_pairs={str(path)!r}: no such file; write one with '
+                                f'`python sample_pairs.py SFT_RUN_DIR --out {path}`')
+    data: PreferenceData = {}
+    for row_no, row in read_rows(path):
+        at = f'synthetic.train_pairs {path} row {row_no}'
+        if not isinstance(row, dict):
+            raise ValueError(f'{at}: not a JSON object; expected {{"prompt": ..., "chosen": ..., "rejected": ...}}')
+        prompt, chosen, rejected = (check_type(row, c, (str,), at) for c in ('prompt', 'chosen', 'rejected'))
+        try:
+            gold = synthetic_gold_answer(prompt)
+        except ValueError as e:
+            raise ValueError(f'{at}: {e}') from None
+        if prompt in test_prompts:
+            raise ValueError(f'{at}: {prompt!r} is a test prompt of the synthetic task; training on it would '
+                             f'leak the held-out set (sample pairs from training prompts only)')
+        if chosen == rejected:
+            raise ValueError(f'{at}: chosen and rejected are the same text {chosen!r}')
+        entry = data.setdefault(prompt, {'responses': [], 'pairs': [], 'sft_target': ' ' + gold})
+        for response in (chosen, rejected):
+            if response not in entry['responses']:
+                entry['responses'].append(response)
+        entry['pairs'].append((entry['responses'].index(chosen), entry['responses'].index(rejected)))
+    if not data:
+        raise ValueError(f'synthetic.train_pairs {path}: no pairs in the file')
+    return data
+
+
 def describe_synthetic(data: PreferenceData) -> str:
     """'48.9% near-miss pairs, 10.2% flipped': the mixture a split actually has."""
-    n = max(1, len(data))
-    near_miss = sum(edit_distance(*(r.strip() for r in entry['responses'])) == 1 for entry in data.values())
-    flipped = sum(entry['responses'][entry['pairs'][0][0]] != entry['sft_target'] for entry in data.values())
+    pairs = [(entry['responses'][c], entry['responses'][r], entry['sft_target'])
+             for entry in data.values() for c, r in entry['pairs']]
+    n = max(1, len(pairs))
+    near_miss = sum(edit_distance(chosen.strip(), rejected.strip()) == 1 for chosen, rejected, _ in pairs)
+    flipped = sum(chosen != gold for chosen, _, gold in pairs)
     return f'{100 * near_miss / n:.1f}% near-miss pairs, {100 * flipped / n:.1f}% flipped'
 
 
@@ -1017,11 +1062,14 @@ def tokenizer_identity(tokenizer) -> str:
     return f'{tokenizer.name_or_path}:{digest.hexdigest()[:20]}'
 
 
-def data_identity(name: str, split: str) -> List[Any]:
+def data_identity(name: str, split: str, dataset_options: Optional[Mapping[str, Any]] = None) -> List[Any]:
     """What identifies a split's data without loading it: the file read (path, size, mtime) or the Hub id."""
-    _, _, location = resolve_name(name)
+    key, _, location = resolve_name(name)
+    train_pairs = (dataset_options or {}).get('synthetic', {}).get('train_pairs')
+    if key == 'synthetic' and split == 'train' and train_pairs is not None:
+        location, split = train_pairs, None  # the pairs file replaces the generated training pairs
     if location is not None and Path(location).expanduser().exists():
-        path, _ = split_file(location, split)
+        path = Path(location).expanduser() if split is None else split_file(location, split)[0]
         stat = path.stat()
         return [str(path.resolve()), stat.st_size, stat.st_mtime_ns]
     return [location]  # a Hub id, None for a registered source's Hub data set
@@ -1031,7 +1079,7 @@ def cache_path(name: str, split: str, tokenizer, max_length: int, max_prompt_len
                cache_dir: Optional[str], dataset_options: Mapping[str, Any]) -> Path:
     """Where the tokenized split lives: a hash of the data, tokenizer and length settings."""
     key_source, source, _ = resolve_name(name)
-    key = json.dumps([CACHE_VERSION, source.version, name, key_source, split, data_identity(name, split),
+    key = json.dumps([CACHE_VERSION, source.version, name, key_source, split, data_identity(name, split, dataset_options),
                       tokenizer_identity(tokenizer),
                       max_length, max_prompt_length, source.truncation_mode, sft_mode, dataset_options],
                      sort_keys=True, default=repr)

@@ -35,7 +35,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from utils import (disable_dropout, get_local_dir, get_local_run_dir, get_open_port, init_distributed,
                    launched_by_torchrun, load_checkpoint_file, load_state_dict_checked, materialize_embedded_model,
-                   rank0_print)
+                   rank0_print, removed_if_unused)
 
 OmegaConf.register_new_resolver('get_local_run_dir', get_local_run_dir, replace=True)
 
@@ -145,6 +145,10 @@ def validate_config(config: DictConfig, n_processes: int = 1) -> List[str]:
     if archive is not None and not Path(str(archive)).is_file():
         problems.append(f'model.archive={archive} does not exist; pass the policy.pt of an SFT run '
                         f'(RUN_DIR/LATEST/policy.pt)')
+    train_pairs = get('synthetic.train_pairs')
+    if train_pairs is not None and not Path(str(train_pairs)).expanduser().is_file():
+        problems.append(f'synthetic.train_pairs={train_pairs} does not exist; write it with `python sample_pairs.py '
+                        f'SFT_RUN_DIR --out {train_pairs}`, or set synthetic.train_pairs=null for the generated pairs')
     resume_from = get('resume_from')
     if resume_from is not None and not (Path(str(resume_from)) / 'LATEST' / 'policy.pt').is_file():
         problems.append(f'resume_from={resume_from} has no complete checkpoint (no LATEST/policy.pt); pass the run '
@@ -405,11 +409,12 @@ def main(config: DictConfig) -> None:
     rank0_print('=' * 80)
     rank0_print(f'Writing to {socket.gethostname()}:{config.local_run_dir}')
     rank0_print('=' * 80)
-    if config.trainer == 'BasicTrainer':
-        # No local name for the models: with precompute_ref_log_probs the trainer frees the reference.
-        worker_main(0, 1, config, *build_models(config))
-    else:
-        launch_distributed(config)
+    with removed_if_unused(config.local_run_dir, new_run=config.resume_from is None):
+        if config.trainer == 'BasicTrainer':
+            # No local name for the models: with precompute_ref_log_probs the trainer frees the reference.
+            worker_main(0, 1, config, *build_models(config))
+        else:
+            launch_distributed(config)
 
 
 if __name__ == '__main__':

@@ -775,6 +775,10 @@ class BasicTrainer:
             f'rewards_{split}/rejected': self.gather(rejected_rewards),
             f'rewards_{split}/accuracies': self.gather((chosen_rewards > rejected_rewards).float()),
             f'rewards_{split}/margins': self.gather(chosen_rewards - rejected_rewards),
+            # the margin without β, (π_c − ref_c) − (π_r − ref_r): comparable between runs of different β and
+            # across β-DPO's batches, whose rewards are scaled by each batch's own β
+            f'rewards_{split}/logratio_margins': self.gather(
+                (policy_chosen_logps - reference_chosen_logps - policy_rejected_logps + reference_rejected_logps).detach()),
             f'logps_{split}/chosen': self.gather(policy_chosen_logps),
             f'logps_{split}/rejected': self.gather(policy_rejected_logps),
             f'loss/{split}': self.gather(loss.detach().reshape(1) / self.dp_size).sum().reshape(1),
@@ -1342,7 +1346,7 @@ def reference_cache_path(config: DictConfig, tokenizer) -> Path:
         REFERENCE_CACHE_VERSION, model_identity(config.model.name_or_path, local_dir),
         None if archive is None else file_identity(archive), config.model.reference_dtype,
         tokenizer_identity(tokenizer), config.max_length, config.max_prompt_length, list(config.datasets),
-        [data_identity(name, split) for name in config.datasets for split in ('train', 'test')],
+        [data_identity(name, split, dataset_options(config)) for name in config.datasets for split in ('train', 'test')],
         dataset_options(config)], sort_keys=True, default=repr)
     return Path(local_dir) / 'beta_dpo' / 'reference_logps' / f'{hashlib.sha256(key.encode()).hexdigest()[:24]}.pt'
 

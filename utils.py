@@ -240,6 +240,21 @@ def remove_incomplete_checkpoints(run_dir: Union[str, Path]) -> List[Path]:
     return leftovers
 
 
+@contextlib.contextmanager
+def removed_if_unused(run_dir: Union[str, Path], new_run: bool) -> Iterator[None]:
+    """On an exception inside, delete a new run's directory if the run left nothing in it but its config.yaml
+    (bad data, archive or tokenizer found after the config was validated), so failed starts leave no empty
+    run directories behind. A resumed run's directory, or one holding anything else, is never touched."""
+    try:
+        yield
+    except BaseException:
+        path = Path(run_dir)
+        if new_run and path.is_dir() and {p.name for p in path.iterdir()} <= {'config.yaml'}:
+            shutil.rmtree(path, ignore_errors=True)
+            rank0_print(f'removed the run directory {path}: the run failed before writing anything but config.yaml')
+        raise
+
+
 def atomic_write_text(path: Union[str, Path], text: str) -> None:
     """Write `text` to `path` through a temporary file and a rename."""
     path = Path(path)

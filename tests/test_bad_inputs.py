@@ -19,7 +19,7 @@ import torch
 from conftest import hh_row
 from hydra.errors import MissingConfigException
 
-from helpers import FAST, Evil, start_run
+from helpers import FAST, Evil, run_dir_from_output, run_train, start_run
 from utils import build_byte_tokenizer, materialize_embedded_model
 
 
@@ -72,6 +72,14 @@ def bigger_tokenizer(scratch: Path, previous_run: Path) -> List[str]:
     tokenizer.add_tokens([f'<extra_{i}>' for i in range(100)])
     tokenizer.save_pretrained(scratch / 'tokenizer')
     return [f'model.tokenizer_name_or_path={scratch}/tokenizer']
+
+
+def pairs_with_a_test_prompt(scratch: Path, previous_run: Path) -> List[str]:
+    """synthetic.train_pairs whose second row is the first test prompt ('reverse nhyi')."""
+    rows = [{'prompt': '\n\nHuman: reverse cab\n\nAssistant:', 'chosen': ' bac', 'rejected': ' bc'},
+            {'prompt': '\n\nHuman: reverse nhyi\n\nAssistant:', 'chosen': ' iyhn', 'rejected': ' nhyi'}]
+    (scratch / 'pairs.jsonl').write_bytes(jsonl(rows))
+    return ['loss=dpo', f'synthetic.train_pairs={scratch}/pairs.jsonl']
 
 
 def not_a_directory(scratch: Path, previous_run: Path) -> List[str]:
@@ -133,6 +141,10 @@ CASES = [
     Case('prompts without Assistant:', lambda s, p: hh_files(
         s / 'd', jsonl([{'chosen': f'\n\nHuman: hi {i}', 'rejected': f'\n\nHuman: hi {i}'} for i in range(8)])),
          ValueError, "test.jsonl: 8 of 8 rows are unusable: 8 no '\\n\\nAssistant:' in chosen (rows 1, 2, 3, 4, 5, ...)"),
+    Case('missing pairs file', lambda s, p: ['loss=dpo', f'synthetic.train_pairs={s}/pairs.jsonl'], ValueError,
+         'pairs.jsonl does not exist; write it with `python sample_pairs.py SFT_RUN_DIR --out', True),
+    Case('test prompt in the pairs file', pairs_with_a_test_prompt, ValueError,
+         'pairs.jsonl row 2: \'\\n\\nHuman: reverse nhyi\\n\\nAssistant:\' is a test prompt of the synthetic task'),
     Case('too few examples for a batch', lambda s, p: hh_files(s / 'd', jsonl(GOOD_ROWS[:5])), ValueError,
          'examples, fewer than one batch of 8'),
 ]
@@ -202,3 +214,19 @@ def test_a_single_enormous_row_is_cut_before_tokenizing(tmp_path):
     prompt_ids = batch['prompt_input_ids'][i][batch['prompt_attention_mask'][i].bool()].tolist()
     assert prompt_ids == tokenizer('x' * 49 + 'END\n\nAssistant:')['input_ids']
     assert len(prompt_ids) == 64
+
+
+@pytest.mark.slow
+def test_a_run_refused_after_validation_leaves_no_run_directory(earlier_run, tmp_path):
+    """`python train.py` with a truncated archive: validation passes (the file exists), the run directory with
+    its config.yaml is written, then loading the archive fails; the directory is removed again, nothing else
+    under local_dirs changes, and the message says why."""
+    root, previous_run, original = earlier_run
+    overrides = truncated_archive(tmp_path, previous_run)
+    result = run_train([*FAST, f'local_dirs=[{root}]', 'exp_name=refused', *overrides], cwd=tmp_path, check=False)
+    assert result.returncode != 0
+    assert 'it is truncated or not a torch checkpoint' in result.stderr
+    run_dir = run_dir_from_output(result.stdout)
+    assert f'removed the run directory {run_dir}' in result.stdout and not run_dir.exists()
+    assert all(snapshot(root).get(path) == state for path, state in original.items())
+    assert not any('refused' in path for path in snapshot(root))

@@ -1,5 +1,6 @@
-"""`make demo` shortened: demo.py --quick runs SFT → DPO → β-DPO through train.py and writes the report;
-plot_run.py plots any run directory. (The full demo is measured by hand, see the README's "The demo".)"""
+"""`make demo` shortened: demo.py --quick runs SFT → pairs sampled from it → DPO and β-DPO through train.py and
+sample_pairs.py, and writes the report; plot_run.py plots any run directory. (The full demo is measured by hand,
+see the README's "The demo".)"""
 import json
 import os
 import subprocess
@@ -8,6 +9,7 @@ import sys
 import pytest
 
 from helpers import ROOT, TRAIN_ENV
+from preference_datasets import synthetic_gold_answer
 
 pytestmark = pytest.mark.slow
 
@@ -30,27 +32,36 @@ def quick_demo(tmp_path_factory):
 
 
 def test_quick_demo_writes_the_report_figures_and_results(quick_demo):
-    """Three stages for seed 0; the table has a row per method, SFT's Δ and rewards as '—', Δ is the change
-    from SFT; the preference stages started from the SFT run's LATEST/policy.pt; β-DPO logged its β and kept 6 of each
-    batch of 8 (ρ = 0.2: ⌊8 · 0.8⌋ = 6, 0.75); every figure is a PNG."""
+    """Four training stages for seed 0; the table has a row per method, SFT's Δ and rewards as '—' (the
+    control's rewards too), Δ is the change from SFT; the stages after SFT started from its LATEST/policy.pt and
+    trained on the pairs sampled from it (one per prompt of 64 the SFT model got wrong, gold chosen unless
+    flipped); β-DPO logged its β and kept 6 of each batch of 8 (ρ = 0.2: ⌊8 · 0.8⌋ = 6, 0.75); every figure is a
+    PNG."""
     results = json.loads((quick_demo / 'results.json').read_text())
-    assert [(r['seed'], r['method']) for r in results] == [(0, 'SFT'), (0, 'DPO'), (0, 'β-DPO')]
+    assert [(r['seed'], r['method']) for r in results] == [(0, 'SFT'), (0, 'DPO'), (0, 'β-DPO'), (0, 'SFT continued')]
     for r in results:
         assert 0 <= r['final_eval']['gold_eval/accuracy'] <= 1 and r['final_eval']['counters/examples'] == 32
     sft_dir = results[0]['run_dir']
+    pairs = quick_demo.resolve() / 'pairs' / 'seed0.jsonl'
+    pair_rows = [json.loads(line) for line in pairs.read_text().splitlines()]
+    assert 0 < len(pair_rows) <= 64
+    assert all((r['rejected'] if r['flipped'] else r['chosen']) == ' ' + synthetic_gold_answer(r['prompt'])
+               for r in pair_rows)
     for r in results[1:]:
         config = (ROOT / r['run_dir'] / 'config.yaml').read_text()
-        assert f'archive: {sft_dir}/LATEST/policy.pt' in config
-    assert results[1]['beta_mean'] == pytest.approx(0.1) and results[1]['kept_mean'] is None
+        assert f'archive: {sft_dir}/LATEST/policy.pt' in config and f'train_pairs: {pairs}' in config
+    assert results[1]['beta_mean'] == pytest.approx(0.5) and results[1]['kept_mean'] is None
     assert results[2]['kept_mean'] == pytest.approx(0.75)
 
     report = (quick_demo / 'report.md').read_text()
-    rows = [line for line in report.splitlines() if line.startswith(('| SFT |', '| DPO |', '| β-DPO |'))]
-    assert len(rows) == 3 and rows[0].split(' | ')[2:5] == ['—', '—', '—']
+    rows = [line for line in report.splitlines() if line.startswith(('| SFT |', '| DPO |', '| β-DPO |', '| SFT continued |'))]
+    assert len(rows) == 4 and rows[0].split(' | ')[2:5] == ['—', '—', '—'] and rows[3].split(' | ')[3:5] == ['—', '—']
     sft_gold = results[0]['final_eval']['gold_eval/accuracy']
     for r in results[1:]:
         assert r['gold_change'] == pytest.approx(r['final_eval']['gold_eval/accuracy'] - sft_gold)
     assert '| method | gold accuracy | Δ gold vs SFT | reward accuracy | reward margin |' in report
+    assert f'- seed 0: {len(pair_rows)} pairs from 64 prompts' in report
+    assert f'python sample_pairs.py {sft_dir} --out {pairs} --seed 0' in report
     for name in FIGURES:
         assert (quick_demo / name).read_bytes()[:8] == PNG_MAGIC, name
         assert f'({name})' in report

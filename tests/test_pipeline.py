@@ -13,7 +13,7 @@ pytestmark = pytest.mark.slow
 TRAIN_KEYS = {'loss/train', 'logps_train/chosen', 'examples_per_second', 'grad_norm', 'counters/examples',
               'counters/updates'}
 DPO_TRAIN_KEYS = TRAIN_KEYS | {'rewards_train/chosen', 'rewards_train/rejected', 'rewards_train/accuracies',
-                               'rewards_train/margins', 'logps_train/rejected'}
+                               'rewards_train/margins', 'rewards_train/logratio_margins', 'logps_train/rejected'}
 BETA_DPO_KEYS = {'record_train/beta_used', 'record_train/mask_count', 'record_train/gap_mean', 'record_train/gap_std'}
 
 
