@@ -989,6 +989,13 @@ class TokenizedSplit:
     def n_examples(self) -> int:
         return len(self.chosen_response)
 
+    def example_lengths(self, sft_mode: bool) -> np.ndarray:
+        """(n_examples,) tokens of each example's longest row: prompt + the longer of its responses."""
+        responses = np.diff(self.chosen_ids.offsets)
+        if not sft_mode:
+            responses = np.maximum(responses, np.diff(self.rejected_ids.offsets))
+        return np.diff(self.prompt_ids.offsets) + responses
+
     def example(self, e: int, prompt_index: int, sft_mode: bool) -> Dict[str, Any]:
         example = {'prompt': self.prompts[prompt_index], 'chosen_response_only': self.responses[self.chosen_response[e]],
                    'prompt_ids': self.prompt_ids[e], 'chosen_ids': self.chosen_ids[e]}
@@ -1183,6 +1190,21 @@ def epoch_order(group_sizes: np.ndarray, shuffle: bool, seed: int, epoch: int) -
     return np.repeat(starts, sizes) + within
 
 
+def bucket_by_length(order: np.ndarray, lengths: np.ndarray, batch_size: int, window: int, seed) -> np.ndarray:
+    """`order` (whole batches) regrouped so that each batch holds examples of similar length: the examples of
+    every `window` consecutive batches are sorted by length, cut into batches again, and those batches put in a
+    random order (seeded by `seed`). A permutation of `order`: an epoch holds the same examples, each within
+    `window` batches of where it was, and a batch pads to its own longest row, so it pads less."""
+    rng = np.random.default_rng(seed)
+    span = window * batch_size
+    regrouped = []
+    for start in range(0, len(order), span):
+        chunk = order[start:start + span]
+        chunk_batches = chunk[np.argsort(lengths[chunk], kind='stable')].reshape(-1, batch_size)
+        regrouped.append(chunk_batches[rng.permutation(len(chunk_batches))].reshape(-1))
+    return np.concatenate(regrouped) if regrouped else order
+
+
 def get_batch_iterator(names: List[str],
                        tokenizer,
                        split: str = 'train',
@@ -1197,7 +1219,8 @@ def get_batch_iterator(names: List[str],
                        silent: bool = False,
                        cache_dir: Optional[str] = None,
                        start_example: int = 0,
-                       dataset_options: Optional[Mapping[str, Any]] = None) -> Iterator[Dict]:
+                       dataset_options: Optional[Mapping[str, Any]] = None,
+                       bucket_batches: Optional[int] = None) -> Iterator[Dict]:
     """Batches of the given data sets, mixed. Stops after n_epochs or n_examples, whichever comes first.
 
     As the original: an example is a (prompt, pair), or in sft_mode a (prompt, sft_target) yielding only
@@ -1207,6 +1230,9 @@ def get_batch_iterator(names: List[str],
     (counted towards n_examples) by arithmetic, without collating them; the examples after k are those of
     an unskipped run, in whole batches from k (for k a multiple of batch_size, the same batches).
     Tokenization covers whole splits once and is cached (see load_tokenized).
+
+    bucket_batches=B: each epoch's order is regrouped by length in windows of B batches (bucket_by_length), so
+    batches pad less; the stream is still a function of the seed, and start_example works the same way.
     """
     if n_epochs is None and n_examples is None:
         raise ValueError('get_batch_iterator: give n_epochs or n_examples (or both: it stops at the first)')
@@ -1214,6 +1240,8 @@ def get_batch_iterator(names: List[str],
         raise ValueError(f'need 0 < max_prompt_length < max_length, got {max_prompt_length} and {max_length}')
     if batch_size < 1 or start_example < 0:
         raise ValueError(f'need batch_size >= 1 and start_example >= 0, got {batch_size} and {start_example}')
+    if bucket_batches is not None and not (isinstance(bucket_batches, int) and bucket_batches > 0):
+        raise ValueError(f'bucket_batches={bucket_batches!r} must be a positive integer or None')
     names = [names] if isinstance(names, str) else list(names)
     parts = [load_tokenized(name, tokenizer, split, max_length, max_prompt_length, sft_mode, silent, cache_dir, dataset_options)
              for name in names]
@@ -1224,6 +1252,7 @@ def get_batch_iterator(names: List[str],
     if epoch_length == 0:
         raise ValueError(f'{names} ({split}): {int(part_starts[-1])} examples, fewer than one batch of {batch_size}')
     pad_id = pad_token_id(tokenizer)
+    lengths = np.concatenate([p.example_lengths(sft_mode) for p in parts]) if bucket_batches else None
 
     def example(i: int) -> Dict[str, Any]:
         k = int(np.searchsorted(part_starts, i, side='right')) - 1
@@ -1232,7 +1261,10 @@ def get_batch_iterator(names: List[str],
     epoch, offset = divmod(start_example, epoch_length)
     n_seen, pending = start_example, []
     while (n_epochs is None or epoch < n_epochs) and (n_examples is None or n_seen < n_examples):
-        for i in epoch_order(group_sizes, shuffle, seed, epoch)[offset:epoch_length]:
+        order = epoch_order(group_sizes, shuffle, seed, epoch)[:epoch_length]
+        if bucket_batches:
+            order = bucket_by_length(order, lengths, batch_size, bucket_batches, [seed, epoch, 1])
+        for i in order[offset:]:
             pending.append(int(i))
             if len(pending) == batch_size:
                 yield collate([example(j) for j in pending], pad_id)

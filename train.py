@@ -127,6 +127,9 @@ def validate_config(config: DictConfig, n_processes: int = 1) -> List[str]:
         if not (is_number(smoothing) and 0 <= smoothing < 0.5):
             problems.append(f'loss.label_smoothing={smoothing!r} (ε of conservative DPO) must be in [0, 0.5)')
 
+    buckets = get('length_bucket_batches')
+    if buckets is not None and (isinstance(buckets, bool) or not (isinstance(buckets, int) and buckets > 0)):
+        problems.append(f'length_bucket_batches={buckets!r} must be a positive integer (e.g. 50) or null')
     chunk_size = get('logps_chunk_size')
     if chunk_size is not None and not (isinstance(chunk_size, int) and chunk_size > 0):
         problems.append(f'logps_chunk_size={chunk_size!r} must be a positive integer (e.g. 1024) or null')

@@ -562,7 +562,8 @@ class BasicTrainer:
         """The training stream, from the current position (0, or where a resumed run stopped)."""
         return get_batch_iterator(**self.data_kwargs, split='train', n_epochs=self.config.n_epochs,
                                   n_examples=self.config.n_examples, batch_size=self.config.batch_size,
-                                  seed=self.seed, start_example=self.example_counter)
+                                  seed=self.seed, start_example=self.example_counter,
+                                  bucket_batches=self.config.get('length_bucket_batches'))
 
     def eval_due(self) -> bool:
         if self.example_counter % self.config.eval_every != 0 or self.last_eval_example == self.example_counter:

@@ -107,6 +107,8 @@ CASES = [
     Case('non-numeric lr', lambda s, p: ['lr=fast'], ValueError, "lr='fast' must be a positive number", True),
     Case('unknown on_nonfinite', lambda s, p: ['on_nonfinite=ignore'], ValueError,
          "on_nonfinite='ignore' must be stop or skip", True),
+    Case('zero length buckets', lambda s, p: ['length_bucket_batches=0'], ValueError,
+         'length_bucket_batches=0 must be a positive integer (e.g. 50) or null', True),
     Case('prompt longer than the sequence', lambda s, p: ['max_prompt_length=96'], ValueError,
          'max_prompt_length=96 must be smaller than max_length=96', True),
     # --- files ---------------------------------------------------------------------------------------

@@ -159,3 +159,29 @@ def test_real_hh_first_batch(tmp_path, neox_tokenizer, hh_slice_dir):
     for i in range(8):
         assert (batch['chosen_labels'][i, :n_prompt[i]] == -100).all()
     assert 0 < pd.padding_fraction(batch) < 1
+
+
+def test_bucket_by_length_worked():
+    """Examples 0–7 of lengths 5 1 7 3 | 8 2 6 4, batches of 2, windows of 2 batches: the first window sorted is
+    1 3 0 2 (lengths 1 3 5 7), so its batches are (1, 3) and (0, 2) in some order; the second (5, 7) and (6, 4)."""
+    import numpy as np
+    lengths = np.array([5, 1, 7, 3, 8, 2, 6, 4])
+    out = pd.bucket_by_length(np.arange(8), lengths, batch_size=2, window=2, seed=0).reshape(-1, 2).tolist()
+    assert sorted(out[:2]) == [[0, 2], [1, 3]] and sorted(out[2:]) == [[5, 7], [6, 4]]
+
+
+def test_length_buckets_pad_less_and_keep_the_stream_a_function_of_the_seed(tmp_path, byte_tokenizer, toy_source):
+    """40 toy prompts of 1–40 words (80 examples), batches of 4, windows of 5 batches, 2 epochs: each epoch holds
+    the same examples as without buckets, batches pad less on average, the same seed gives the same stream, and
+    resuming at example 12 continues it."""
+    def run(**kwargs):
+        return batches(byte_tokenizer, tmp_path, batch_size=4, n_epochs=2, max_length=256, max_prompt_length=128,
+                       dataset_options={'n_prompts': 40}, **kwargs)
+    plain, bucketed = run(), run(bucket_batches=5)
+    assert len(plain) == len(bucketed) == 40
+    for epoch in (slice(0, 20), slice(20, 40)):
+        assert sorted(examples(plain[epoch])) == sorted(examples(bucketed[epoch]))
+    mean_padding = lambda bs: sum(pd.padding_fraction(b) for b in bs) / len(bs)
+    assert mean_padding(bucketed) < 0.5 * mean_padding(plain)
+    assert examples(run(bucket_batches=5)) == examples(bucketed) != examples(run(bucket_batches=5, seed=1))
+    assert examples(run(bucket_batches=5, start_example=12)) == examples(bucketed)[12:]
