@@ -8,6 +8,10 @@ For each setting, over `--epochs` shuffled epochs of the training stream: the me
 policy's forward pass (`padding/fraction`, chosen and rejected padded to the longer of the two) and the tokens
 the policy processes per pair (batch rows × padded width / pairs), the part of a step's compute that padding
 inflates. Token ids are the same in every setting; only which examples share a batch changes.
+
+--steps N also times N DPO steps of `python train.py` per setting (batch --step-batch-size, the first step not
+timed) on a GPT-NeoX of the size of EleutherAI/pythia-14m with random weights and the tokenizer's vocabulary,
+saved with `save_pretrained` under a temporary directory: pairs/s = pairs / the timed steps' total time.
 """
 import argparse
 import sys
@@ -38,6 +42,40 @@ def measure(name: str, tokenizer, args, buckets, cache_dir: str):
     return sum(fractions) / len(fractions), tokens / pairs, len(fractions)
 
 
+def build_model(tokenizer_path: str, target: Path) -> Path:
+    """A pythia-14m-sized GPT-NeoX (random weights) with the tokenizer's vocabulary, saved with its tokenizer."""
+    import torch
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+    config = GPTNeoXConfig(vocab_size=len(tokenizer), hidden_size=128, num_hidden_layers=6, num_attention_heads=4,
+                           intermediate_size=512, max_position_embeddings=2048, rotary_pct=0.25,
+                           eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.eos_token_id,
+                           tie_word_embeddings=False, attention_dropout=0.0, hidden_dropout=0.0)
+    torch.manual_seed(0)
+    GPTNeoXForCausalLM(config).save_pretrained(target)
+    tokenizer.save_pretrained(target)
+    return target
+
+
+def time_steps(model_dir: Path, name: str, args, buckets, workdir: Path) -> float:
+    """Pairs/s of `python train.py loss=dpo` over args.steps steps after the first (from its metrics.jsonl)."""
+    import json
+    import subprocess
+    local = workdir / f'runs-{buckets}'
+    overrides = [f'model.name_or_path={model_dir}', 'model.name=bench', f'datasets=[{name}]', 'loss=dpo',
+                 f'batch_size={args.step_batch_size}', f'n_examples={args.step_batch_size * (args.steps + 1)}',
+                 'eval_every=1000000', 'do_first_eval=false', f'eval_batch_size={args.step_batch_size}',
+                 f'n_eval_examples={args.step_batch_size}', f'max_length={args.max_length}',
+                 f'max_prompt_length={args.max_prompt_length}', 'optimizer=AdamW', 'lr=1e-5', 'warmup_steps=0',
+                 'wandb.enabled=false', 'minimum_log_interval_secs=0', 'sample_during_eval=false',
+                 f'local_dirs=[{local}]', f'length_bucket_batches={"null" if buckets is None else buckets}']
+    subprocess.run([sys.executable, str(REPO / 'train.py'), *overrides], cwd=REPO, check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    records = [json.loads(line) for line in next(local.rglob('metrics.jsonl')).read_text().splitlines()]
+    rates = [r['examples_per_second'] for r in records if r['split'] == 'train'][1:]
+    return len(rates) * args.step_batch_size / sum(args.step_batch_size / rate for rate in rates)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--data', type=Path, default=SHARED / 'hh-rlhf' / 'harmless-base-test.jsonl.gz',
@@ -48,6 +86,8 @@ def main() -> None:
     parser.add_argument('--epochs', type=int, default=3)
     parser.add_argument('--max-length', type=int, default=512)
     parser.add_argument('--max-prompt-length', type=int, default=256)
+    parser.add_argument('--steps', type=int, default=0, help='also time this many DPO steps per setting (0: no)')
+    parser.add_argument('--step-batch-size', type=int, default=16)
     args = parser.parse_args()
     if not args.data.exists():
         sys.exit(f'{args.data} does not exist: pass --data (an HH-format .jsonl[.gz]) and --tokenizer')
@@ -56,13 +96,20 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as cache_dir:
         print(f'{args.data.name}, batch {args.batch_size}, max_length {args.max_length}, '
               f'max_prompt_length {args.max_prompt_length}, {args.epochs} epochs')
-        print('| length_bucket_batches | batches | padding fraction | tokens per pair | vs random batches |')
-        print('|---|---:|---:|---:|---:|')
-        base = None
+        model_dir = build_model(args.tokenizer, Path(cache_dir) / 'model') if args.steps else None
+        step_columns = f' DPO pairs/s (batch {args.step_batch_size}) | × |' if args.steps else ''
+        print('| length_bucket_batches | batches | padding fraction | tokens per pair | vs random batches |' + step_columns)
+        print('|---|---:|---:|---:|---:|' + ('---:|---:|' if args.steps else ''))
+        base = base_rate = None
         for buckets in [None, *args.buckets]:
             fraction, per_pair, n = measure(name, tokenizer, args, buckets, cache_dir)
             base = base or per_pair
-            print(f'| {buckets} | {n} | {fraction:.3f} | {per_pair:.0f} | {per_pair / base:.2f}× |')
+            row = f'| {buckets} | {n} | {fraction:.3f} | {per_pair:.0f} | {per_pair / base:.2f}× |'
+            if args.steps:
+                rate = time_steps(model_dir, name, args, buckets, Path(cache_dir))
+                base_rate = base_rate or rate
+                row += f' {rate:.2f} | {rate / base_rate:.2f}× |'
+            print(row, flush=True)
 
 
 if __name__ == '__main__':
