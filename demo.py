@@ -184,7 +184,7 @@ def finish_stage(stage: Stage, seed: int, process: Process, sft: Optional[StageR
 
 
 def sample_pairs(sft: StageRun, seed: int, out: Path, args) -> Pairs:
-    """sample_pairs.py on the SFT run: the preference pairs of both preference stages."""
+    """sample_pairs.py on the SFT run: the pairs of the stages after SFT (the control reads their prompts)."""
     path = out.resolve() / 'pairs' / f'seed{seed}.jsonl'
     path.parent.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, 'sample_pairs.py', str(sft.run_dir), '--out', str(path), '--seed', str(seed),
@@ -198,17 +198,17 @@ def sample_pairs(sft: StageRun, seed: int, out: Path, args) -> Pairs:
 def run_pipeline(seed: int, out: Path, args) -> Tuple[List[StageRun], Pairs]:
     """SFT; pairs sampled from it; then the stages that start from its LATEST/policy.pt (DPO, β-DPO, the
     control), side by side unless --sequential."""
-    sft_stage, *preference = STAGES
+    sft_stage, *after_sft = STAGES
     sft = finish_stage(sft_stage, seed, start_stage(sft_stage, seed, out, args, None, None), None)
     pairs = sample_pairs(sft, seed, out, args)
     runs = [sft]
     if args.sequential:
-        for stage in preference:
+        for stage in after_sft:
             runs.append(finish_stage(stage, seed, start_stage(stage, seed, out, args, sft, pairs), sft))
     else:
-        processes = [start_stage(stage, seed, out, args, sft, pairs) for stage in preference]
+        processes = [start_stage(stage, seed, out, args, sft, pairs) for stage in after_sft]
         try:
-            runs += [finish_stage(stage, seed, process, sft) for stage, process in zip(preference, processes)]
+            runs += [finish_stage(stage, seed, process, sft) for stage, process in zip(after_sft, processes)]
         finally:
             for process in processes:
                 if process.process.poll() is None:
@@ -260,7 +260,7 @@ def per_seed_table(runs: Sequence[StageRun]) -> str:
 
 
 def report_curves(runs: Sequence[StageRun]) -> List[plot_run.Curve]:
-    """All runs as curves; preference stages shifted to start where their SFT ended (one x axis for the
+    """All runs as curves; the stages after SFT shifted to start where their SFT ended (one x axis for the
     whole pipeline in the gold-accuracy figure), one color per method, one legend entry per method."""
     colors = {'sft': 'tab:gray', 'dpo': 'tab:blue', 'beta_dpo': 'tab:orange', 'sft_more': 'tab:green'}
     sft_end = {r.seed: r.final_eval.get('counters/examples', 0) for r in runs if not r.stage.from_sft}
