@@ -202,6 +202,17 @@ class LeftOut:
         warnings.warn(f'{self.where}: left out {len(self)} of {n_rows} rows: {self.summary()}', DataWarning, stacklevel=3)
 
 
+def object_rows(rows: Sequence[Tuple[int, Any]], request, description: str,
+                left_out: LeftOut) -> Iterator[Tuple[int, dict, str]]:
+    """(row number, row, 'WHERE row N') of the rows that are JSON objects, under a progress bar; the others
+    are left out as 'not a JSON object'."""
+    for row_no, row in _progress(rows, request, description):
+        if not isinstance(row, dict):
+            left_out.add(row_no, 'not a JSON object')
+            continue
+        yield row_no, row, f'{left_out.where} row {row_no}'
+
+
 def check_columns(rows: Sequence[Tuple[int, Any]], columns: Sequence[str], where: str, expected_schema: str) -> None:
     """Raise a ValueError naming the missing columns, judged on the first row that parsed."""
     first = next((row for _, row in rows if isinstance(row, dict)), None)
@@ -361,11 +372,7 @@ def load_hh(request: LoadRequest) -> Loaded:
     where, rows = source_rows(request, 'Anthropic/hh-rlhf', ('chosen', 'rejected'), HH_SCHEMA)
     data: PreferenceData = {}
     left_out = LeftOut(where)
-    for row_no, row in _progress(rows, request, 'Processing HH'):
-        if not isinstance(row, dict):
-            left_out.add(row_no, 'not a JSON object')
-            continue
-        at = f'{where} row {row_no}'
+    for row_no, row, at in object_rows(rows, request, 'Processing HH', left_out):
         split = split_hh_dialogue(check_type(row, 'chosen', (str,), at), check_type(row, 'rejected', (str,), at))
         if isinstance(split, str):
             left_out.add(row_no, split)
@@ -404,11 +411,7 @@ def load_shp(request: LoadRequest) -> Loaded:
     scores: Dict[str, List[float]] = defaultdict(list)
     left_out = LeftOut(where)
     n_low_ratio = 0
-    for row_no, row in _progress(rows, request, 'Processing SHP'):
-        if not isinstance(row, dict):
-            left_out.add(row_no, 'not a JSON object')
-            continue
-        at = f'{where} row {row_no}'
+    for row_no, row, at in object_rows(rows, request, 'Processing SHP', left_out):
         history, ref_a, ref_b = (check_type(row, c, (str,), at) for c in ('history', 'human_ref_A', 'human_ref_B'))
         score_a, score_b = (check_type(row, c, NUMBER, at) for c in ('score_A', 'score_B'))
         label = check_type(row, 'labels', (int,), at)
@@ -509,11 +512,7 @@ def load_se(request: LoadRequest) -> Loaded:
     data: PreferenceData = {}
     scores: Dict[str, List[float]] = defaultdict(list)
     left_out = LeftOut(where)
-    for row_no, row in _progress(rows, request, 'Processing SE'):
-        if not isinstance(row, dict):
-            left_out.add(row_no, 'not a JSON object')
-            continue
-        at = f'{where} row {row_no}'
+    for row_no, row, at in object_rows(rows, request, 'Processing SE', left_out):
         question = check_type(row, 'question', (str,), at)
         answers = check_type(row, 'answers', (list,), at)
         for k, answer in enumerate(answers):
@@ -615,11 +614,7 @@ def load_generic(request: LoadRequest) -> Loaded:
         specials = _special_token_texts(tokenizer)
     data: PreferenceData = {}
     left_out = LeftOut(where)
-    for row_no, row in _progress(rows, request, f'Processing {request.name}'):
-        if not isinstance(row, dict):
-            left_out.add(row_no, 'not a JSON object')
-            continue
-        at = f'{where} row {row_no}'
+    for row_no, row, at in object_rows(rows, request, f'Processing {request.name}', left_out):
         if not chat:
             prompt, chosen, rejected = (check_type(row, c, (str,), at) for c in ('prompt', 'chosen', 'rejected'))
             prompt, chosen, rejected = hh_style_prompt(prompt), hh_style_response(chosen), hh_style_response(rejected)
