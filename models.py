@@ -201,8 +201,11 @@ def load_archive(models: List[nn.Module], path: Union[str, Path], name_or_path: 
 
 def archive_identity(path: Union[str, Path]) -> List:
     """What identifies the weights of model.archive: its file, and for a LoRA archive those of its own archive."""
-    archive = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
-    base_archive = (archive.get('lora') or {}).get('base_archive')
+    try:  # mmap: the tensors of a full archive are not read
+        base_archive = (torch.load(path, map_location='cpu', weights_only=True, mmap=True).get('lora') or {}).get(
+            'base_archive')
+    except Exception:  # not a readable checkpoint: load_archive says so when the run loads it
+        base_archive = None
     return [file_identity(path)] + ([] if base_archive is None else archive_identity(base_archive))
 
 
