@@ -31,8 +31,10 @@ import torch
 import torch.nn as nn
 import tqdm
 
+from checkpoints import atomic_write_text, load_checkpoint_file, load_state_dict_checked
+from models import load_tokenizer, materialize_embedded_model
 from preference_datasets import encode_texts, load_source
-from utils import get_local_dir, load_checkpoint_file, load_state_dict_checked, materialize_embedded_model
+from utils import get_local_dir
 
 # Where the embedded model and the Hugging Face cache go when the source does not say (train.py's default).
 DEFAULT_LOCAL_DIRS = ('/scr-ssd', '/scr', '.cache')
@@ -131,8 +133,7 @@ def load_model(source: str, device: Optional[str] = None, dtype: str = 'float32'
 def _load_run(run_dir: Path, dtype: str):
     """(model, tokenizer) of a train.py run: built as its config.yaml says, LATEST/policy.pt loaded."""
     from omegaconf import OmegaConf
-    from train import build_model
-    from trainers import load_tokenizer
+    from models import build_model
     checkpoint = run_dir / 'LATEST' / 'policy.pt'
     if not checkpoint.is_file():
         import transformers
@@ -152,7 +153,6 @@ def load_tokenizer_of(source: str, local_dirs: Sequence[str] = DEFAULT_LOCAL_DIR
     path = Path(source).expanduser()
     if kind == 'run' and (path / 'LATEST' / 'policy.pt').is_file():
         from omegaconf import OmegaConf
-        from trainers import load_tokenizer
         tokenizer = load_tokenizer(OmegaConf.load(path / 'config.yaml'))
     elif kind == 'run':
         tokenizer = transformers.AutoTokenizer.from_pretrained(path / 'hf_model')
@@ -307,7 +307,7 @@ def sequence_logps(loaded: LoadedModel, prompt_ids: Sequence[Sequence[int]], com
                    batch_size: int = 8) -> List[float]:
     """log π(y | x) summed over each completion's tokens (its stop token included), temperature 1, by one
     teacher-forced forward pass per batch of right-padded prompt + completion rows."""
-    from trainers import _get_batch_logps
+    from logps import _get_batch_logps
     model, pad_id = loaded.model, loaded.tokenizer.pad_token_id
     logps = []
     for start in range(0, len(prompt_ids), batch_size):
@@ -336,7 +336,6 @@ def sample_rows(prompts: Sequence[Prompt], samples: Sequence[Sequence[Sample]], 
 
 def write_jsonl(path, rows: Iterable[Dict]) -> None:
     """Rows as JSON lines, written atomically."""
-    from utils import atomic_write_text
     atomic_write_text(path, ''.join(json.dumps(r, ensure_ascii=False) + '\n' for r in rows))
 
 

@@ -37,7 +37,8 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from preference_datasets import ASSISTANT, synthetic_gold_answer, synthetic_instruction
+from synthetic_task import synthetic_gold_answer, synthetic_instruction
+from utils import ASSISTANT
 
 JUDGE_FORMS = 'gold, sentiment, reward:PATH, llm:PATH or api:MODEL'
 

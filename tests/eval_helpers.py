@@ -24,7 +24,7 @@ def save_letter_judge(directory: Path, letter: str, cache_root: Path) -> Path:
     """A Hugging Face model directory (weights, byte tokenizer, chat template) whose greedy answer to any chat
     prompt is `letter` followed by EOS."""
     from transformers import AutoTokenizer, GPTNeoXForCausalLM
-    from utils import materialize_embedded_model
+    from models import materialize_embedded_model
     source = materialize_embedded_model('embedded:tiny', cache_root)
     model = GPTNeoXForCausalLM.from_pretrained(source)
     tokenizer = AutoTokenizer.from_pretrained(source)
@@ -50,7 +50,7 @@ def save_reward_model(directory: Path, num_labels: int = 1) -> Path:
     """A small GPT-NeoX sequence-classification model (random weights, seed 0) with the byte tokenizer: a real
     reward model whose scores are unknown but fixed, for checking how judges.RewardModelScorer runs one."""
     from transformers import GPTNeoXConfig, GPTNeoXForSequenceClassification
-    from utils import build_byte_tokenizer
+    from models import build_byte_tokenizer
     tokenizer = build_byte_tokenizer()
     config = GPTNeoXConfig(vocab_size=320, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                            intermediate_size=128, num_labels=num_labels, pad_token_id=tokenizer.pad_token_id,

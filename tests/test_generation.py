@@ -66,7 +66,7 @@ def test_a_sample_ends_at_its_first_stop_token(byte_tokenizer):
 def test_the_chat_templates_end_of_turn_stops_generation(tmp_path):
     """A ChatML template closes a turn with <|im_end|>, a special token other than EOS: both stop a response, and a
     chat-rendered chosen response ('Paris.<|im_end|>\\n') is cut there for the judge."""
-    from utils import build_byte_tokenizer
+    from models import build_byte_tokenizer
     tokenizer = build_byte_tokenizer()
     tokenizer.add_special_tokens({'additional_special_tokens': ['<|im_end|>', '<|im_start|>']})
     tokenizer.chat_template = CHATML

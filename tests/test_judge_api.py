@@ -12,7 +12,7 @@ import pytest
 from evaluate import evaluate
 from eval_helpers import eval_config, save_letter_judge
 from judges import make_judge
-from utils import get_open_port
+from distributed import get_open_port
 
 pytestmark = pytest.mark.slow
 

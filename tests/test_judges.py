@@ -5,7 +5,7 @@ import torch
 
 from eval_helpers import save_letter_judge, save_reward_model
 from judges import (DIALOGUE_PROMPT, comparison, dialogue_query, judge_problems, make_judge, parse_verdict)
-from preference_datasets import synthetic_prompt
+from synthetic_task import synthetic_prompt
 
 HH_PROMPT = '\n\nHuman: How do I boil an egg?\n\nAssistant:'
 
