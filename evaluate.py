@@ -28,7 +28,7 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
@@ -152,7 +152,7 @@ def add_kl(policy, reference, prompt_ids: Sequence[Sequence[int]], samples, rows
 
 
 def evaluate_temperature(config: DictConfig, temperature: float, policy, reference, judge, prompts: Sequence[Prompt],
-                         references: Sequence[str], prompt_ids) -> (Dict, List[Dict]):
+                         references: Sequence[str], prompt_ids) -> Tuple[Dict, List[Dict]]:
     """(summary, sample rows) of one temperature: sample, judge, estimate KL."""
     start = time.time()
     n = config.n_samples if temperature > 0 else 1

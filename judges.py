@@ -168,6 +168,8 @@ class RewardModelScorer(Scorer):
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token_id = self.tokenizer.eos_token_id
         self.tokenizer.padding_side = 'right'
+        # a text longer than max_length loses its beginning (the start of a long dialogue), never the response scored
+        self.tokenizer.truncation_side = 'left'
         self.device = device or ('cuda' if torch.cuda.is_available() else 'cpu')
         self.model = transformers.AutoModelForSequenceClassification.from_pretrained(path).to(self.device).eval()
         if self.model.config.pad_token_id is None:

@@ -124,7 +124,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument('--temperature', type=float, default=1.0)
     parser.add_argument('--flip-fraction', type=float, default=None,
                         help="without --judge: fraction of pairs flipped (default: the run's synthetic.flip_fraction)")
-    parser.add_argument('--batch-size', type=int, default=256, help='prompts per generate call')
+    parser.add_argument('--batch-size', type=int, default=None,
+                        help='prompts per generate call (default: 256 without --judge, 16 with it: answers there are longer)')
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--judge', default=None, help='gold, sentiment, reward:PATH, llm:PATH or api:MODEL (judges.py)')
     parser.add_argument('--datasets', nargs='+', default=None,
@@ -139,6 +140,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.n_prompts is not None and args.n_prompts < 1:
         parser.error(f'--n-prompts={args.n_prompts} must be a positive integer')
+    if args.batch_size is None:
+        args.batch_size = 256 if args.judge is None else 16
     if args.samples < 0 or args.batch_size < 1:
         parser.error(f'--samples={args.samples} must be 0 or more and --batch-size={args.batch_size} positive')
     if args.judge is not None and args.samples < 2:
