@@ -3,7 +3,7 @@ from that β-DPO archive (a chain of two adapters); a LoRA run resumed from its 
 
 The handoff is checked by value: a run that starts from an archive evaluates, before its first step, exactly what
 the archive's run evaluated after its last one (the same held-out pairs, the same weights), and that is also what
-the archive's merged hf_model/ computes.
+the archive's merged hf_model/ computes, and what generation.py (evaluate.py, sample_pairs.py) loads from the run.
 """
 import json
 import math
@@ -11,6 +11,9 @@ import math
 import pytest
 import torch
 
+from transformers import AutoModelForCausalLM
+
+from generation import load_model
 from helpers import FAST, compose_config, run_dir_from_output, run_train, train_in_process
 from reference_cache import reference_cache_path
 from train import build_run_models, prepare_run
@@ -49,6 +52,12 @@ def test_sft_lora_then_beta_dpo_lora_then_full_dpo(tmp_path):
     saved = torch.load(dpo / 'LATEST' / 'policy.pt', weights_only=True)
     assert all('.lora_' in key for key in saved['state'])
     assert saved['lora']['base_archive'] == str((sft / 'LATEST' / 'policy.pt').resolve())
+    # generation.py (evaluate.py, sample_pairs.py) reads the run's policy.pt: both adapters merged = hf_model/
+    input_ids = torch.tensor([list(b'\n\nHuman: reverse cab\n\nAssistant: bac')])
+    with torch.no_grad():
+        from_run = load_model(str(dpo), device='cpu').model(input_ids).logits
+        exported = AutoModelForCausalLM.from_pretrained(dpo / 'hf_model')(input_ids).logits
+    torch.testing.assert_close(from_run, exported, rtol=0, atol=1e-5)
 
     full = train_in_process([*COMMON, 'loss=dpo', 'lr=1e-4', f'model.archive={dpo}/LATEST/policy.pt',
                              'exp_name=full', 'n_examples=8', 'eval_every=8'], tmp_path)
