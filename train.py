@@ -21,6 +21,7 @@
     torchrun --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint HOST:PORT \
         train.py trainer=FSDPTrainer ...
 """
+import math
 import os
 import socket
 import sys
@@ -31,7 +32,7 @@ import hydra
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from utils import (disable_dropout, get_local_dir, get_local_run_dir, get_open_port, init_distributed,
                    launched_by_torchrun, load_checkpoint_file, load_state_dict_checked, materialize_embedded_model,
@@ -126,6 +127,7 @@ def validate_config(config: DictConfig, n_processes: int = 1) -> List[str]:
         smoothing = get('loss.label_smoothing')
         if not (is_number(smoothing) and 0 <= smoothing < 0.5):
             problems.append(f'loss.label_smoothing={smoothing!r} (ε of conservative DPO) must be in [0, 0.5)')
+        problems += loss_switch_problems(get, loss_name)
 
     buckets = get('length_bucket_batches')
     if buckets is not None and (isinstance(buckets, bool) or not (isinstance(buckets, int) and buckets > 0)):
@@ -156,6 +158,38 @@ def validate_config(config: DictConfig, n_processes: int = 1) -> List[str]:
     if resume_from is not None and not (Path(str(resume_from)) / 'LATEST' / 'policy.pt').is_file():
         problems.append(f'resume_from={resume_from} has no complete checkpoint (no LATEST/policy.pt); pass the run '
                         f'directory of an earlier run')
+    return problems
+
+
+def loss_switch_problems(get, loss_name: str) -> List[str]:
+    """The problems with the loss switches of config/loss/{dpo,ipo}.yaml (loss type, RPO, β-DPO ablations)."""
+    from trainers import BETA_DPO_SCOPES, BETA_LEVELS, FILTERS, LOSS_TYPES
+    problems = []
+    loss_type = get('loss.loss_type')
+    if loss_name == 'ipo' and loss_type != 'ipo':
+        problems.append(f'loss.loss_type={loss_type!r} does not go with loss=ipo; for sigmoid or hinge use loss=dpo')
+    elif loss_name == 'dpo' and loss_type not in ('sigmoid', 'hinge'):
+        hint = 'use loss=ipo (its beta_range bounds the dynamic β)' if loss_type == 'ipo' else 'use sigmoid or hinge'
+        problems.append(f'loss.loss_type={loss_type!r} is not a loss of loss=dpo; {hint}')
+    if not isinstance(get('loss.average_log_prob'), bool):
+        problems.append(f'loss.average_log_prob={get("loss.average_log_prob")!r} must be true or false')
+    rpo_alpha = get('loss.rpo_alpha')
+    if not (is_number(rpo_alpha) and rpo_alpha >= 0):
+        problems.append(f'loss.rpo_alpha={rpo_alpha!r} (α_RPO, the weight of the chosen NLL) must be a number ≥ 0')
+    momentum = get('loss.momentum')
+    if not (is_number(momentum) and 0 <= momentum <= 1):
+        problems.append(f'loss.momentum={momentum!r} (γ of the running margin statistics) must be in [0, 1]')
+    m0 = get('loss.m0')
+    if m0 is not None and not (is_number(m0) and math.isfinite(m0)):
+        problems.append(f'loss.m0={m0!r} (M0) must be null (the running mean) or a number')
+    for key, choices in (('beta_level', BETA_LEVELS), ('filter', FILTERS), ('beta_dpo_scope', BETA_DPO_SCOPES)):
+        if get(f'loss.{key}') not in choices:
+            problems.append(f'loss.{key}={get(f"loss.{key}")!r} is unknown; choose one of {", ".join(choices)}')
+    beta_range = get('loss.beta_range')
+    low, high = (beta_range if isinstance(beta_range, ListConfig) and len(beta_range) == 2 else (None, None))
+    if not (is_number(low) and 0 <= low <= 1 and (high is None or (is_number(high) and high >= 1))):
+        problems.append(f'loss.beta_range={beta_range!r} must be [r_lo, r_hi] with 0 ≤ r_lo ≤ 1 ≤ r_hi, or r_hi null '
+                        f'(β stays in [r_lo·β0, r_hi·β0]), e.g. loss.beta_range=[0.5,2.0]')
     return problems
 
 
