@@ -21,6 +21,7 @@
     torchrun --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint HOST:PORT \
         train.py trainer=FSDPTrainer ...
 """
+import inspect
 import math
 import os
 import socket
@@ -106,6 +107,7 @@ def validate_config(config: DictConfig, n_processes: int = 1) -> List[str]:
     elif not writable(first_existing_or_last(local_dirs)):
         problems.append(f'local_dirs={list(local_dirs)}: cannot write to {first_existing_or_last(local_dirs)} (the '
                         f'first that exists, else the last); set local_dirs=[a directory you can write to]')
+    problems += schedule_problems(get)
     if get('on_nonfinite') not in ('stop', 'skip'):
         problems.append(f'on_nonfinite={get("on_nonfinite")!r} must be stop or skip')
 
@@ -158,6 +160,22 @@ def validate_config(config: DictConfig, n_processes: int = 1) -> List[str]:
     if resume_from is not None and not (Path(str(resume_from)) / 'LATEST' / 'policy.pt').is_file():
         problems.append(f'resume_from={resume_from} has no complete checkpoint (no LATEST/policy.pt); pass the run '
                         f'directory of an earlier run')
+    return problems
+
+
+def schedule_problems(get) -> List[str]:
+    """The problems with lr_scheduler and weight_decay."""
+    from trainers import LR_SCHEDULES
+    problems = []
+    if get('lr_scheduler') not in LR_SCHEDULES:
+        problems.append(f'lr_scheduler={get("lr_scheduler")!r} is unknown; choose one of {", ".join(LR_SCHEDULES)}')
+    weight_decay, optimizer = get('weight_decay'), getattr(torch.optim, str(get('optimizer')), None)
+    if weight_decay is not None and not (is_number(weight_decay) and weight_decay >= 0):
+        problems.append(f'weight_decay={weight_decay!r} must be a number ≥ 0, or null for the optimizer\'s default')
+    elif weight_decay is not None and isinstance(optimizer, type) \
+            and 'weight_decay' not in inspect.signature(optimizer).parameters:
+        problems.append(f'weight_decay={weight_decay!r}: optimizer={get("optimizer")} has no weight decay; set '
+                        f'weight_decay=null')
     return problems
 
 
@@ -425,8 +443,11 @@ def resume_changes(config: DictConfig, saved_config_path: Path) -> List[str]:
         return []
     saved = flat_items(OmegaConf.to_container(OmegaConf.load(saved_config_path), resolve=False))
     now = flat_items(OmegaConf.to_container(config, resolve=True))
+    # a decaying lr is scheduled over the run's length, so that length is then part of what must not change
+    resumable = [k for k in RESUMABLE_CHANGES
+                 if now['lr_scheduler'] == 'constant' or k not in ('n_epochs', 'n_examples')]
     return [f'{key}: was {saved[key]!r}, now {now[key]!r}' for key in sorted(saved.keys() & now.keys())
-            if saved[key] != now[key] and not any(key == k or key.startswith(k + '.') for k in RESUMABLE_CHANGES)]
+            if saved[key] != now[key] and not any(key == k or key.startswith(k + '.') for k in resumable)]
 
 
 def flat_items(tree, prefix: str = '') -> dict:

@@ -42,7 +42,7 @@ import threading
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Dict, List, NamedTuple, Optional, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -53,7 +53,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.distributed.tensor import DTensor, Replicate
 from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel
 
-from preference_datasets import (data_identity, get_batch_iterator, padding_fraction, save_atomically,
+from preference_datasets import (data_identity, get_batch_iterator, load_tokenized, padding_fraction, save_atomically,
                                  synthetic_gold_accuracy, tokenizer_identity)
 from utils import (all_gather_if_needed, atomic_checkpoint_dir, atomic_write_text, formatted_dict, get_local_dir,
                    load_checkpoint_file, materialize_embedded_model, pad_to_length, point_latest_to, rank0_print,
@@ -71,6 +71,7 @@ LOSS_TYPES = ('sigmoid', 'hinge', 'ipo')        # loss.loss_type
 BETA_LEVELS = ('batch', 'instance')             # loss.beta_level
 FILTERS = ('gaussian', 'tail', 'head', 'none')  # loss.filter
 BETA_DPO_SCOPES = ('microbatch', 'step')        # loss.beta_dpo_scope
+LR_SCHEDULES = ('constant', 'cosine', 'linear')  # lr_scheduler (config/config.yaml), after the warmup
 
 
 def preference_loss(policy_chosen_logps: torch.Tensor,
@@ -304,8 +305,9 @@ def _per_sequence(token_logps: torch.Tensor, loss_mask: torch.Tensor, average_lo
     return summed
 
 
-def sharded_head_label_logps(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """(batch,) summed label log-probabilities with `head` called as a module on the labelled positions only.
+def sharded_head_label_logps(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor,
+                             average_log_prob: bool = False) -> torch.Tensor:
+    """(batch,) summed (or mean) label log-probabilities with `head` called as a module on the labelled positions only.
 
     For a head whose weight is sharded over the vocabulary (tensor parallelism): the module's hooks
     gather its output, which `label_logps_from_hidden` could not do with the weight shard alone.
@@ -316,7 +318,7 @@ def sharded_head_label_logps(head: nn.Module, hidden: torch.Tensor, labels: torc
         logits = logits.full_tensor()
     targets = labels[:, 1:][loss_mask]
     token_logps = logits.float().log_softmax(-1).gather(1, targets[:, None]).squeeze(1)
-    return _per_sequence(token_logps, loss_mask, average_log_prob=False)
+    return _per_sequence(token_logps, loss_mask, average_log_prob)
 
 
 def _keep_indices(weights: torch.Tensor, k: int, generator: Optional[torch.Generator]) -> torch.Tensor:
@@ -564,6 +566,19 @@ class DummyWandb:
         pass
 
 
+class BetaDPOBatch(NamedTuple):
+    """β-DPO's decision for one batch of N pairs gathered over all ranks: what each pair's loss uses."""
+    betas: torch.Tensor  # (N,) float32, the β of each pair (all equal at beta_level=batch)
+    keep: torch.Tensor  # (N,) bool, the pairs the filter keeps
+    metrics: Dict[str, List[float]]  # logged as record_{train,eval}/: beta_used, mask_count, kept_fraction, gap_*
+
+
+class StepBetaDPO(NamedTuple):
+    """The decision of a whole optimizer step (loss.beta_dpo_scope=step) and one microbatch's place in it."""
+    decision: BetaDPOBatch
+    offset: int  # index of the microbatch's first pair among the step's N pairs
+
+
 class BasicTrainer:
     """SFT or preference training (DPO, cDPO, IPO, β-DPO) in one process.
 
@@ -592,6 +607,10 @@ class BasicTrainer:
         self.sft = config.loss.name == 'sft'
         self.uses_reference_model = not self.sft
         self.beta_dpo = not self.sft and config.loss.mode_loss == 'beta_DPO'
+        # β-DPO decides once per optimizer step, over all its microbatches (loss.beta_dpo_scope=step)
+        self.step_scope = self.beta_dpo and config.loss.beta_dpo_scope == 'step'
+        # responses scored by their mean token log-probability (loss.average_log_prob)
+        self.average_log_prob = not self.sft and config.loss.average_log_prob
 
         self.policy = policy
         if config.activation_checkpointing:
@@ -603,7 +622,8 @@ class BasicTrainer:
         # pair key -> (chosen, rejected) reference log-probabilities, once precompute_reference_logps ran
         self.reference_cache: Optional[Dict[str, Tuple[float, float]]] = None
         self.tokenizer = load_tokenizer(config)
-        self.margin_stats = MarginStats(self.device)
+        self.margin_stats = (MarginStats(self.device) if self.sft else
+                             MarginStats(self.device, momentum=config.loss.momentum, m0=config.loss.m0))
         # The β-DPO filter's only randomness: seeded alike on every rank, so all ranks keep the same pairs.
         self.filter_generator = torch.Generator().manual_seed(seed)
 
@@ -700,10 +720,15 @@ class BasicTrainer:
         metrics = defaultdict(list)
         losses = []
         stats_before = self.margin_stats.state_dict()
+        decision = self.step_beta_dpo(batch) if self.step_scope else None
+        if decision is not None:
+            metrics.update({f'record_train/{k}': v for k, v in decision.metrics.items()})
+        microbatch_size = self.config.batch_size // accumulation
         for microbatch_idx in range(accumulation):
             global_microbatch = slice_and_move_batch_for_device(batch, microbatch_idx, accumulation, 'cpu')
             local_microbatch = slice_and_move_batch_for_device(global_microbatch, self.dp_rank, self.dp_size, self.device)
-            loss, microbatch_metrics = self.get_batch_metrics(local_microbatch, train=True)
+            step = None if decision is None else StepBetaDPO(decision, microbatch_idx * microbatch_size)
+            loss, microbatch_metrics = self.get_batch_metrics(local_microbatch, train=True, step_beta_dpo=step)
             (loss / accumulation).backward()
             losses.append(loss.detach())
             for k, v in microbatch_metrics.items():
@@ -748,8 +773,8 @@ class BasicTrainer:
     # ----- losses and metrics -------------------------------------------------------------------------
 
     def forward_logps(self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                      labels: torch.Tensor) -> torch.Tensor:
-        """(batch,) summed log-probabilities of the label tokens under `model` (a Hugging Face causal LM).
+                      labels: torch.Tensor, average_log_prob: bool = False) -> torch.Tensor:
+        """(batch,) summed (or, average_log_prob, mean) log-probabilities of the label tokens under `model`.
 
         With logps_chunk_size set, the model runs through its own forward (so FSDP's and tensor
         parallelism's hooks fire) but keeps only its last, normed hidden state (output_hidden_states=-1)
@@ -764,7 +789,7 @@ class BasicTrainer:
         chunk_size = self.config.logps_chunk_size
         if not chunk_size:
             logits = model(input_ids, attention_mask=attention_mask, use_cache=False).logits
-            return _get_batch_logps(logits, labels, average_log_prob=False)
+            return _get_batch_logps(logits, labels, average_log_prob=average_log_prob)
         outputs = model(input_ids, attention_mask=attention_mask, use_cache=False, output_hidden_states=-1,
                         logits_to_keep=torch.zeros_like(labels, dtype=torch.bool))
         hidden = outputs.hidden_states[-1]
@@ -772,14 +797,15 @@ class BasicTrainer:
         # The head in float32 (or its own dtype) even under the policy's autocast: see _get_batch_logps.
         with torch.autocast(device_type=hidden.device.type, enabled=False):
             if isinstance(head.weight, DTensor):
-                return sharded_head_label_logps(head, hidden, labels)
-            return label_logps_from_hidden(hidden, head.weight, head.bias, labels, chunk_size)
+                return sharded_head_label_logps(head, hidden, labels, average_log_prob)
+            return label_logps_from_hidden(hidden, head.weight, head.bias, labels, chunk_size, average_log_prob)
 
     def concatenated_forward(self, model: nn.Module, batch: Dict) -> Tuple[torch.Tensor, torch.Tensor]:
         """Log-probabilities of the chosen and rejected responses from one forward pass over both."""
         concatenated = concatenated_inputs(batch)
         all_logps = self.forward_logps(model, concatenated['concatenated_input_ids'],
-                                       concatenated['concatenated_attention_mask'], concatenated['concatenated_labels'])
+                                       concatenated['concatenated_attention_mask'], concatenated['concatenated_labels'],
+                                       self.average_log_prob)
         n = batch['chosen_input_ids'].shape[0]
         return all_logps[:n], all_logps[n:]
 
@@ -856,8 +882,13 @@ class BasicTrainer:
         """`values` of every data-parallel process, concatenated in rank order (detached)."""
         return all_gather_if_needed(values.detach(), self.dp_rank, self.dp_size)
 
-    def get_batch_metrics(self, batch: Dict, train: bool = True) -> Tuple[torch.Tensor, Dict[str, List[float]]]:
-        """The loss of this process's microbatch (to backpropagate) and its metrics (lists over all ranks)."""
+    def get_batch_metrics(self, batch: Dict, train: bool = True, step_beta_dpo: Optional['StepBetaDPO'] = None
+                          ) -> Tuple[torch.Tensor, Dict[str, List[float]]]:
+        """The loss of this process's microbatch (to backpropagate) and its metrics (lists over all ranks).
+
+        step_beta_dpo: β-DPO's decision for the whole optimizer step and where this microbatch sits in it
+        (loss.beta_dpo_scope=step, see `step_beta_dpo`); without it β-DPO decides from this microbatch.
+        """
         split = 'train' if train else 'eval'
         if self.sft:
             with self.policy_autocast():
@@ -872,26 +903,39 @@ class BasicTrainer:
             policy_chosen_logps, policy_rejected_logps = self.concatenated_forward(self.policy, batch)
         reference_chosen_logps, reference_rejected_logps = self.reference_logps(batch)
         loss_config = self.config.loss
-        local_keep = None
         beta = loss_config.beta
         metrics = {}
         if self.beta_dpo:
-            beta, local_keep, batch_metrics = self.beta_dpo_filter(
-                policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps, train)
-            metrics.update({f'record_{split}/{k}': v for k, v in batch_metrics.items()})
+            n_local = policy_chosen_logps.shape[0]
+            if step_beta_dpo is None:
+                local_margins = self.margins(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
+                                             reference_rejected_logps)
+                decision, scale = self.beta_dpo_decision(self.gather(local_margins), train), 1
+                offset = self.dp_rank * n_local
+                metrics.update({f'record_{split}/{k}': v for k, v in decision.metrics.items()})
+            else:
+                decision, offset = step_beta_dpo.decision, step_beta_dpo.offset + self.dp_rank * n_local
+                scale = self.config.gradient_accumulation_steps
+            beta = decision.betas[offset:offset + n_local].to(policy_chosen_logps.device)
+            local_keep = decision.keep[offset:offset + n_local].to(policy_chosen_logps.device).float()
 
         losses, chosen_rewards, rejected_rewards = preference_loss(
             policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
-            beta=beta, label_smoothing=loss_config.label_smoothing, ipo=loss_config.name == 'ipo',
-            reference_free=loss_config.reference_free)
-        if local_keep is None:
+            beta=beta, label_smoothing=loss_config.label_smoothing, reference_free=loss_config.reference_free,
+            loss_type=loss_config.loss_type)
+        if loss_config.rpo_alpha:
+            nll = chosen_nll(policy_chosen_logps, self.chosen_token_counts(batch))
+            losses = losses + loss_config.rpo_alpha * nll
+            metrics[f'rpo_{split}/chosen_nll'] = self.gather(nll)
+        if not self.beta_dpo:
             loss = losses.mean()
         else:
-            # The mean over the kept pairs of the whole batch across ranks. Data-parallel gradients are
-            # averaged over dp_size ranks, hence the factor dp_size (β-DPO's original divided by each
-            # rank's own kept count, weighting pairs unequally).
-            n_kept = batch_metrics['mask_count'][0]
-            loss = (losses * local_keep).sum() * self.dp_size / n_kept
+            # The mean over the kept pairs of the whole batch across ranks (and, at scope=step, across the
+            # step's microbatches, whose losses train_step averages: hence the factor `scale`). Data-parallel
+            # gradients are averaged over dp_size ranks, hence the factor dp_size (β-DPO's original divided
+            # by each rank's own kept count, weighting pairs unequally).
+            n_kept = int(decision.keep.sum())
+            loss = (losses * local_keep).sum() * self.dp_size * scale / n_kept
 
         metrics.update({
             f'rewards_{split}/chosen': self.gather(chosen_rewards),
@@ -908,27 +952,39 @@ class BasicTrainer:
         })
         return loss, {k: (v.float().cpu().tolist() if torch.is_tensor(v) else v) for k, v in metrics.items()}
 
-    def beta_dpo_filter(self, policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
-                        reference_rejected_logps, train: bool):
-        """β-DPO for one microbatch: (β_used, this rank's keep mask as floats, metrics).
+    def margins(self, policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
+                reference_rejected_logps) -> torch.Tensor:
+        """(batch,) detached β-DPO margins m = (π_c − π_r) − (ref_c − ref_r), without the reference if reference_free."""
+        reference_term = 0 if self.config.loss.reference_free else reference_chosen_logps - reference_rejected_logps
+        return (policy_chosen_logps - policy_rejected_logps - reference_term).detach()
 
-        The margins of the whole microbatch are gathered from all ranks; the running statistics are
-        updated in training only, before dynamic_beta reads them (the reference implementation's order).
-        Evaluation draws from its own generator so it never shifts the training stream's draws.
+    def chosen_token_counts(self, batch: Dict) -> torch.Tensor:
+        """(batch,) labelled tokens of each chosen response (1 each when log-probabilities are already means)."""
+        counts = (batch['chosen_labels'][:, 1:] != -100).sum(-1)
+        return torch.ones_like(counts) if self.average_log_prob else counts
+
+    def beta_dpo_decision(self, margins: torch.Tensor, train: bool) -> 'BetaDPOBatch':
+        """β-DPO for a batch of (N,) margins gathered over all ranks: β per pair, the kept pairs, metrics.
+
+        The running statistics are updated in training only, before β and the filter read them (the
+        reference implementation's order). beta_level=batch gives every pair the batch's β;
+        beta_level=instance gives each pair its own (`instance_betas`), with the same filter.
         """
         loss_config = self.config.loss
-        reference_term = 0 if loss_config.reference_free else reference_chosen_logps - reference_rejected_logps
-        local_margins = (policy_chosen_logps - policy_rejected_logps - reference_term).detach()
-        beta_used, keep = self.batch_beta_and_mask(self.gather(local_margins), train)
-        n_local = local_margins.shape[0]
-        local_keep = keep[self.dp_rank * n_local:(self.dp_rank + 1) * n_local].to(local_margins.device).float()
+        beta_used, keep = self.batch_beta_and_mask(margins, train)
+        if loss_config.beta_level == 'instance':
+            betas = instance_betas(margins, self.margin_stats.threshold, loss_config.beta, loss_config.a,
+                                   tuple(loss_config.beta_range)).to(margins.device)
+            beta_used = betas[keep].mean()
+        else:
+            betas = beta_used.to(margins.device).expand(margins.shape[0])
         metrics = {'beta_used': [beta_used.item()], 'mask_count': [int(keep.sum())],
                    'kept_fraction': [keep.float().mean().item()],
                    'gap_mean': [self.margin_stats.mean.item()], 'gap_std': [self.margin_stats.std.item()]}
-        return beta_used.to(local_margins.device), local_keep, metrics
+        return BetaDPOBatch(betas, keep, metrics)
 
     def batch_beta_and_mask(self, margins: torch.Tensor, train: bool) -> Tuple[torch.Tensor, torch.Tensor]:
-        """β and the keep mask of the whole microbatch from its (N,) margins gathered over all ranks.
+        """The batch-level β (0-dim) and the keep mask of the batch from its (N,) margins gathered over all ranks.
 
         Identical on every rank by construction: the same margins, the same statistics, and a generator
         seeded alike everywhere that nothing else draws from.
@@ -939,8 +995,30 @@ class BasicTrainer:
             generator = self.filter_generator
         else:
             generator = torch.Generator().manual_seed(self.seed + self.example_counter)
-        return dynamic_beta(margins, self.margin_stats.mean, self.margin_stats.std, loss_config.beta, loss_config.a,
-                            loss_config.mode_weight, generator=generator)
+        return dynamic_beta(margins, self.margin_stats.threshold, self.margin_stats.std, loss_config.beta,
+                            loss_config.a, loss_config.mode_weight, generator=generator, filter=loss_config.filter,
+                            beta_range=tuple(loss_config.beta_range))
+
+    def step_beta_dpo(self, batch: Dict) -> 'BetaDPOBatch':
+        """β-DPO's decision over a whole optimizer step (loss.beta_dpo_scope=step), before any backward pass.
+
+        Every microbatch's margins are computed without gradients first (one more forward pass of the
+        policy, and of the reference model unless its log-probabilities are precomputed) and gathered over
+        all ranks; concatenated in microbatch order they are the margins of the batch in its own row order,
+        as a run without gradient accumulation sees them, so the statistics update, β and the kept pairs
+        are the same as that run's. Keeping the microbatches' graphs instead would need the memory that
+        gradient accumulation exists to save.
+        """
+        accumulation = self.config.gradient_accumulation_steps
+        margins = []
+        with torch.no_grad():
+            for microbatch_idx in range(accumulation):
+                global_microbatch = slice_and_move_batch_for_device(batch, microbatch_idx, accumulation, 'cpu')
+                local = slice_and_move_batch_for_device(global_microbatch, self.dp_rank, self.dp_size, self.device)
+                with self.policy_autocast():
+                    policy_logps = self.concatenated_forward(self.policy, local)
+                margins.append(self.gather(self.margins(*policy_logps, *self.reference_logps(local))))
+        return self.beta_dpo_decision(torch.cat(margins), train=True)
 
     # ----- evaluation ---------------------------------------------------------------------------------
 
@@ -1053,13 +1131,32 @@ class BasicTrainer:
     # ----- checkpoints --------------------------------------------------------------------------------
 
     def setup_optimization(self) -> None:
-        """The optimizer named by config.optimizer and the linear warmup schedule."""
+        """The optimizer named by config.optimizer (with config.weight_decay) and the lr schedule (`LRSchedule`)."""
         optimizer_class = getattr(torch.optim, self.config.optimizer)
         params = [p for p in self.policy.parameters() if p.requires_grad]
         kwargs = {'fused': True} if fused_optimizer_applies(optimizer_class, params) else {}
+        if self.config.weight_decay is not None:
+            kwargs['weight_decay'] = self.config.weight_decay
         self.optimizer = optimizer_class(params, lr=self.config.lr, **kwargs)
+        schedule = self.config.lr_scheduler
+        total_steps = None if schedule == 'constant' else self.total_steps()
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lr_lambda=lambda step: min(1.0, (step + 1) / (self.config.warmup_steps + 1)))
+            self.optimizer, lr_lambda=LRSchedule(schedule, self.config.warmup_steps, total_steps))
+
+    def total_steps(self) -> int:
+        """Optimizer steps of the whole run, as get_batch_iterator counts them: n_epochs over the training
+        data (each epoch's last partial batch dropped) or ⌈n_examples / batch_size⌉, whichever ends first."""
+        batch_size = self.config.batch_size
+        kwargs = self.data_kwargs
+        per_epoch = sum(load_tokenized(name, kwargs['tokenizer'], 'train', kwargs['max_length'],
+                                       kwargs['max_prompt_length'], kwargs['sft_mode'], True, kwargs['cache_dir'],
+                                       kwargs['dataset_options']).n_examples for name in kwargs['names']) // batch_size
+        candidates = []
+        if self.config.n_epochs is not None:
+            candidates.append(self.config.n_epochs * per_epoch)
+        if self.config.n_examples is not None:
+            candidates.append(-(-self.config.n_examples // batch_size))
+        return max(1, min(candidates))
 
     def clip_gradient(self) -> float:
         """Clip the policy's gradients to max_grad_norm; returns the norm before clipping."""
@@ -1113,7 +1210,12 @@ class BasicTrainer:
         The policy weights were loaded by train.py before the model was wrapped.
         """
         self.load_optimizer_state_dict(load_checkpoint_file(checkpoint_dir / 'optimizer.pt', 'optimizer state')['state'])
+        configured = dict(vars(self.scheduler.lr_lambdas[0]))
         self.scheduler.load_state_dict(load_checkpoint_file(checkpoint_dir / 'scheduler.pt', 'scheduler state')['state'])
+        saved = vars(self.scheduler.lr_lambdas[0])
+        if saved != configured:  # train.resume_changes refuses the settings that change it; the data may have
+            raise ValueError(f'resume_from: the checkpoint\'s lr schedule {saved} differs from this run\'s {configured} '
+                             f'(did the training data change?); start a new run from {checkpoint_dir}/policy.pt')
         state = load_checkpoint_file(checkpoint_dir / 'trainer_state.pt', 'trainer state')
         self.example_counter = state['example_counter']
         self.batch_counter = state['batch_counter']
@@ -1326,6 +1428,33 @@ def tensor_parallel_plan(model: nn.Module, world_size: int) -> Dict[str, Paralle
     return {key: TP_STYLES[style]() for key, style in plan.items()}
 
 
+class LRSchedule:
+    """The learning-rate factor of optimizer step t, LambdaLR's lr_lambda. LambdaLR saves a callable object's
+    attributes in its state dict, so scheduler.pt carries the schedule and a resume restores it.
+
+    Every schedule starts with the original's linear warmup, min(1, (t + 1)/(warmup_steps + 1)); after it
+        constant: 1 (the original)
+        cosine: ½·(1 + cos(π·p)),  linear: 1 − p,  p = (t − warmup_steps)/(total_steps − warmup_steps) in [0, 1]
+    as transformers' get_cosine_schedule_with_warmup / get_linear_schedule_with_warmup after their warmup: the
+    factor is 1 at the end of the warmup and falls to 0 at total_steps.
+    """
+
+    def __init__(self, name: str, warmup_steps: int, total_steps: Optional[int] = None):
+        if name not in LR_SCHEDULES or (name != 'constant' and total_steps is None):
+            raise ValueError(f'lr_scheduler={name!r}: choose one of {", ".join(LR_SCHEDULES)} (decays need total_steps)')
+        self.name = name
+        self.warmup_steps = warmup_steps
+        self.total_steps = total_steps
+
+    def __call__(self, step: int) -> float:
+        if self.name == 'constant' or step < self.warmup_steps:
+            return min(1.0, (step + 1) / (self.warmup_steps + 1))
+        progress = min(1.0, (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps))
+        if self.name == 'cosine':
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return 1.0 - progress
+
+
 def clip_grad_norm(parameters, max_norm: float, device: torch.device) -> float:
     """Clip gradients split over processes to a global L2 norm ≤ max_norm; returns the norm before clipping.
 
@@ -1470,7 +1599,8 @@ def reference_cache_path(config: DictConfig, tokenizer) -> Path:
         None if archive is None else file_identity(archive), config.model.reference_dtype,
         tokenizer_identity(tokenizer), config.max_length, config.max_prompt_length, list(config.datasets),
         [data_identity(name, split, dataset_options(config)) for name in config.datasets for split in ('train', 'test')],
-        dataset_options(config)], sort_keys=True, default=repr)
+        dataset_options(config), *(['average_log_prob'] if config.loss.average_log_prob else [])],
+        sort_keys=True, default=repr)
     return Path(local_dir) / 'beta_dpo' / 'reference_logps' / f'{hashlib.sha256(key.encode()).hexdigest()[:24]}.pt'
 
 

@@ -309,3 +309,47 @@ def test_every_bad_switch_is_reported_at_once(tmp_path):
     problems = train.validate_config(compose_config(
         [*FAST, 'loss=dpo', 'loss.momentum=-0.1', 'loss.filter=both', 'loss.m0=high'], tmp_path))
     assert [p.split('=')[0] for p in problems] == ['loss.momentum', 'loss.m0', 'loss.filter']
+
+
+# ----- the switches in the trainer -------------------------------------------------------------------
+
+def first_step(tmp_path, overrides):
+    """(metrics of the first training step, its batch's (8,) chosen log-probabilities before the step, the
+    batch) of the embedded model, policy = reference."""
+    from helpers import start_run
+    trainer = start_run([*FAST, 'loss=dpo', 'n_examples=8', 'optimizer=SGD', 'lr=0.1', *overrides], tmp_path)
+    batch = next(iter(trainer.train_batches()))
+    with torch.no_grad():
+        chosen_logps, _ = trainer.concatenated_forward(trainer.policy, batch)
+    return trainer.train_step(batch), chosen_logps, batch
+
+
+def test_hinge_with_beta_dpo_in_the_trainer(tmp_path):
+    """Policy = reference gives h = 0 for every pair, so the hinge max(0, 1 − β·0) = 1 whatever β; β-DPO keeps
+    k = ⌊8·0.75⌋ = 6 pairs (σ = 0 at the first step: no pair is an outlier) and β = β0 (every margin is μ = 0)."""
+    metrics, _, _ = first_step(tmp_path, ['loss.loss_type=hinge', 'loss.mode_loss=beta_DPO', 'loss.mode_weight=0.25',
+                                          'loss.a=0.6'])
+    assert metrics['loss/train'] == pytest.approx(1.0)
+    assert metrics['record_train/mask_count'] == 6 and metrics['record_train/beta_used'] == pytest.approx(0.1)
+
+
+def test_rpo_term_in_the_trainer(tmp_path):
+    """α_RPO = 0.5 at policy = reference: each pair's loss is ln 2 + 0.5·NLL, NLL = −log π(y_w)/|y_w| over the
+    chosen response's labelled tokens, so loss/train = ln 2 + 0.5·mean(NLL)."""
+    metrics, chosen_logps, batch = first_step(tmp_path, ['loss.rpo_alpha=0.5'])
+    counts = (batch['chosen_labels'][:, 1:] != -100).sum(-1).float()
+    nll = -chosen_logps / counts
+    assert metrics['rpo_train/chosen_nll'] == pytest.approx(nll.mean().item(), rel=1e-5)
+    assert metrics['loss/train'] == pytest.approx(math.log(2) + 0.5 * nll.mean().item(), rel=1e-5)
+
+
+def test_average_log_prob_in_the_trainer(tmp_path):
+    """loss.average_log_prob: the logged log-probabilities are the summed ones divided by each response's
+    labelled tokens, for the same first batch; the loss at policy = reference stays ln 2."""
+    _, summed, batch = first_step(tmp_path / 'sum', [])
+    averaged_metrics, averaged, _ = first_step(tmp_path / 'mean', ['loss.average_log_prob=true',
+                                                                   'loss.mode_loss=beta_DPO', 'loss.a=0.6'])
+    counts = (batch['chosen_labels'][:, 1:] != -100).sum(-1).float()
+    torch.testing.assert_close(averaged, summed / counts, rtol=1e-5, atol=1e-6)
+    assert averaged_metrics['logps_train/chosen'] == pytest.approx(averaged.mean().item(), rel=1e-5)
+    assert averaged_metrics['loss/train'] == pytest.approx(math.log(2), rel=1e-6)
