@@ -493,11 +493,11 @@ class MarginStats:
         self.std.mul_(self.momentum).add_(batch_std, alpha=1 - self.momentum)
 
     def state_dict(self) -> dict:
-        return {'mean': self.mean.item(), 'std': self.std.item(), 'momentum': self.momentum, 'm0': self.m0}
+        """The running state (m0 is a setting: it comes from the config, and a resume may not change it)."""
+        return {'mean': self.mean.item(), 'std': self.std.item(), 'momentum': self.momentum}
 
     def load_state_dict(self, state: dict) -> None:
         self.momentum = float(state['momentum'])
-        self.m0 = state.get('m0')  # absent in checkpoints written before loss.m0 existed: the running mean
         self.mean.fill_(float(state['mean']))
         self.std.fill_(float(state['std']))
 
