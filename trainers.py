@@ -355,9 +355,8 @@ def concatenated_inputs(batch: Dict[str, Union[List, torch.Tensor]]) -> Dict[str
 class LossMode:
     """What the configured loss needs, derived once from config.loss (as torchtune's `is_reference_free`)."""
     sft: bool        # loss=sft: the negative log-likelihood of the chosen responses
-    ipo: bool        # loss=ipo: IPO's squared loss instead of DPO's sigmoid
     beta_dpo: bool   # loss.mode_loss=beta_DPO: batch-level β and the β-guided filter
-    loss_type: Optional[str] = None   # loss.loss_type: sigmoid, hinge or ipo (None for SFT)
+    loss_type: Optional[str] = None   # loss.loss_type: sigmoid (DPO), hinge (SLiC) or ipo (loss=ipo); None for SFT
     step_scope: bool = False          # loss.beta_dpo_scope=step: β-DPO decides once per optimizer step
     average_log_prob: bool = False    # loss.average_log_prob: responses scored by their mean token log-prob
 
@@ -369,9 +368,9 @@ class LossMode:
     def from_config(cls, loss_config: DictConfig) -> 'LossMode':
         sft = loss_config.name == 'sft'
         if sft:
-            return cls(sft=True, ipo=False, beta_dpo=False)
+            return cls(sft=True, beta_dpo=False)
         beta_dpo = loss_config.mode_loss == 'beta_DPO'
-        return cls(sft=False, ipo=loss_config.name == 'ipo', beta_dpo=beta_dpo, loss_type=loss_config.loss_type,
+        return cls(sft=False, beta_dpo=beta_dpo, loss_type=loss_config.loss_type,
                    step_scope=beta_dpo and loss_config.beta_dpo_scope == 'step',
                    average_log_prob=loss_config.average_log_prob)
 
