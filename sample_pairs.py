@@ -1,7 +1,7 @@
 """On-policy preference pairs for the synthetic task: the gold answer against the model's own mistakes.
 
     python sample_pairs.py RUN_DIR --out pairs.jsonl           # RUN_DIR: a run on datasets=[synthetic]
-    python train.py loss=dpo datasets=[synthetic] synthetic.train_pairs=pairs.jsonl \\
+    python train.py loss=dpo loss.beta=0.5 datasets=[synthetic] synthetic.train_pairs=pairs.jsonl \\
         model.archive=RUN_DIR/LATEST/policy.pt ...
 
 The model of RUN_DIR (its config.yaml and LATEST/policy.pt) answers the task's training prompts once greedily
