@@ -39,12 +39,12 @@ def pair_keys(batch: Dict) -> List[str]:
 def reference_cache_path(config: DictConfig, tokenizer, world_size: int, device_type: str) -> Path:
     """Where the precomputed reference log-probabilities live, keyed by everything that changes their values.
 
-    What is computed: the model files, model.archive, the data and the length settings. How: the reference's
-    dtype, TF32 (allow_tf32, on GPUs), the head's chunking (logps_chunk_size), the device type, and the
-    trainer with its `world_size` processes (they split each batch and sum in another order: FSDP's values
-    agree with BasicTrainer's within 1e-5 relative, not bit for bit; tests/test_distributed.py).
-    model.fsdp_policy_mp is not in the key: it sets the policy's compute dtype only, never the reference's
-    (distributed.fsdp_split).
+    What is computed: the model files, model.archive, the data and the length settings, and whether they are
+    means per token (loss.average_log_prob). How: the reference's dtype, TF32 (allow_tf32, on GPUs), the
+    head's chunking (logps_chunk_size), the device type, and the trainer with its `world_size` processes (they
+    split each batch and sum in another order: FSDP's values agree with BasicTrainer's within 1e-5 relative,
+    not bit for bit; tests/test_distributed.py). model.fsdp_policy_mp is not in the key: it sets the policy's
+    compute dtype only, never the reference's (distributed.fsdp_split).
     """
     local_dir = get_local_dir(config.local_dirs)
     archive = config.model.archive
@@ -54,7 +54,7 @@ def reference_cache_path(config: DictConfig, tokenizer, world_size: int, device_
         config.logps_chunk_size, config.trainer, world_size, device_type,
         tokenizer_identity(tokenizer), config.max_length, config.max_prompt_length, list(config.datasets),
         [data_identity(name, split, dataset_options(config)) for name in config.datasets for split in ('train', 'test')],
-        dataset_options(config))
+        dataset_options(config), *(['average_log_prob'] if config.loss.average_log_prob else []))
     return Path(local_dir) / 'beta_dpo' / 'reference_logps' / f'{key}.pt'
 
 
