@@ -34,8 +34,9 @@ import torch.nn as nn
 from omegaconf import DictConfig, OmegaConf
 
 from utils import (disable_dropout, get_local_dir, get_local_run_dir, get_open_port, init_distributed,
-                   launched_by_torchrun, load_checkpoint_file, load_state_dict_checked, materialize_embedded_model,
-                   rank0_print, removed_if_unused)
+                   launched_by_torchrun, load_checkpoint_file, load_state_dict_checked, rank0_print,
+                   removed_if_unused)
+from models import materialize_model
 
 OmegaConf.register_new_resolver('get_local_run_dir', get_local_run_dir, replace=True)
 
@@ -173,12 +174,12 @@ def writable(path: Path) -> bool:
 
 
 def build_model(config: DictConfig, dtype_name: str, device_map: Optional[str], empty: bool = False) -> nn.Module:
-    """AutoModelForCausalLM.from_pretrained of config.model.name_or_path (Hub id, directory or embedded:NAME).
+    """AutoModelForCausalLM.from_pretrained of config.model.name_or_path (Hub id, directory, .gguf file or embedded:NAME).
 
     empty: the same model on the meta device, without weights and without memory (see build_models).
     """
     import transformers
-    path = materialize_embedded_model(config.model.name_or_path, get_local_dir(config.local_dirs))
+    path = materialize_model(config.model.name_or_path, get_local_dir(config.local_dirs))
     if empty:
         model_config = transformers.AutoConfig.from_pretrained(path, cache_dir=get_local_dir(config.local_dirs))
         with torch.device('meta'):
@@ -315,11 +316,11 @@ def distributed_worker(rank: Optional[int], world_size: Optional[int], config: D
 
 
 def materialize_in_turn(config: DictConfig, setup) -> None:
-    """Write the embedded model (model.name_or_path=embedded:NAME) before any process reads it: rank 0
+    """Write the embedded model (embedded:NAME) or a GGUF conversion (models.py) before any process reads it: rank 0
     first, then the first process of each other machine (in case they share no disk)."""
     for writes in (setup.rank == 0, setup.local_rank == 0):
         if writes:
-            materialize_embedded_model(config.model.name_or_path, get_local_dir(config.local_dirs))
+            materialize_model(config.model.name_or_path, get_local_dir(config.local_dirs))
         dist.barrier()
 
 

@@ -44,10 +44,11 @@ from omegaconf import DictConfig, OmegaConf
 from torch.distributed.tensor import DTensor, Replicate
 from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel
 
+from models import materialize_model
 from preference_datasets import (data_identity, get_batch_iterator, padding_fraction, save_atomically,
                                  synthetic_gold_accuracy, tokenizer_identity)
 from utils import (all_gather_if_needed, atomic_checkpoint_dir, atomic_write_text, formatted_dict, get_local_dir,
-                   load_checkpoint_file, materialize_embedded_model, pad_to_length, point_latest_to, rank0_print,
+                   load_checkpoint_file, pad_to_length, point_latest_to, rank0_print,
                    get_block_modules, remove_incomplete_checkpoints, slice_and_move_batch_for_device)
 
 # β-DPO keeps β above this floor so a batch of very negative margins cannot flip the sign of the
@@ -1292,7 +1293,7 @@ def load_tokenizer(config: DictConfig):
     """The tokenizer of config.model (a Hub id, a directory, or an embedded model); pad = EOS if unset."""
     import transformers
     name = config.model.tokenizer_name_or_path or config.model.name_or_path
-    path = materialize_embedded_model(name, get_local_dir(config.local_dirs))
+    path = materialize_model(name, get_local_dir(config.local_dirs))
     tokenizer = transformers.AutoTokenizer.from_pretrained(path, cache_dir=get_local_dir(config.local_dirs))
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token_id = tokenizer.eos_token_id
@@ -1300,8 +1301,9 @@ def load_tokenizer(config: DictConfig):
 
 
 def dataset_options(config: DictConfig) -> Dict:
-    """Options the generated data sources read (datasets=[synthetic]); plain dict."""
-    return {'synthetic': OmegaConf.to_container(config.synthetic, resolve=True)} if 'synthetic' in config else {}
+    """Options the data loaders read (render_hh_with_chat_template, and the synthetic block); plain dict."""
+    options = {'render_hh_with_chat_template': True} if config.render_hh_with_chat_template else {}
+    return {**options, **({'synthetic': OmegaConf.to_container(config.synthetic, resolve=True)} if 'synthetic' in config else {})}
 
 
 def truncate_metrics_log(path: Path, up_to_example: int) -> None:
@@ -1332,7 +1334,7 @@ def file_identity(path: Union[str, Path]) -> List:
 
 def model_identity(name_or_path: str, local_dir: str) -> List:
     """What identifies a model's weights: the files of a local directory (or embedded model), else the Hub id."""
-    path = Path(materialize_embedded_model(name_or_path, local_dir)).expanduser()
+    path = Path(materialize_model(name_or_path, local_dir)).expanduser()
     if not path.is_dir():
         return [name_or_path]
     return [file_identity(f) for f in sorted(path.iterdir())

