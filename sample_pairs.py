@@ -31,8 +31,8 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from omegaconf import OmegaConf
 
-from preference_datasets import edit_distance, synthetic_gold_answer, synthetic_options, synthetic_prompts
-from utils import atomic_write_text, load_checkpoint_file, load_state_dict_checked
+from checkpoints import atomic_write_text, load_checkpoint_file, load_state_dict_checked
+from synthetic_task import edit_distance, synthetic_gold_answer, synthetic_options, synthetic_prompts
 
 # the longest gold answer is 13 bytes ('double' of 6 letters, with its leading space): room for a few more
 MAX_NEW_TOKENS = 16
@@ -40,8 +40,7 @@ MAX_NEW_TOKENS = 16
 
 def load_run_policy(run_dir: Path):
     """(policy in eval mode, tokenizer, run config) of RUN_DIR's LATEST checkpoint."""
-    from train import build_model
-    from trainers import load_tokenizer
+    from models import build_model, load_tokenizer
     config_path = run_dir / 'config.yaml'
     if not config_path.is_file():
         raise FileNotFoundError(f'{run_dir}: no config.yaml; pass a run directory written by train.py')

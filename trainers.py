@@ -22,34 +22,33 @@ References:
         β) and Eq. 7 (β-guided data filtering).
 """
 import contextlib
-import hashlib
 import inspect
-import math
 import json
-import os
+import math
 import random
-import signal
-import threading
 import time
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple, Union
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import tqdm
-from omegaconf import DictConfig, OmegaConf
-from torch.distributed.tensor import DTensor, Replicate
-from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel
+from omegaconf import DictConfig
 
-from models import materialize_model
-from preference_datasets import (data_identity, get_batch_iterator, padding_fraction, save_atomically,
-                                 synthetic_gold_accuracy, tokenizer_identity)
-from utils import (all_gather_if_needed, atomic_checkpoint_dir, atomic_write_text, formatted_dict, get_local_dir,
-                   load_checkpoint_file, pad_to_length, point_latest_to, rank0_print,
-                   get_block_modules, remove_incomplete_checkpoints, slice_and_move_batch_for_device)
+from checkpoints import (append_metrics, clean_run_dir_for_resume, export_hf_model, load_training_state,
+                         optimizer_state_by_index, optimizer_state_by_name, save_checkpoint, with_own_implementation)
+from distributed import (all_gather_if_needed, any_process, barrier, clip_grad_norm, fsdp_split, full_state_dict_options,
+                         split_and_load, tensor_parallel_split)
+from logps import forward_logps
+from models import first_device, load_tokenizer, unwrap
+from preference_datasets import dataset_options, get_batch_iterator, padding_fraction
+from reference_cache import ReferenceLogps, reference_cache_path
+from synthetic_task import synthetic_gold_accuracy
+from utils import (DummyWandb, StopRequest, formatted_dict, get_local_dir, pad_to_length, rank0_print,
+                   slice_and_move_batch_for_device)
 
 # β-DPO keeps β above this floor so a batch of very negative margins cannot flip the sign of the
 # loss (the reference implementation clamps at the same value).
@@ -86,9 +85,8 @@ def preference_loss(policy_chosen_logps: torch.Tensor,
         cDPO:  −(1−ε)·log σ(β·h) − ε·log σ(−β·h)
         IPO:   (h − 1/(2β))²
     """
-    pi_logratios = policy_chosen_logps - policy_rejected_logps
-    ref_logratios = 0 if reference_free else reference_chosen_logps - reference_rejected_logps
-    h = pi_logratios - ref_logratios
+    h = logratio_margins(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
+                         reference_free)
 
     if ipo:
         losses = (h - 1 / (2 * beta)) ** 2
@@ -101,180 +99,16 @@ def preference_loss(policy_chosen_logps: torch.Tensor,
     return losses, chosen_rewards, rejected_rewards
 
 
-def _get_batch_logps(logits: torch.Tensor, labels: torch.Tensor, average_log_prob: bool = False) -> torch.Tensor:
-    """Sum (or mean) of the log-probabilities of the label tokens.
-
-    Args:
-        logits: (batch, seq, vocab) unnormalised scores; position t predicts token t + 1.
-        labels: (batch, seq) token ids, −100 where no loss is taken (prompt, padding).
-        average_log_prob: return the mean per labelled token instead of the sum.
-
-    Returns:
-        (batch,) float32 log-probabilities. The log-softmax runs in float32 whatever the logits'
-        dtype: in bfloat16 the normaliser of a 50k-token vocabulary loses about 3 significant
-        digits, which is the size of the DPO log-ratios being compared.
-    """
-    if logits.shape[:-1] != labels.shape:
-        raise ValueError(f'logits {tuple(logits.shape)} and labels {tuple(labels.shape)} disagree in (batch, seq)')
-    labels = labels[:, 1:]
-    logits = logits[:, :-1, :].float()
-    loss_mask = labels != -100
-    safe_labels = labels.masked_fill(~loss_mask, 0)
-    per_token_logps = torch.gather(logits.log_softmax(-1), dim=2, index=safe_labels.unsqueeze(2)).squeeze(2)
-    summed = (per_token_logps * loss_mask).sum(-1)
-    if average_log_prob:
-        return summed / loss_mask.sum(-1).clamp(min=1)
-    return summed
-
-
-class _ChunkedLabelLogps(torch.autograd.Function):
-    """log p(y_i | h_i) = (W h_i + b)[y_i] − logsumexp(W h_i + b), a chunk of rows of the (N, V) logits at a time.
-
-    Autograd through a plain loop would keep every chunk's float32 logits and log-softmax alive until the
-    backward pass. This Function keeps h, W, b, the targets and the (N,) normalisers, and recomputes each
-    chunk's logits in the backward pass: one more matmul per chunk for memory that no longer grows with
-    the number of tokens (the trade Liger-Kernel's fused linear cross-entropy makes). When all N rows fit
-    in one chunk, the backward pass would allocate that chunk anyway, so the forward keeps its softmax
-    instead and the backward needs neither the matmul nor the exponentials again: the same peak, less time.
-    All chunks share one float32 buffer updated in place: on CPUs a fresh 100 MB tensor per chunk costs
-    more in page faults than the exponentials computed in it.
-    """
-
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk_size):
-        n = hidden.shape[0]
-        keep_softmax = n <= chunk_size and any(ctx.needs_input_grad[:3])
-        # equal chunks: a last chunk of a few rows would stream the whole weight for little work
-        chunk_size = -(-n // -(-n // chunk_size)) if n > 0 else chunk_size
-        token_logps = torch.empty(n, dtype=torch.float32, device=hidden.device)
-        normalisers = torch.empty(n, dtype=torch.float32, device=hidden.device)
-        buffer = torch.empty(min(n, chunk_size), weight.shape[0], dtype=torch.float32, device=hidden.device)
-        for start in range(0, n, chunk_size):
-            rows = slice(start, start + chunk_size)
-            logits = _chunk_logits(hidden[rows], weight, bias, buffer)
-            target_logits = logits.gather(1, targets[rows, None]).squeeze(1)
-            normalisers[rows] = _softmax_and_logsumexp_(logits)
-            token_logps[rows] = target_logits - normalisers[rows]
-        ctx.save_for_backward(hidden, weight, bias, targets, normalisers, buffer if keep_softmax else None)
-        ctx.chunk_size = chunk_size
-        ctx.backward_done = False
-        return token_logps
-
-    @staticmethod
-    def backward(ctx, grad_token_logps):
-        # ∂ log p(y_i) / ∂ logits_i = onehot(y_i) − softmax(logits_i), weighted by the incoming gradient g_i.
-        if ctx.backward_done:
-            raise RuntimeError('label_logps_from_hidden supports one backward pass per forward (its softmax is '
-                               'reused in place)')
-        ctx.backward_done = True
-        hidden, weight, bias, targets, normalisers, softmax = ctx.saved_tensors
-        n = hidden.shape[0]
-        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-        # float32 accumulators: a bfloat16 weight's gradient summed over thousands of tokens would round away.
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \
-            if ctx.needs_input_grad[1] else None
-        grad_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) \
-            if bias is not None and ctx.needs_input_grad[2] else None
-        if softmax is None:
-            buffer = torch.empty(min(n, ctx.chunk_size), weight.shape[0], dtype=torch.float32, device=hidden.device)
-        for start in range(0, n, ctx.chunk_size):
-            rows = slice(start, start + ctx.chunk_size)
-            g = grad_token_logps[rows].float().unsqueeze(1)
-            if softmax is None:
-                grad_logits = _chunk_logits(hidden[rows], weight, bias, buffer)
-                grad_logits.sub_(normalisers[rows, None]).exp_()
-            else:
-                grad_logits = softmax
-            grad_logits.mul_(-g).scatter_add_(1, targets[rows, None], g)
-            if grad_hidden is not None:
-                grad_hidden[rows] = (grad_logits.to(weight.dtype) @ weight).to(hidden.dtype)
-            if grad_weight is not None:
-                grad_weight.addmm_(grad_logits.t(), hidden[rows].float())
-            if grad_bias is not None:
-                grad_bias.add_(grad_logits.sum(0))
-        if grad_weight is not None:
-            grad_weight = grad_weight.to(weight.dtype)
-        if grad_bias is not None:
-            grad_bias = grad_bias.to(bias.dtype)
-        return grad_hidden, grad_weight, grad_bias, None, None
-
-
-def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                  buffer: torch.Tensor) -> torch.Tensor:
-    """(rows, V) float32 logits of `hidden` (rows, H), written into the first rows of `buffer`.
-
-    The product is taken in the weight's dtype, as the model's own head would, then held in float32.
-    """
-    out = buffer[:hidden.shape[0]]
-    if weight.dtype == torch.float32:
-        if bias is None:
-            return torch.mm(hidden, weight.t(), out=out)
-        return torch.addmm(bias, hidden, weight.t(), out=out)
-    return out.copy_(F.linear(hidden.to(weight.dtype), weight, bias))
-
-
-def _softmax_and_logsumexp_(logits: torch.Tensor) -> torch.Tensor:
-    """(rows,) logsumexp over the last dim of (rows, V) `logits`, which it overwrites with their softmax."""
-    maxes = logits.amax(dim=1, keepdim=True)
-    # a row of −inf logits would give nan in (logits − max); such a row has no probability to normalise
-    maxes.masked_fill_(~torch.isfinite(maxes), 0)
-    sums = logits.sub_(maxes).exp_().sum(dim=1, keepdim=True)
-    logits.div_(sums)
-    return sums.log_().add_(maxes).squeeze(1)
-
-
-def label_logps_from_hidden(hidden: torch.Tensor, head_weight: torch.Tensor, head_bias: Optional[torch.Tensor],
-                            labels: torch.Tensor, chunk_size: int = 1024,
-                            average_log_prob: bool = False) -> torch.Tensor:
-    """`_get_batch_logps(F.linear(hidden, head_weight, head_bias), labels, average_log_prob)` without the logits.
-
-    Args:
-        hidden: (batch, seq, hidden) final hidden states (after the last norm), position t predicts token t + 1.
-        head_weight, head_bias: the output projection, (vocab, hidden) and (vocab,) or None.
-        labels: (batch, seq) token ids, −100 where no loss is taken (prompt, padding).
-        chunk_size: labelled tokens per block of the vocabulary projection; peak memory of the head is
-            about 3 · chunk_size · vocab floats in the backward pass, instead of 2 · batch · seq · vocab.
-        average_log_prob: the mean per labelled token instead of the sum.
-
-    Returns:
-        (batch,) float32, equal to the naive computation up to float32 rounding (same logits, same
-        float32 log-softmax). Only the labelled positions are projected: prompts and padding carry no
-        loss, and in preference data they are about half of every sequence.
-    """
-    if hidden.shape[:-1] != labels.shape:
-        raise ValueError(f'hidden {tuple(hidden.shape)} and labels {tuple(labels.shape)} disagree in (batch, seq)')
-    loss_mask = labels[:, 1:] != -100
-    token_logps = _ChunkedLabelLogps.apply(hidden[:, :-1][loss_mask], head_weight, head_bias,
-                                           labels[:, 1:][loss_mask], chunk_size)
-    return _per_sequence(token_logps, loss_mask, average_log_prob)
-
-
-def _per_sequence(token_logps: torch.Tensor, loss_mask: torch.Tensor, average_log_prob: bool) -> torch.Tensor:
-    """(batch,) sums (or means) of the (N,) labelled-token values, N = loss_mask.sum(), in row-major order.
-
-    A row without labels gets 0, as in `_get_batch_logps`.
-    """
-    rows = loss_mask.nonzero()[:, 0]
-    summed = torch.zeros(loss_mask.shape[0], dtype=torch.float32, device=token_logps.device)
-    summed = summed.index_add(0, rows, token_logps.float())
-    if average_log_prob:
-        return summed / loss_mask.sum(-1).clamp(min=1)
-    return summed
-
-
-def sharded_head_label_logps(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """(batch,) summed label log-probabilities with `head` called as a module on the labelled positions only.
-
-    For a head whose weight is sharded over the vocabulary (tensor parallelism): the module's hooks
-    gather its output, which `label_logps_from_hidden` could not do with the weight shard alone.
-    """
-    loss_mask = labels[:, 1:] != -100
-    logits = head(hidden[:, :-1][loss_mask])
-    if isinstance(logits, DTensor):
-        logits = logits.full_tensor()
-    targets = labels[:, 1:][loss_mask]
-    token_logps = logits.float().log_softmax(-1).gather(1, targets[:, None]).squeeze(1)
-    return _per_sequence(token_logps, loss_mask, average_log_prob=False)
+def logratio_margins(policy_chosen_logps: torch.Tensor,
+                     policy_rejected_logps: torch.Tensor,
+                     reference_chosen_logps: torch.Tensor,
+                     reference_rejected_logps: torch.Tensor,
+                     reference_free: bool = False) -> torch.Tensor:
+    """h = (log π_c − log π_r) − (log π_ref_c − log π_ref_r) per pair, shape (batch,): the implicit reward margin
+    without β, which the DPO family's losses are functions of and β-DPO's statistics and filter read.
+    reference_free drops the reference term (a uniform reference)."""
+    h = policy_chosen_logps - policy_rejected_logps
+    return h if reference_free else h - (reference_chosen_logps - reference_rejected_logps)
 
 
 def _keep_indices(weights: torch.Tensor, k: int, generator: Optional[torch.Generator]) -> torch.Tensor:
@@ -394,62 +228,36 @@ def concatenated_inputs(batch: Dict[str, Union[List, torch.Tensor]]) -> Dict[str
     return concatenated
 
 
+@dataclass(frozen=True)
+class LossMode:
+    """What the configured loss needs, derived once from config.loss (as torchtune's `is_reference_free`)."""
+    sft: bool        # loss=sft: the negative log-likelihood of the chosen responses
+    ipo: bool        # loss=ipo: IPO's squared loss instead of DPO's sigmoid
+    beta_dpo: bool   # loss.mode_loss=beta_DPO: batch-level β and the β-guided filter
+
+    @property
+    def uses_reference_model(self) -> bool:
+        return not self.sft
+
+    @classmethod
+    def from_config(cls, loss_config: DictConfig) -> 'LossMode':
+        sft = loss_config.name == 'sft'
+        return cls(sft=sft, ipo=loss_config.name == 'ipo', beta_dpo=not sft and loss_config.mode_loss == 'beta_DPO')
+
+
 class NonFiniteLossError(RuntimeError):
     """A training step produced a NaN or infinite loss or gradient norm."""
-
-
-class StopRequest:
-    """Turns SIGTERM / SIGINT into a flag the training loop checks between steps.
-
-    A preempted or Ctrl-C'd run then finishes its step, saves a checkpoint and exits cleanly. A second
-    Ctrl-C interrupts at once (the last complete checkpoint stays loadable).
-    """
-
-    def __init__(self):
-        self.signal_name: Optional[str] = None
-        self._previous = {}
-
-    def __enter__(self):
-        if threading_is_main():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        return False
-
-    def _handle(self, signum, frame):
-        if self.signal_name is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.signal_name = signal.Signals(signum).name
-        rank0_print(f'\n{self.signal_name} received: finishing this step, then saving a checkpoint '
-                    f'(Ctrl-C again to stop at once)')
-
-
-def threading_is_main() -> bool:
-    """Signal handlers can only be installed from the main thread (e.g. not under a test runner's worker)."""
-    return threading.current_thread() is threading.main_thread()
-
-
-class DummyWandb:
-    """Stands in for wandb when it is off (disabled, debug mode, or a process other than rank 0)."""
-
-    def log(self, *args, **kwargs):
-        pass
-
-    def finish(self, *args, **kwargs):
-        pass
 
 
 class BasicTrainer:
     """SFT or preference training (DPO, cDPO, IPO, β-DPO) in one process.
 
-    With several GPUs the model is split across them (train.py loads it with device_map='balanced'):
-    N times the memory, no parallel compute. Subclasses change how the model is placed and how
-    state is gathered, through small hooks: `checkpoint_activations`, `clip_gradient`, `policy_state_dict`,
-    `optimizer_state_dict`, `load_optimizer_state_dict`, `export_pretrained`.
+    With several GPUs the model is split across them (models.build_models loads it with device_map='balanced'):
+    N times the memory, no parallel compute. The trainer keeps the loop, the step, the loss and its metrics, and
+    evaluation; the reference log-probabilities come from `reference_cache.ReferenceLogps`, checkpoint files
+    from `checkpoints`. Subclasses change how the model is placed and how state is gathered, through small
+    hooks: `checkpoint_activations`, `clip_gradient`, `policy_state_dict`, `optimizer_state_dict`,
+    `load_optimizer_state_dict`.
     """
 
     def __init__(self, policy: nn.Module, config: DictConfig, seed: int, run_dir: str,
@@ -466,11 +274,7 @@ class BasicTrainer:
         # all see the whole batch (see TensorParallelTrainer).
         self.dp_rank, self.dp_size = rank, world_size
         self.wandb = wandb_run or DummyWandb()
-
-        # Loss-mode flags, derived once.
-        self.sft = config.loss.name == 'sft'
-        self.uses_reference_model = not self.sft
-        self.beta_dpo = not self.sft and config.loss.mode_loss == 'beta_DPO'
+        self.mode = LossMode.from_config(config.loss)
 
         self.policy = policy
         if config.activation_checkpointing:
@@ -478,9 +282,7 @@ class BasicTrainer:
         if config.compile_policy:
             # nn.Module.compile compiles in place: the class and the state dict's keys stay as they are.
             self.policy.compile()
-        self.reference_model = reference_model
-        # pair key -> (chosen, rejected) reference log-probabilities, once precompute_reference_logps ran
-        self.reference_cache: Optional[Dict[str, Tuple[float, float]]] = None
+        self.reference = ReferenceLogps(reference_model, self.concatenated_forward)
         self.tokenizer = load_tokenizer(config)
         self.margin_stats = MarginStats(self.device)
         # The β-DPO filter's only randomness: seeded alike on every rank, so all ranks keep the same pairs.
@@ -493,7 +295,7 @@ class BasicTrainer:
 
         self.data_kwargs = dict(
             names=list(config.datasets), tokenizer=self.tokenizer, shuffle=True, max_length=config.max_length,
-            max_prompt_length=config.max_prompt_length, sft_mode=self.sft, silent=not self.is_main,
+            max_prompt_length=config.max_prompt_length, sft_mode=self.mode.sft, silent=not self.is_main,
             cache_dir=get_local_dir(config.local_dirs), dataset_options=dataset_options(config))
         self.eval_batches = list(get_batch_iterator(**self.data_kwargs, split='test', n_examples=config.n_eval_examples,
                                                     batch_size=config.eval_batch_size, seed=seed))
@@ -509,20 +311,11 @@ class BasicTrainer:
 
     def train(self) -> None:
         """Train for n_epochs / n_examples: evaluate and save every eval_every examples, log each step."""
-        self.setup_optimization()
-        torch.manual_seed(self.seed)
-        random.seed(self.seed)
-        if self.config.resume_from:
-            self.restore(Path(self.config.resume_from) / 'LATEST')
-        if self.reference_model is not None:
-            self.reference_model.eval()
-            if self.config.precompute_ref_log_probs:
-                self.precompute_reference_logps()
-
+        self.start()
         last_log = None
         progress = tqdm.tqdm(total=self.config.n_examples, initial=self.example_counter, unit='ex',
                              desc='Training', disable=not self.is_main, dynamic_ncols=True)
-        with StopRequest() as stop:
+        with StopRequest() as stop, progress:
             for batch in self.train_batches():
                 if self.eval_due():
                     self.evaluate_and_save()
@@ -531,11 +324,23 @@ class BasicTrainer:
                 if last_log is None or time.time() - last_log > self.config.minimum_log_interval_secs:
                     self.log(metrics, split='train')
                     last_log = time.time()
-                if self.any_rank(stop.signal_name is not None):
+                if any_process(stop.signal_name is not None, self.device):
                     self.save_before_stopping(stop.signal_name or 'a signal to another process')
-                    progress.close()
                     return
-        progress.close()
+        self.finish()
+
+    def start(self) -> None:
+        """Before the first step: optimizer, seeds, a resumed run's state, the reference pass if precomputed."""
+        self.setup_optimization()
+        torch.manual_seed(self.seed)
+        random.seed(self.seed)
+        if self.config.resume_from:
+            self.restore(Path(self.config.resume_from) / 'LATEST')
+        if self.mode.uses_reference_model and self.config.precompute_ref_log_probs:
+            self.precompute_reference_logps()
+
+    def finish(self) -> None:
+        """After the last step: the final evaluation and checkpoint (unless just done), and the export."""
         if self.last_eval_example != self.example_counter:
             self.evaluate_and_save()
         self.export_pretrained(self.run_dir / 'hf_model')
@@ -550,21 +355,21 @@ class BasicTrainer:
         rank0_print(f'Stopped by {signal_name} after {self.example_counter} examples. '
                     f'Resume with:  python train.py <the same arguments> resume_from={self.run_dir}')
 
-    def any_rank(self, flag: bool) -> bool:
-        """Whether `flag` holds on any process. Decisions that change what every rank does next (stop and
-        save, skip a batch) must agree, or the ranks' collectives no longer match and the job hangs."""
-        if not dist.is_initialized():
-            return flag
-        flag_tensor = torch.tensor(float(flag), device=self.device)
-        dist.all_reduce(flag_tensor, op=dist.ReduceOp.MAX)
-        return bool(flag_tensor.item())
-
     def train_batches(self):
         """The training stream, from the current position (0, or where a resumed run stopped)."""
         return get_batch_iterator(**self.data_kwargs, split='train', n_epochs=self.config.n_epochs,
                                   n_examples=self.config.n_examples, batch_size=self.config.batch_size,
                                   seed=self.seed, start_example=self.example_counter,
-                                  bucket_batches=self.config.get('length_bucket_batches'))
+                                  bucket_batches=self.config.length_bucket_batches)
+
+    def microbatches(self, batch: Dict) -> List[Dict]:
+        """`batch` cut into gradient_accumulation_steps microbatches, still on the CPU and whole over ranks."""
+        accumulation = self.config.gradient_accumulation_steps
+        return [slice_and_move_batch_for_device(batch, i, accumulation, 'cpu') for i in range(accumulation)]
+
+    def local(self, batch: Dict) -> Dict:
+        """This process's data-parallel slice of `batch`, on its device."""
+        return slice_and_move_batch_for_device(batch, self.dp_rank, self.dp_size, self.device)
 
     def eval_due(self) -> bool:
         if self.example_counter % self.config.eval_every != 0 or self.last_eval_example == self.example_counter:
@@ -575,22 +380,19 @@ class BasicTrainer:
         """One optimizer step over `batch`, accumulated over gradient_accumulation_steps microbatches."""
         self.policy.train()
         start_time = time.time()
-        accumulation = self.config.gradient_accumulation_steps
+        microbatches = self.microbatches(batch)
         metrics = defaultdict(list)
         losses = []
         stats_before = self.margin_stats.state_dict()
-        for microbatch_idx in range(accumulation):
-            global_microbatch = slice_and_move_batch_for_device(batch, microbatch_idx, accumulation, 'cpu')
-            local_microbatch = slice_and_move_batch_for_device(global_microbatch, self.dp_rank, self.dp_size, self.device)
-            loss, microbatch_metrics = self.get_batch_metrics(local_microbatch, train=True)
-            (loss / accumulation).backward()
+        for microbatch in microbatches:
+            loss, microbatch_metrics = self.get_batch_metrics(self.local(microbatch), train=True)
+            (loss / len(microbatches)).backward()
             losses.append(loss.detach())
-            for k, v in microbatch_metrics.items():
-                metrics[k].extend(v)
+            extend_metrics(metrics, microbatch_metrics)
 
         grad_norm = self.clip_gradient()
         locally_finite = bool(torch.isfinite(torch.stack(losses)).all()) and math.isfinite(grad_norm)
-        if not self.any_rank(not locally_finite):
+        if not any_process(not locally_finite, self.device):
             self.optimizer.step()
         else:
             self.handle_nonfinite(batch, losses, grad_norm)
@@ -600,12 +402,10 @@ class BasicTrainer:
 
         self.batch_counter += 1
         self.example_counter += self.config.batch_size
-        metrics = {k: sum(v) / len(v) for k, v in metrics.items()}
-        metrics['examples_per_second'] = self.config.batch_size / (time.time() - start_time)
-        metrics['grad_norm'] = grad_norm
-        metrics['lr'] = self.scheduler.get_last_lr()[0]
-        metrics['padding/fraction'] = padding_fraction(batch)
-        return metrics
+        return {**mean_metrics(metrics),
+                'examples_per_second': self.config.batch_size / (time.time() - start_time),
+                'grad_norm': grad_norm, 'lr': self.scheduler.get_last_lr()[0],
+                'padding/fraction': padding_fraction(batch)}
 
     def handle_nonfinite(self, batch: Dict, losses: List[torch.Tensor], grad_norm: float) -> None:
         """Stop with a message naming the step and the batch, or skip the batch (on_nonfinite=skip)."""
@@ -624,105 +424,27 @@ class BasicTrainer:
             f'Non-finite {what} at {where}. {kept}. Lower lr, check the data of this batch, or pass '
             f'on_nonfinite=skip to skip such batches.')
 
-    # ----- losses and metrics -------------------------------------------------------------------------
-
-    def forward_logps(self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                      labels: torch.Tensor) -> torch.Tensor:
-        """(batch,) summed log-probabilities of the label tokens under `model` (a Hugging Face causal LM).
-
-        With logps_chunk_size set, the model runs through its own forward (so FSDP's and tensor
-        parallelism's hooks fire) but keeps only its last, normed hidden state (output_hidden_states=-1)
-        and projects no position through its head (logits_to_keep = an all-False mask); the head is then
-        applied to the labelled positions only, a chunk at a time (`label_logps_from_hidden`). FSDP2
-        leaves the root module's parameters, the head's among them, unsharded after the forward, and
-        reduces their gradients at the end of the backward pass, so the head's weight can be used here.
-        A head whose weight stays sharded (tensor parallelism's colwise lm_head) is called as a module
-        on the labelled positions instead: its hooks gather the vocabulary, so full-width logits exist
-        for those positions, still not for the prompt and padding.
-        """
-        chunk_size = self.config.logps_chunk_size
-        if not chunk_size:
-            logits = model(input_ids, attention_mask=attention_mask, use_cache=False).logits
-            return _get_batch_logps(logits, labels, average_log_prob=False)
-        outputs = model(input_ids, attention_mask=attention_mask, use_cache=False, output_hidden_states=-1,
-                        logits_to_keep=torch.zeros_like(labels, dtype=torch.bool))
-        hidden = outputs.hidden_states[-1]
-        head = model.get_output_embeddings()
-        # The head in float32 (or its own dtype) even under the policy's autocast: see _get_batch_logps.
-        with torch.autocast(device_type=hidden.device.type, enabled=False):
-            if isinstance(head.weight, DTensor):
-                return sharded_head_label_logps(head, hidden, labels)
-            return label_logps_from_hidden(hidden, head.weight, head.bias, labels, chunk_size)
+    # ----- forward passes -----------------------------------------------------------------------------
 
     def concatenated_forward(self, model: nn.Module, batch: Dict) -> Tuple[torch.Tensor, torch.Tensor]:
         """Log-probabilities of the chosen and rejected responses from one forward pass over both."""
         concatenated = concatenated_inputs(batch)
-        all_logps = self.forward_logps(model, concatenated['concatenated_input_ids'],
-                                       concatenated['concatenated_attention_mask'], concatenated['concatenated_labels'])
+        all_logps = forward_logps(model, concatenated['concatenated_input_ids'], concatenated['concatenated_attention_mask'],
+                                  concatenated['concatenated_labels'], self.config.logps_chunk_size)
         n = batch['chosen_input_ids'].shape[0]
         return all_logps[:n], all_logps[n:]
 
-    def reference_logps(self, batch: Dict) -> Tuple[torch.Tensor, torch.Tensor]:
-        """The frozen reference model's log-probabilities of the chosen and rejected responses.
-
-        From the precomputed cache when precompute_ref_log_probs is on (`precompute_reference_logps`).
-        """
-        if self.reference_cache is not None:
-            keys = pair_keys(batch)
-            missing = [k for k in keys if k not in self.reference_cache]
-            if missing:
-                raise RuntimeError(f'{len(missing)} pairs of this batch are not in the precomputed reference '
-                                   f'log-probabilities (first prompt: {batch["prompt"][0][:80]!r})')
-            values = torch.tensor([self.reference_cache[k] for k in keys], dtype=torch.float32, device=self.device)
-            return values[:, 0], values[:, 1]
-        with torch.no_grad():
-            return self.concatenated_forward(self.reference_model, batch)
-
     def precompute_reference_logps(self) -> None:
-        """One pass of the reference model over the training stream and the evaluation batches, then free it.
-
-        The log-probabilities are cached per pair (keyed by a hash of its prompt, chosen and rejected
-        texts) in one file per model, model.archive, reference dtype, data and length settings
-        (`reference_cache_path`), so later runs on the same data skip the pass, and a different
-        seed or n_examples computes only the pairs it lacks. Each data-parallel rank computes its slice
-        of a batch and all ranks gather the whole (tensor-parallel ranks all compute the whole batch);
-        rank 0 reads the file and sends it to the others, then writes it atomically while they wait.
-        Collective: every rank must call it.
-        """
+        """The reference pass of precompute_ref_log_probs (reference_cache.ReferenceLogps.precompute). Collective."""
         path = reference_cache_path(self.config, self.tokenizer)
-        cache = load_reference_cache(path) if self.is_main else None
-        if dist.is_initialized():
-            shared = [cache]
-            dist.broadcast_object_list(shared, src=0)
-            cache = shared[0]
-        n_cached = len(cache)
-        for batch in tqdm.tqdm(self.reference_pass_batches(), desc='Reference log-probabilities',
-                               disable=not self.is_main, leave=False):
-            keys = pair_keys(batch)
-            if all(k in cache for k in keys):
-                continue
-            local_batch = slice_and_move_batch_for_device(batch, self.dp_rank, self.dp_size, self.device)
-            with torch.no_grad():
-                chosen, rejected = self.concatenated_forward(self.reference_model, local_batch)
-            pairs = torch.stack([self.gather(chosen), self.gather(rejected)], dim=1).float().cpu().tolist()
-            cache.update(zip(keys, pairs))
-        if self.is_main and len(cache) > n_cached:
-            save_reference_cache(cache, path)
-        if dist.is_initialized():
-            dist.barrier()  # the file is complete before any rank goes on (and, say, starts the next run)
-        rank0_print(f'reference log-probabilities of {len(cache)} pairs ({len(cache) - n_cached} computed now) '
-                    f'in {path}; the reference model is freed')
-        self.reference_cache = cache
-        self.reference_model = None
+        self.reference.precompute(self.reference_pass_batches(), path, self.local, self.gather, self.is_main)
 
     def reference_pass_batches(self):
         """The batches of the reference pass, before the data-parallel split: each training batch's
         gradient_accumulation_steps microbatches, as train_step slices them (so the pass never runs a
         larger forward than training does), then the evaluation batches."""
-        accumulation = self.config.gradient_accumulation_steps
         for batch in self.train_batches():
-            for microbatch_idx in range(accumulation):
-                yield slice_and_move_batch_for_device(batch, microbatch_idx, accumulation, 'cpu')
+            yield from self.microbatches(batch)
         yield from self.eval_batches
 
     def policy_autocast(self):
@@ -735,82 +457,81 @@ class BasicTrainer:
         """`values` of every data-parallel process, concatenated in rank order (detached)."""
         return all_gather_if_needed(values.detach(), self.dp_rank, self.dp_size)
 
+    # ----- the loss and its metrics -------------------------------------------------------------------
+
     def get_batch_metrics(self, batch: Dict, train: bool = True) -> Tuple[torch.Tensor, Dict[str, List[float]]]:
         """The loss of this process's microbatch (to backpropagate) and its metrics (lists over all ranks)."""
+        if self.mode.sft:
+            return self.sft_metrics(batch, train)
         split = 'train' if train else 'eval'
-        if self.sft:
-            with self.policy_autocast():
-                policy_chosen_logps = self.forward_logps(self.policy, batch['chosen_input_ids'],
-                                                         batch['chosen_attention_mask'], batch['chosen_labels'])
-            loss = -policy_chosen_logps.mean()
-            metrics = {f'logps_{split}/chosen': self.gather(policy_chosen_logps),
-                       f'loss/{split}': self.gather(loss.reshape(1))}
-            return loss, {k: v.float().cpu().tolist() for k, v in metrics.items()}
-
+        loss_config = self.config.loss
         with self.policy_autocast():
             policy_chosen_logps, policy_rejected_logps = self.concatenated_forward(self.policy, batch)
-        reference_chosen_logps, reference_rejected_logps = self.reference_logps(batch)
-        loss_config = self.config.loss
-        local_keep = None
-        beta = loss_config.beta
-        metrics = {}
-        if self.beta_dpo:
-            beta, local_keep, batch_metrics = self.beta_dpo_filter(
-                policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps, train)
+        reference_chosen_logps, reference_rejected_logps = self.reference(batch)
+        margins = logratio_margins(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
+                                   reference_rejected_logps, loss_config.reference_free).detach()
+        beta, metrics = loss_config.beta, {}
+        if self.mode.beta_dpo:
+            beta, local_keep, batch_metrics = self.beta_dpo_filter(margins, train)
             metrics.update({f'record_{split}/{k}': v for k, v in batch_metrics.items()})
 
         losses, chosen_rewards, rejected_rewards = preference_loss(
             policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
-            beta=beta, label_smoothing=loss_config.label_smoothing, ipo=loss_config.name == 'ipo',
+            beta=beta, label_smoothing=loss_config.label_smoothing, ipo=self.mode.ipo,
             reference_free=loss_config.reference_free)
-        if local_keep is None:
-            loss = losses.mean()
-        else:
+        if self.mode.beta_dpo:
             # The mean over the kept pairs of the whole batch across ranks. Data-parallel gradients are
             # averaged over dp_size ranks, hence the factor dp_size (β-DPO's original divided by each
             # rank's own kept count, weighting pairs unequally).
-            n_kept = batch_metrics['mask_count'][0]
-            loss = (losses * local_keep).sum() * self.dp_size / n_kept
+            loss = (losses * local_keep).sum() * self.dp_size / batch_metrics['mask_count'][0]
+        else:
+            loss = losses.mean()
 
         metrics.update({
             f'rewards_{split}/chosen': self.gather(chosen_rewards),
             f'rewards_{split}/rejected': self.gather(rejected_rewards),
             f'rewards_{split}/accuracies': self.gather((chosen_rewards > rejected_rewards).float()),
             f'rewards_{split}/margins': self.gather(chosen_rewards - rejected_rewards),
-            # the margin without β, (π_c − ref_c) − (π_r − ref_r): comparable between runs of different β and
-            # across β-DPO's batches, whose rewards are scaled by each batch's own β
-            f'rewards_{split}/logratio_margins': self.gather(
-                (policy_chosen_logps - reference_chosen_logps - policy_rejected_logps + reference_rejected_logps).detach()),
+            # the margin without β: comparable between runs of different β and across β-DPO's batches,
+            # whose rewards are scaled by each batch's own β
+            f'rewards_{split}/logratio_margins': self.gather(margins),
             f'logps_{split}/chosen': self.gather(policy_chosen_logps),
             f'logps_{split}/rejected': self.gather(policy_rejected_logps),
             f'loss/{split}': self.gather(loss.detach().reshape(1) / self.dp_size).sum().reshape(1),
         })
         return loss, {k: (v.float().cpu().tolist() if torch.is_tensor(v) else v) for k, v in metrics.items()}
 
-    def beta_dpo_filter(self, policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
-                        reference_rejected_logps, train: bool):
-        """β-DPO for one microbatch: (β_used, this rank's keep mask as floats, metrics).
+    def sft_metrics(self, batch: Dict, train: bool) -> Tuple[torch.Tensor, Dict[str, List[float]]]:
+        """SFT: the mean negative log-likelihood of the chosen responses, and its metrics."""
+        split = 'train' if train else 'eval'
+        with self.policy_autocast():
+            policy_chosen_logps = forward_logps(self.policy, batch['chosen_input_ids'], batch['chosen_attention_mask'],
+                                                batch['chosen_labels'], self.config.logps_chunk_size)
+        loss = -policy_chosen_logps.mean()
+        metrics = {f'logps_{split}/chosen': self.gather(policy_chosen_logps),
+                   f'loss/{split}': self.gather(loss.reshape(1))}
+        return loss, {k: v.float().cpu().tolist() for k, v in metrics.items()}
 
-        The margins of the whole microbatch are gathered from all ranks; the running statistics are
-        updated in training only, before dynamic_beta reads them (the reference implementation's order).
-        Evaluation draws from its own generator so it never shifts the training stream's draws.
+    def beta_dpo_filter(self, margins: torch.Tensor, train: bool):
+        """β-DPO for one microbatch from this rank's (B,) margins: (β_used, this rank's keep mask as floats, metrics).
+
+        The margins of the whole microbatch are gathered from all ranks (`batch_beta_and_mask`).
         """
-        loss_config = self.config.loss
-        reference_term = 0 if loss_config.reference_free else reference_chosen_logps - reference_rejected_logps
-        local_margins = (policy_chosen_logps - policy_rejected_logps - reference_term).detach()
-        beta_used, keep = self.batch_beta_and_mask(self.gather(local_margins), train)
-        n_local = local_margins.shape[0]
-        local_keep = keep[self.dp_rank * n_local:(self.dp_rank + 1) * n_local].to(local_margins.device).float()
+        beta_used, keep = self.batch_beta_and_mask(self.gather(margins), train)
+        n_local = margins.shape[0]
+        local_keep = keep[self.dp_rank * n_local:(self.dp_rank + 1) * n_local].to(margins.device).float()
         metrics = {'beta_used': [beta_used.item()], 'mask_count': [int(keep.sum())],
                    'kept_fraction': [keep.float().mean().item()],
                    'gap_mean': [self.margin_stats.mean.item()], 'gap_std': [self.margin_stats.std.item()]}
-        return beta_used.to(local_margins.device), local_keep, metrics
+        return beta_used.to(margins.device), local_keep, metrics
 
     def batch_beta_and_mask(self, margins: torch.Tensor, train: bool) -> Tuple[torch.Tensor, torch.Tensor]:
         """β and the keep mask of the whole microbatch from its (N,) margins gathered over all ranks.
 
-        Identical on every rank by construction: the same margins, the same statistics, and a generator
-        seeded alike everywhere that nothing else draws from.
+        The running statistics are updated in training only, before dynamic_beta reads them (the reference
+        implementation's order). Identical on every rank by construction: the same margins, the same
+        statistics, and a generator seeded alike everywhere that nothing else draws from. Evaluation draws
+        from its own generator so it never shifts the training stream's draws.
         """
         loss_config = self.config.loss
         if train:
@@ -829,17 +550,15 @@ class BasicTrainer:
         all_metrics = defaultdict(list)
         for eval_batch in tqdm.tqdm(self.eval_batches, desc='Computing eval metrics', disable=not self.is_main,
                                     leave=False):
-            local_batch = slice_and_move_batch_for_device(eval_batch, self.dp_rank, self.dp_size, self.device)
             with torch.no_grad():
-                _, metrics = self.get_batch_metrics(local_batch, train=False)
-            for k, v in metrics.items():
-                all_metrics[k].extend(v)
-        mean_metrics = {k: sum(v) / len(v) for k, v in all_metrics.items()}
+                _, metrics = self.get_batch_metrics(self.local(eval_batch), train=False)
+            extend_metrics(all_metrics, metrics)
+        mean = mean_metrics(all_metrics)
         if self.gold_eval_enabled():
-            mean_metrics.update(self.gold_eval())
+            mean.update(self.gold_eval())
         if self.config.sample_during_eval:
             self.log_samples()
-        return mean_metrics
+        return mean
 
     def gold_eval_enabled(self) -> bool:
         """Whether evaluation scores greedy answers against the synthetic task's gold answers."""
@@ -859,8 +578,7 @@ class BasicTrainer:
                                      batch_size=self.config.eval_batch_size, seed=self.seed)
         prompts, completions = [], []
         for batch in batches:
-            local_batch = slice_and_move_batch_for_device(batch, self.dp_rank, self.dp_size, self.device)
-            texts = self.generate(self.policy, local_batch, do_sample=False)
+            texts = self.generate(self.policy, self.local(batch), do_sample=False)
             prompts.extend(batch['prompt'])
             # generate() decodes prompt + continuation; EOS and padding are skipped special tokens
             completions.extend(text[len(prompt):] if text.startswith(prompt) else None
@@ -875,33 +593,21 @@ class BasicTrainer:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed + self.example_counter)
             for eval_batch in self.eval_batches[:n_batches]:
-                local_batch = slice_and_move_batch_for_device(eval_batch, self.dp_rank, self.dp_size, self.device)
+                local_batch = self.local(eval_batch)
                 prompts.extend(eval_batch['prompt'])
                 policy_samples.extend(self.generate(self.policy, local_batch))
-                if self.reference_model is not None:
-                    reference_samples.extend(self.generate(self.reference_model, local_batch))
+                if self.reference.model is not None:
+                    reference_samples.extend(self.generate(self.reference.model, local_batch))
         rank0_print('policy samples:\n' + json.dumps(policy_samples[:4], indent=2))
         if reference_samples:
             rank0_print('reference samples:\n' + json.dumps(reference_samples[:4], indent=2))
-        if self.is_main and not isinstance(self.wandb, DummyWandb):
-            import wandb
-            for name, samples in (('policy_samples', policy_samples), ('reference_samples', reference_samples)):
-                if samples:
-                    table = wandb.Table(columns=['step', 'prompt', 'sample'],
-                                        data=[[self.example_counter, p, s] for p, s in zip(prompts, samples)])
-                    self.wandb.log({name: table}, step=self.example_counter)
+        if self.is_main:
+            log_sample_tables(self.wandb, self.example_counter, prompts,
+                              {'policy_samples': policy_samples, 'reference_samples': reference_samples})
 
     def generate(self, model: nn.Module, batch: Dict, do_sample: bool = True) -> List[str]:
         """Decoded continuations (prompt included) of the batch's prompts, gathered from all ranks."""
-        with torch.no_grad():
-            output = model.generate(batch['prompt_input_ids'], attention_mask=batch['prompt_attention_mask'],
-                                    max_length=self.config.max_length, do_sample=do_sample,
-                                    pad_token_id=self.tokenizer.pad_token_id,
-                                    # sharded models: every rank runs each step until all ranks are done
-                                    synced_gpus=self.dp_size > 1)
-        output = pad_to_length(output, self.config.max_length, self.tokenizer.pad_token_id)
-        output = all_gather_if_needed(output, self.dp_rank, self.dp_size)
-        return self.tokenizer.batch_decode(output, skip_special_tokens=True)
+        return generate_texts(model, self.tokenizer, batch, self.config.max_length, do_sample, self.dp_rank, self.dp_size)
 
     def evaluate_and_save(self) -> None:
         rank0_print(f'Running evaluation after {self.example_counter} train examples')
@@ -924,12 +630,10 @@ class BasicTrainer:
             return
         rank0_print(f'{split} stats after {self.example_counter} examples: {formatted_dict(metrics)}')
         self.wandb.log(metrics, step=self.example_counter)
-        if self.config.debug:
-            return
-        with open(self.run_dir / 'metrics.jsonl', 'a') as f:
-            f.write(json.dumps({'split': split, **metrics}) + '\n')
+        if not self.config.debug:
+            append_metrics(self.run_dir, split, metrics)
 
-    # ----- checkpoints --------------------------------------------------------------------------------
+    # ----- optimization -------------------------------------------------------------------------------
 
     def setup_optimization(self) -> None:
         """The optimizer named by config.optimizer and the linear warmup schedule."""
@@ -943,6 +647,8 @@ class BasicTrainer:
     def clip_gradient(self) -> float:
         """Clip the policy's gradients to max_grad_norm; returns the norm before clipping."""
         return torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.config.max_grad_norm).item()
+
+    # ----- checkpoints (the files: checkpoints.py) -----------------------------------------------------
 
     def policy_state_dict(self) -> Optional[Dict[str, torch.Tensor]]:
         """The full policy state dict on rank 0 (None elsewhere); collective in sharded subclasses."""
@@ -962,38 +668,28 @@ class BasicTrainer:
                 'filter_generator': self.filter_generator.get_state(), 'torch_rng': torch.get_rng_state()}
 
     def save(self, metrics: Optional[Dict] = None) -> None:
-        """Write RUN_DIR/step-N/ atomically, then point RUN_DIR/LATEST at it (no-op in debug mode).
-
-        policy.pt, optimizer.pt and scheduler.pt are {'step_idx', 'state', 'metrics'} as in the
-        original, so `model.archive=RUN_DIR/LATEST/policy.pt` starts a DPO run from any trainer's SFT.
-        """
+        """RUN_DIR/step-N/ and LATEST (checkpoints.save_checkpoint); no-op in debug mode. Collective."""
         if self.config.debug:
             rank0_print('skipping save in debug mode')
             return
         policy_state = self.policy_state_dict()
         optimizer_state = self.optimizer_state_dict()
         if self.is_main:
-            step_name = f'step-{self.example_counter}'
-            wrap = lambda state: {'step_idx': self.example_counter, 'state': state, 'metrics': metrics or {}}
-            with atomic_checkpoint_dir(self.run_dir / step_name) as tmp:
-                torch.save(wrap(policy_state), tmp / 'policy.pt')
-                torch.save(wrap(optimizer_state), tmp / 'optimizer.pt')
-                torch.save(wrap(self.scheduler.state_dict()), tmp / 'scheduler.pt')
-                torch.save(self.trainer_state(), tmp / 'trainer_state.pt')
-                (tmp / 'beta_dpo_stats.json').write_text(json.dumps(self.margin_stats.state_dict()) + '\n')
-            point_latest_to(self.run_dir, step_name)
-            rank0_print(f'saved checkpoint {self.run_dir / step_name}')
-        if dist.is_initialized():
-            dist.barrier()
+            step_dir = save_checkpoint(self.run_dir, self.example_counter, metrics or {}, policy=policy_state,
+                                       optimizer=optimizer_state, scheduler=self.scheduler.state_dict(),
+                                       trainer_state=self.trainer_state())
+            rank0_print(f'saved checkpoint {step_dir}')
+        barrier()
 
     def restore(self, checkpoint_dir: Path) -> None:
         """Continue from `checkpoint_dir` (a resume): optimizer, scheduler, counters, statistics, RNGs.
 
-        The policy weights were loaded by train.py before the model was wrapped.
+        The policy weights were loaded by models.build_models before the model was wrapped.
         """
-        self.load_optimizer_state_dict(load_checkpoint_file(checkpoint_dir / 'optimizer.pt', 'optimizer state')['state'])
-        self.scheduler.load_state_dict(load_checkpoint_file(checkpoint_dir / 'scheduler.pt', 'scheduler state')['state'])
-        state = load_checkpoint_file(checkpoint_dir / 'trainer_state.pt', 'trainer state')
+        saved = load_training_state(checkpoint_dir)
+        self.load_optimizer_state_dict(saved.optimizer)
+        self.scheduler.load_state_dict(saved.scheduler)
+        state = saved.trainer_state
         self.example_counter = state['example_counter']
         self.batch_counter = state['batch_counter']
         self.skipped_batches = state['skipped_batches']
@@ -1002,30 +698,25 @@ class BasicTrainer:
         torch.set_rng_state(state['torch_rng'])
         self.last_eval_example = state['last_eval_example']
         if self.is_main:
-            truncate_metrics_log(self.run_dir / 'metrics.jsonl', self.example_counter)
-            for leftover in remove_incomplete_checkpoints(self.run_dir):
-                rank0_print(f'cleaned up {leftover.name}, left by a save of the interrupted run')
+            clean_run_dir_for_resume(self.run_dir, self.example_counter)
         rank0_print(f'Resumed from {checkpoint_dir.resolve()} at {self.example_counter} examples')
 
     def export_pretrained(self, output_dir: Path) -> None:
-        """Save the policy in Hugging Face format (safetensors, config, tokenizer) for from_pretrained / vLLM."""
+        """Save the policy in Hugging Face format (checkpoints.export_hf_model). Collective."""
         if self.config.debug:
             return
         state = self.policy_state_dict()
         if self.is_main:
-            with atomic_checkpoint_dir(output_dir) as tmp:
-                unwrap(self.policy).save_pretrained(tmp, state_dict=state)
-                self.tokenizer.save_pretrained(tmp)
+            export_hf_model(unwrap(self.policy), state, self.tokenizer, output_dir)
             rank0_print(f'exported the policy in Hugging Face format to {output_dir}')
-        if dist.is_initialized():
-            dist.barrier()
+        barrier()
 
 
 class ShardedTrainer(BasicTrainer):
     """What FSDPTrainer and TensorParallelTrainer share: the model is split over the processes.
 
     The models arrive whole on rank 0 and empty (on the meta device, no memory) on the other ranks
-    (train.build_models); each trainer splits them with `split`, then rank 0's weights are broadcast
+    (models.build_models); each trainer splits them with `split`, then rank 0's weights are broadcast
     into every rank's part. Checkpoints gather the full state dict on rank 0 in BasicTrainer's format
     (policy.pt, and optimizer.pt keyed by parameter position), so an SFT run of any trainer starts a
     β-DPO run of any other.
@@ -1073,36 +764,21 @@ class ShardedTrainer(BasicTrainer):
 
 class FSDPTrainer(ShardedTrainer):
     """Fully sharded data parallel (PyTorch's FSDP2, `fully_shard`): each process holds 1/N of the
-    parameters, gradients and optimizer state, and computes 1/N of each batch.
+    parameters, gradients and optimizer state, and computes 1/N of each batch (distributed.fsdp_split).
 
-    Every transformer block (model.block_name) is sharded as one unit, then the root; a block's
-    parameters are gathered just before it runs and freed after. model.fsdp_policy_mp=bfloat16 computes
-    in bfloat16 and reduces gradients in float32 while the sharded parameters and the optimizer stay
-    in model.policy_dtype; activation_checkpointing=true recomputes each block's activations in the
-    backward pass.
+    model.fsdp_policy_mp=bfloat16 computes in bfloat16 and reduces gradients in float32 while the sharded
+    parameters and the optimizer stay in model.policy_dtype; activation_checkpointing=true recomputes each
+    block's activations in the backward pass.
     """
 
     def split(self, model: nn.Module, reference: bool) -> nn.Module:
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-        blocks = get_block_modules(model, self.config.model.block_name)
-        if self.config.activation_checkpointing and not reference:
-            blocks = checkpoint_blocks(model, blocks)
-        mp_dtype = self.config.model.fsdp_policy_mp
-        mixed_precision = (MixedPrecisionPolicy(param_dtype=getattr(torch, mp_dtype), reduce_dtype=torch.float32)
-                           if mp_dtype else MixedPrecisionPolicy())
-        for block in blocks:
-            fully_shard(block, mp_policy=mixed_precision)
-        return fully_shard(model, mp_policy=mixed_precision)
+        return fsdp_split(model, self.config, reference)
 
 
 class TensorParallelTrainer(ShardedTrainer):
     """Tensor parallel (`torch.distributed.tensor.parallel`): every weight matrix of the attention and
-    MLP layers is split over the processes, which all compute the same batch together.
-
-    The split follows the model's own plan (`base_model_tp_plan` of its transformers config: column-
-    wise q/k/v and up projections, row-wise output and down projections), so GPT-NeoX and Llama
-    families work as they are. Attention heads (and key/value heads) must divide by the number of
-    processes. Embeddings and norms are replicated.
+    MLP layers is split over the processes, which all compute the same batch together
+    (distributed.tensor_parallel_split).
     """
 
     def __init__(self, *args, **kwargs):
@@ -1111,145 +787,41 @@ class TensorParallelTrainer(ShardedTrainer):
         self.dp_rank, self.dp_size = 0, 1
 
     def split(self, model: nn.Module, reference: bool) -> nn.Module:
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.tensor.parallel import parallelize_module
-        mesh = init_device_mesh(self.device.type, (self.world_size,))
-        # src_data_rank=None: each rank keeps its own slice without communication (the weights on
-        # ranks other than 0 are still empty; split_and_load fills them from rank 0 afterwards).
-        parallelize_module(model, mesh, tensor_parallel_plan(model, self.world_size), src_data_rank=None)
-        if not next(model.parameters()).is_meta:
-            model.to(self.device)  # the split matrices are on the GPU now; the rest is where it was built
-        if self.config.activation_checkpointing and not reference:
-            # After the split: the plan names modules by their paths, which the wrappers change.
-            checkpoint_blocks(model, get_block_modules(model, self.config.model.block_name))
-        return model
+        return tensor_parallel_split(model, self.config, self.world_size, self.device, reference)
 
 
-def split_and_load(model: nn.Module, split, device: torch.device) -> nn.Module:
-    """`split(model)`, then rank 0's weights broadcast into every rank's part. Collective.
-
-    Only rank 0 needs real weights: the other ranks' `model` may be on the meta device (allocated on
-    `device` here, after the split, so that no process ever holds a second full copy).
-    """
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-    full_state = dict(model.state_dict()) if dist.get_rank() == 0 else {}
-    model = split(model)
-    if any(t.is_meta for t in list(model.parameters()) + list(model.buffers())):
-        model.to_empty(device=device)
-        if getattr(model.config, 'tie_word_embeddings', False):
-            model.tie_weights()  # to_empty gives each module its own new tensor, which unties them
-    set_model_state_dict(model, full_state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-    with torch.no_grad():
-        for buffer in model.buffers():  # not in the state dict (e.g. rotary frequencies): rank 0's too
-            dist.broadcast(buffer, src=0)
-    return model
+@torch.no_grad()
+def generate_texts(model: nn.Module, tokenizer, batch: Dict, max_length: int, do_sample: bool, dp_rank: int,
+                   dp_size: int) -> List[str]:
+    """Decoded continuations (prompt included) of a local batch's prompts, gathered from all data-parallel ranks."""
+    output = model.generate(batch['prompt_input_ids'], attention_mask=batch['prompt_attention_mask'],
+                            max_length=max_length, do_sample=do_sample, pad_token_id=tokenizer.pad_token_id,
+                            # sharded models: every rank runs each step until all ranks are done
+                            synced_gpus=dp_size > 1)
+    output = pad_to_length(output, max_length, tokenizer.pad_token_id)
+    return tokenizer.batch_decode(all_gather_if_needed(output, dp_rank, dp_size), skip_special_tokens=True)
 
 
-def checkpoint_blocks(model: nn.Module, blocks: List[nn.Module]) -> List[nn.Module]:
-    """Wrap each block so its activations are recomputed in the backward pass; returns the wrappers.
-
-    The wrappers replace the blocks in their parents; state-dict keys do not change.
-    """
-    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
-    targets = {id(block) for block in blocks}
-    wrappers = []
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if id(child) in targets:
-                wrapper = checkpoint_wrapper(child, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
-                parent.register_module(name, wrapper)
-                wrappers.append(wrapper)
-    return wrappers
+def log_sample_tables(wandb_run, step: int, prompts: List[str], samples: Dict[str, List[str]]) -> None:
+    """One wandb table (step, prompt, sample) per non-empty list of `samples`; nothing without wandb."""
+    if isinstance(wandb_run, DummyWandb):
+        return
+    import wandb
+    for name, texts in samples.items():
+        if texts:
+            table = wandb.Table(columns=['step', 'prompt', 'sample'], data=[[step, p, s] for p, s in zip(prompts, texts)])
+            wandb_run.log({name: table}, step=step)
 
 
-# transformers' tensor-parallel style names, as torch ParallelStyles. Colwise splits a Linear's output
-# features, rowwise its input features (and sums the partial outputs); *_gather_output / *_rep /
-# *_split_input return or take whole (replicated) tensors.
-TP_STYLES = {
-    'colwise': lambda: ColwiseParallel(),
-    'local_colwise': lambda: ColwiseParallel(),
-    'colwise_rep': lambda: ColwiseParallel(output_layouts=Replicate()),
-    'colwise_gather_output': lambda: ColwiseParallel(output_layouts=Replicate()),
-    'rowwise': lambda: RowwiseParallel(),
-    'local_rowwise': lambda: RowwiseParallel(),
-    'rowwise_rep': lambda: RowwiseParallel(input_layouts=Replicate()),
-    'rowwise_split_input': lambda: RowwiseParallel(input_layouts=Replicate()),
-}
+def extend_metrics(into: Dict[str, List[float]], metrics: Dict[str, List[float]]) -> None:
+    """Append each list of `metrics` to the list of the same key in `into`."""
+    for key, values in metrics.items():
+        into[key].extend(values)
 
 
-def tensor_parallel_plan(model: nn.Module, world_size: int) -> Dict[str, ParallelStyle]:
-    """{module path pattern: torch ParallelStyle} from the model's transformers tensor-parallel plan.
-
-    `config.base_model_tp_plan` names modules inside the base model (e.g. `layers.*.mlp.up_proj`), so
-    its keys get the base model's prefix (`model.`, `gpt_neox.`); the head's plan (`lm_head`) is added
-    unless the input and output embeddings are tied: splitting lm_head would replace the shared
-    weight and silently untie them.
-    """
-    config = model.config
-    name = type(model).__name__
-    base_plan = getattr(config, 'base_model_tp_plan', None)
-    if not base_plan:
-        raise ValueError(f'{name} has no tensor-parallel plan (config.base_model_tp_plan); use trainer=FSDPTrainer')
-    for key in ('num_attention_heads', 'num_key_value_heads'):
-        heads = getattr(config, key, None)
-        if heads is not None and heads % world_size:
-            raise ValueError(f'TensorParallelTrainer splits attention heads over {world_size} processes, but {name} '
-                             f'has {key}={heads}; use a number of processes that divides it, or trainer=FSDPTrainer')
-    plan = {f'{model.base_model_prefix}.{key}': style for key, style in base_plan.items()}
-    if not getattr(config, 'tie_word_embeddings', False):
-        plan.update(getattr(model, '_tp_plan', None) or {})
-    unknown = sorted({style for style in plan.values() if style not in TP_STYLES})
-    if unknown:
-        raise ValueError(f'{name}: tensor-parallel styles {unknown} are not supported here '
-                         f'(supported: {", ".join(TP_STYLES)}); use trainer=FSDPTrainer')
-    return {key: TP_STYLES[style]() for key, style in plan.items()}
-
-
-def clip_grad_norm(parameters, max_norm: float, device: torch.device) -> float:
-    """Clip gradients split over processes to a global L2 norm ≤ max_norm; returns the norm before clipping.
-
-    Gradients that are DTensors sharded over the ranks (FSDP's, TP's split matrices) add their local
-    squares over all ranks; replicated ones (TP's embeddings and norms, identical on every rank) count
-    once. One all-reduce in all. Same rule as torch.nn.utils.clip_grad_norm_: scale by
-    max_norm / (norm + 1e-6) when that is below 1. Collective.
-    """
-    grads = [p.grad for p in parameters if p.grad is not None]
-    sharded_squares = torch.zeros((), device=device)
-    replicated_squares = torch.zeros((), device=device)
-    for grad in grads:
-        if isinstance(grad, DTensor) and any(placement.is_shard() for placement in grad.placements):
-            sharded_squares += torch.linalg.vector_norm(grad.to_local(), dtype=torch.float32) ** 2
-        else:
-            local = grad.to_local() if isinstance(grad, DTensor) else grad
-            replicated_squares += torch.linalg.vector_norm(local, dtype=torch.float32) ** 2
-    dist.all_reduce(sharded_squares)
-    total = (sharded_squares + replicated_squares).sqrt()
-    scale = (max_norm / (total + 1e-6)).clamp(max=1.0).item()
-    for grad in grads:
-        grad.mul_(scale)
-    return total.item()
-
-
-def full_state_dict_options():
-    """Gather whole tensors to CPU on rank 0 (the other ranks get {})."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions
-    return StateDictOptions(full_state_dict=True, cpu_offload=True)
-
-
-def optimizer_state_by_index(state: Dict, names: List[str]) -> Dict:
-    """An optimizer state keyed by parameter names (torch.distributed.checkpoint's) in torch's own
-    layout, keyed by the parameter's position, as BasicTrainer saves it."""
-    index = {name: i for i, name in enumerate(names)}
-    return {'state': {index[name]: value for name, value in state['state'].items()},
-            'param_groups': [{**group, 'params': [index[name] for name in group['params']]}
-                             for group in state['param_groups']]}
-
-
-def optimizer_state_by_name(state: Dict, names: List[str]) -> Dict:
-    """The inverse of optimizer_state_by_index."""
-    return {'state': {names[i]: value for i, value in state['state'].items()},
-            'param_groups': [{**group, 'params': [names[i] for i in group['params']]}
-                             for group in state['param_groups']]}
+def mean_metrics(metrics: Dict[str, List[float]]) -> Dict[str, float]:
+    """The mean of each list."""
+    return {key: sum(values) / len(values) for key, values in metrics.items()}
 
 
 def fused_optimizer_applies(optimizer_class: type, params: List[torch.Tensor]) -> bool:
@@ -1262,108 +834,3 @@ def fused_optimizer_applies(optimizer_class: type, params: List[torch.Tensor]) -
     accepts_fused = 'fused' in inspect.signature(optimizer_class).parameters
     plain = all(type(p) is nn.Parameter and p.device.type in ('cpu', 'cuda') and p.is_floating_point() for p in params)
     return accepts_fused and plain and len(params) > 0
-
-
-def with_own_implementation(optimizer: torch.optim.Optimizer, state: Dict) -> Dict:
-    """`state` (an optimizer state dict) with `optimizer`'s own choice of kernel (fused / foreach).
-
-    load_state_dict would otherwise copy the saving run's choice, and a checkpoint of a fused
-    BasicTrainer run resumed under a sharded trainer would ask for fused kernels on DTensors.
-    """
-    own = {key: optimizer.param_groups[0].get(key) for key in ('fused', 'foreach')}
-    groups = [{**group, **{k: v for k, v in own.items() if k in group}} for group in state['param_groups']]
-    return {**state, 'param_groups': groups}
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The Hugging Face model inside any wrapper."""
-    return getattr(model, 'module', model)
-
-
-def first_device(model: nn.Module) -> torch.device:
-    """Where a (possibly GPU-split) model takes its inputs."""
-    device_map = getattr(model, 'hf_device_map', None)
-    if device_map:
-        first = next(iter(device_map.values()))
-        return torch.device(f'cuda:{first}' if isinstance(first, int) else first)
-    return next(model.parameters()).device
-
-
-def load_tokenizer(config: DictConfig):
-    """The tokenizer of config.model (a Hub id, a directory, or an embedded model); pad = EOS if unset."""
-    import transformers
-    name = config.model.tokenizer_name_or_path or config.model.name_or_path
-    path = materialize_model(name, get_local_dir(config.local_dirs))
-    tokenizer = transformers.AutoTokenizer.from_pretrained(path, cache_dir=get_local_dir(config.local_dirs))
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token_id = tokenizer.eos_token_id
-    return tokenizer
-
-
-def dataset_options(config: DictConfig) -> Dict:
-    """Options the data loaders read (render_hh_with_chat_template, and the synthetic block); plain dict."""
-    options = {'render_hh_with_chat_template': True} if config.render_hh_with_chat_template else {}
-    return {**options, **({'synthetic': OmegaConf.to_container(config.synthetic, resolve=True)} if 'synthetic' in config else {})}
-
-
-def truncate_metrics_log(path: Path, up_to_example: int) -> None:
-    """Drop metrics.jsonl lines logged after `up_to_example` (a resumed run logs them again)."""
-    if not path.exists():
-        return
-    kept = [line for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line).get('counters/examples', 0) <= up_to_example]
-    atomic_write_text(path, ''.join(line + '\n' for line in kept))
-
-
-# Bump when the meaning of the cached reference log-probabilities changes.
-REFERENCE_CACHE_VERSION = 1
-
-
-def pair_keys(batch: Dict) -> List[str]:
-    """One key per example of `batch`: a hash of its prompt, chosen and rejected texts."""
-    return [hashlib.blake2b('\0'.join(texts).encode('utf-8'), digest_size=16).hexdigest()
-            for texts in zip(batch['prompt'], batch['chosen'], batch['rejected'])]
-
-
-def file_identity(path: Union[str, Path]) -> List:
-    """A file's resolved path, size and modification time: changes whenever the file is rewritten."""
-    path = Path(path).expanduser().resolve()
-    stat = path.stat()
-    return [str(path), stat.st_size, stat.st_mtime_ns]
-
-
-def model_identity(name_or_path: str, local_dir: str) -> List:
-    """What identifies a model's weights: the files of a local directory (or embedded model), else the Hub id."""
-    path = Path(materialize_model(name_or_path, local_dir)).expanduser()
-    if not path.is_dir():
-        return [name_or_path]
-    return [file_identity(f) for f in sorted(path.iterdir())
-            if f.suffix in ('.json', '.safetensors', '.bin', '.pt') and not f.name.startswith('tokenizer')]
-
-
-def reference_cache_path(config: DictConfig, tokenizer) -> Path:
-    """Where the precomputed reference log-probabilities of this model, archive, data and lengths live."""
-    local_dir = get_local_dir(config.local_dirs)
-    archive = config.model.archive
-    key = json.dumps([
-        REFERENCE_CACHE_VERSION, model_identity(config.model.name_or_path, local_dir),
-        None if archive is None else file_identity(archive), config.model.reference_dtype,
-        tokenizer_identity(tokenizer), config.max_length, config.max_prompt_length, list(config.datasets),
-        [data_identity(name, split, dataset_options(config)) for name in config.datasets for split in ('train', 'test')],
-        dataset_options(config)], sort_keys=True, default=repr)
-    return Path(local_dir) / 'beta_dpo' / 'reference_logps' / f'{hashlib.sha256(key.encode()).hexdigest()[:24]}.pt'
-
-
-def load_reference_cache(path: Path) -> Dict[str, List[float]]:
-    """The cached pair key -> [chosen, rejected] log-probabilities at `path`; empty if absent or unreadable."""
-    if not path.exists():
-        return {}
-    try:
-        return dict(torch.load(path, weights_only=True)['logps'])
-    except Exception as e:  # a damaged cache is recomputed, never trusted
-        rank0_print(f'{path}: unreadable reference log-probability cache ({type(e).__name__}: {e}); recomputing')
-        return {}
-
-
-def save_reference_cache(cache: Dict[str, List[float]], path: Path) -> None:
-    save_atomically({'version': REFERENCE_CACHE_VERSION, 'logps': cache}, path)

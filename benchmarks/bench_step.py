@@ -72,7 +72,7 @@ def build_fixtures(workdir: Path) -> dict:
     sys.path.insert(0, str(REPO))
     import torch
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
-    from utils import build_byte_tokenizer
+    from models import build_byte_tokenizer
     paths = {}
     tokenizer = build_byte_tokenizer()
     for name, sizes in MODELS.items():
@@ -125,7 +125,7 @@ def peak_rss_mib() -> float:
 def child_ours(args) -> dict:
     sys.path.insert(0, str(REPO))
     from hydra import compose, initialize_config_dir
-    import train  # registers the run-directory resolver
+    import train
     from trainers import BasicTrainer
     overrides = [f'model.name_or_path={args.model_dir}', 'model.name=bench', f'datasets=[{args.data}]',
                  f'local_dirs=[{args.scratch}]', 'batch_size=8', 'eval_batch_size=8', 'max_length=256',
@@ -134,15 +134,11 @@ def child_ours(args) -> dict:
                  'model.policy_dtype=float32', 'model.reference_dtype=float32', *args.overrides]
     with initialize_config_dir(config_dir=str(REPO / 'config'), version_base=None):
         config = compose(config_name='config', overrides=overrides)
-    train.prepare_run(config)
-    policy, reference = train.build_models(config)
+    parallelism = train.prepare_run(config)
+    policy, reference = train.build_run_models(config, parallelism)
     trainer = BasicTrainer(policy, config, config.seed, config.local_run_dir, reference_model=reference)
     del policy, reference  # the trainer holds the only references (precompute frees the reference model)
-    trainer.setup_optimization()
-    if trainer.reference_model is not None:
-        trainer.reference_model.eval()
-        if config.precompute_ref_log_probs:
-            trainer.precompute_reference_logps()
+    trainer.start()  # optimizer, seeds, and the reference pass when precompute_ref_log_probs=true
     times, tokens = [], []
     for batch in trainer.train_batches():
         start = time.perf_counter()
@@ -150,7 +146,7 @@ def child_ours(args) -> dict:
         times.append(time.perf_counter() - start)
         tokens.append(sum(int(batch[k].sum()) for k in ('chosen_attention_mask', 'rejected_attention_mask') if k in batch))
     return {'times': times, 'tokens': tokens, 'peak_rss_mib': peak_rss_mib(),
-            'reference_in_step': trainer.reference_model is not None}
+            'reference_in_step': trainer.reference.model is not None}
 
 
 def child_trl(args) -> dict:

@@ -16,7 +16,8 @@ FAST = ['wandb.enabled=false', 'sample_during_eval=false', 'synthetic.n_train=64
 
 def compose_config(overrides, tmp_path):
     """The config train.py would see for these command-line overrides, with caches under tmp_path."""
-    import train  # registers the get_local_run_dir resolver
+    import train
+    train.register_resolvers()
     with initialize_config_dir(config_dir=str(ROOT / 'config'), version_base=None):
         config = compose(config_name='config', overrides=[f'local_dirs=[{tmp_path}]', *overrides])
     return config
@@ -51,8 +52,8 @@ def start_run(overrides, tmp_path):
     import train
     import trainers
     config = compose_config(overrides, tmp_path)
-    train.prepare_run(config)
-    policy, reference_model = train.build_models(config)
+    parallelism = train.prepare_run(config)
+    policy, reference_model = train.build_run_models(config, parallelism)
     trainer = trainers.BasicTrainer(policy, config, config.seed, config.local_run_dir, reference_model=reference_model)
     trainer.setup_optimization()
     if config.resume_from:
@@ -96,7 +97,7 @@ def train_in_process(overrides, tmp_path) -> Path:
     returns the run directory."""
     import train
     config = compose_config(overrides, tmp_path)
-    train.prepare_run(config)
-    policy, reference_model = train.build_models(config)
-    train.worker_main(0, 1, config, policy, reference_model)
+    parallelism = train.prepare_run(config)
+    policy, reference_model = train.build_run_models(config, parallelism)
+    train.run_trainer(config, parallelism, policy, reference_model)
     return Path(config.local_run_dir)

@@ -11,18 +11,26 @@ import train  # noqa: E402
 import trainers  # noqa: E402
 
 
+class Stall:
+    """Pickling this stalls: torch.save of trainer_state.pt reaches it after policy.pt, optimizer.pt and
+    scheduler.pt are written into the temporary checkpoint directory."""
+
+    def __reduce__(self):
+        print('stalled while writing step-32', flush=True)
+        time.sleep(600)
+        return int, ()
+
+
 class StalledSaveTrainer(trainers.BasicTrainer):
     def trainer_state(self):
-        if self.example_counter == 32:
-            print('stalled while writing step-32', flush=True)
-            time.sleep(600)
-        return super().trainer_state()
+        state = super().trainer_state()
+        return {**state, 'stall': Stall()} if self.example_counter == 32 else state
 
 
 @hydra.main(version_base=None, config_path='../config', config_name='config')
 def main(config):
-    train.prepare_run(config)
-    policy, reference_model = train.build_models(config)
+    parallelism = train.prepare_run(config)
+    policy, reference_model = train.build_run_models(config, parallelism)
     StalledSaveTrainer(policy, config, config.seed, config.local_run_dir, reference_model=reference_model).train()
 
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from helpers import FAST, compose_config
-from train import build_models, prepare_run
+from train import build_run_models, prepare_run
 from trainers import BasicTrainer
 
 
@@ -19,8 +19,8 @@ def two_dpo_steps(tmp_path, checkpointing):
     """(losses, gradients, input_layernorm calls per block) of 2 SGD steps of DPO, batch 8, on the tiny GPT-NeoX."""
     config = compose_config([*FAST, 'loss=dpo', 'n_examples=16', 'optimizer=SGD', 'lr=0.1',
                              f'activation_checkpointing={str(checkpointing).lower()}'], tmp_path)
-    prepare_run(config)
-    policy, reference = build_models(config)
+    parallelism = prepare_run(config)
+    policy, reference = build_run_models(config, parallelism)
     trainer = GradientRecorder(policy, config, config.seed, config.local_run_dir, reference_model=reference)
     trainer.gradients = []
     calls = [0] * len(policy.gpt_neox.layers)
@@ -28,7 +28,7 @@ def two_dpo_steps(tmp_path, checkpointing):
         # the block's first operation: it runs again whenever the block's forward is recomputed
         layer.input_layernorm.register_forward_pre_hook(lambda module, args, i=i: calls.__setitem__(i, calls[i] + 1))
     trainer.setup_optimization()
-    trainer.reference_model.eval()
+    trainer.reference.model.eval()
     losses = [trainer.train_step(batch)['loss/train'] for batch in trainer.train_batches()]
     return losses, trainer.gradients, calls
 

@@ -20,7 +20,7 @@ from conftest import hh_row
 from hydra.errors import MissingConfigException
 
 from helpers import FAST, Evil, run_dir_from_output, run_train, start_run
-from utils import build_byte_tokenizer, materialize_embedded_model
+from models import build_byte_tokenizer, materialize_embedded_model
 
 
 class Case(NamedTuple):

@@ -66,7 +66,7 @@ def test_all_problems_are_reported_at_once(tmp_path):
 def test_compile_policy_is_refused_with_tensor_parallelism(tmp_path):
     """torch 2.13 cannot trace the tensor-parallel model's backward pass; the pair is refused up front."""
     config = compose_config(['trainer=TensorParallelTrainer', 'compile_policy=true'], tmp_path)
-    assert validate_config(config, n_processes=2) == [
+    assert validate_config(config) == [
         "compile_policy=true does not work with trainer=TensorParallelTrainer (torch 2.13 fails to trace the split "
         "model's backward pass); use compile_policy=false or trainer=FSDPTrainer"]
-    assert validate_config(compose_config(['trainer=FSDPTrainer', 'compile_policy=true'], tmp_path), n_processes=2) == []
+    assert validate_config(compose_config(['trainer=FSDPTrainer', 'compile_policy=true'], tmp_path)) == []

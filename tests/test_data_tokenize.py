@@ -8,6 +8,7 @@ import torch
 from conftest import HH_ROWS, REPO, write_rows
 
 import preference_datasets as pd
+from checkpoints import save_atomically
 
 
 def original_tokenize_batch_element():
@@ -127,5 +128,5 @@ def test_failed_write_leaves_nothing(tmp_path):
     """A save that dies half way (here: an object torch cannot pickle) leaves no file and no temp file."""
     path = tmp_path / 'c' / 'x.pt'
     with pytest.raises(Exception):
-        pd.save_atomically({'a': torch.zeros(3), 'b': lambda: None}, path)
+        save_atomically({'a': torch.zeros(3), 'b': lambda: None}, path)
     assert list(path.parent.iterdir()) == []

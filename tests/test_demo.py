@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from helpers import ROOT, TRAIN_ENV
-from preference_datasets import synthetic_gold_answer
+from synthetic_task import synthetic_gold_answer
 
 pytestmark = pytest.mark.slow
 

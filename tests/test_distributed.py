@@ -22,9 +22,9 @@ import torch
 import torch.multiprocessing as mp
 
 from helpers import FAST, ROOT, compose_config, run_dir_from_output, run_train
-from train import build_models, prepare_run, worker_main
-from trainers import load_reference_cache, reference_cache_path
-from utils import get_open_port, init_distributed
+from distributed import get_open_port, init_distributed
+from reference_cache import load_reference_cache, reference_cache_path
+from train import build_run_models, prepare_run, run_trainer
 
 pytestmark = pytest.mark.slow
 
@@ -64,9 +64,9 @@ def weights(run_dir):
 def train_basic(tmp, name, overrides):
     """A BasicTrainer run in this process; returns its run directory."""
     config = compose_config([*overrides, f'exp_name={name}'], tmp)
-    prepare_run(config)
-    policy, reference = build_models(config)
-    worker_main(0, 1, config, policy, reference)
+    parallelism = prepare_run(config)
+    policy, reference = build_run_models(config, parallelism)
+    run_trainer(config, parallelism, policy, reference)
     return config.local_run_dir
 
 
@@ -99,10 +99,10 @@ class RecordingPrecompute:
             path.unlink(missing_ok=True)
         torch.distributed.barrier()
         n_before = len(load_reference_cache(path))
-        reference = weakref.ref(self.reference_model)
+        reference = weakref.ref(self.reference.model)
         super().precompute_reference_logps()
         gc.collect()
-        record = {'n_before': n_before, 'n_after': len(self.reference_cache), 'n_on_disk': len(load_reference_cache(path)),
+        record = {'n_before': n_before, 'n_after': len(self.reference.cache), 'n_on_disk': len(load_reference_cache(path)),
                   'reference_freed': reference() is None}
         (self.run_dir / f'precompute_rank{self.rank}.json').write_text(json.dumps(record))
 
@@ -115,13 +115,13 @@ def sharded_worker(rank, world_size, port, jobs):
     setup = init_distributed(rank, world_size, port)
     for overrides, tmp in jobs:
         config = compose_config(overrides, tmp)
-        prepare_run(config)
-        trainer_class = getattr(trainers, config.trainer)
+        parallelism = prepare_run(config)
+        trainer_class = getattr(trainers, parallelism.trainer)
         if config.loss.name != 'sft' and config.loss.mode_loss == 'beta_DPO':
             trainer_class = type(f'Recording{trainer_class.__name__}', (RecordingFilter, trainer_class), {})
         if config.precompute_ref_log_probs:
             trainer_class = type(f'Precompute{trainer_class.__name__}', (RecordingPrecompute, trainer_class), {})
-        policy, reference = build_models(config, empty=setup.rank != 0)
+        policy, reference = build_run_models(config, parallelism, setup)
         trainer = trainer_class(policy, config, config.seed, config.local_run_dir, reference_model=reference,
                                 rank=setup.rank, world_size=setup.world_size, device=setup.device)
         del policy, reference  # the trainer holds the only references, as in train.py

@@ -6,14 +6,15 @@ from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaFo
 
 from helpers import FAST, compose_config
 from train import validate_config
-from trainers import optimizer_state_by_index, optimizer_state_by_name, tensor_parallel_plan
+from checkpoints import optimizer_state_by_index, optimizer_state_by_name
+from distributed import tensor_parallel_plan
 
 
 def test_basic_trainer_under_a_launcher_with_several_processes_is_refused(tmp_path, monkeypatch):
     monkeypatch.setenv('WORLD_SIZE', '2')
     problems = validate_config(compose_config([*FAST, 'trainer=BasicTrainer'], tmp_path))
     assert len(problems) == 1 and 'trainer=BasicTrainer runs in one process' in problems[0]
-    assert validate_config(compose_config([*FAST, 'trainer=FSDPTrainer'], tmp_path), 2) == []
+    assert validate_config(compose_config([*FAST, 'trainer=FSDPTrainer'], tmp_path)) == []
 
 
 def tiny_neox(**overrides):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from helpers import FAST, compose_config
-from train import build_models, prepare_run
+from train import build_run_models, prepare_run
 from trainers import BasicTrainer
 
 
@@ -15,8 +15,8 @@ def one_step(tmp_path, overrides, accumulation, perturb=False):
     """Loss, metrics and updated policy parameters after one SGD step on the first training batch."""
     config = compose_config([*FAST, 'optimizer=SGD', 'lr=0.5', 'max_grad_norm=1e9', 'n_examples=8',
                              f'gradient_accumulation_steps={accumulation}', *overrides], tmp_path)
-    prepare_run(config)
-    policy, reference = build_models(config)
+    parallelism = prepare_run(config)
+    policy, reference = build_run_models(config, parallelism)
     if perturb:  # move the policy away from the reference so the margins are not all 0
         g = torch.Generator().manual_seed(0)
         with torch.no_grad():

@@ -1,7 +1,7 @@
 """The lean label log-probabilities equal the naive full-logits computation, values and gradients.
 
 `label_logps_from_hidden(h, W, b, labels)` must equal `_get_batch_logps(F.linear(h, W, b), labels)`;
-`BasicTrainer.forward_logps` with logps_chunk_size set must equal it with logps_chunk_size=null, for the
+`logps.forward_logps` with logps_chunk_size set must equal it with logps_chunk_size=null, for the
 model architectures the presets use (GPT-NeoX, GPT-2, Llama).
 """
 import math
@@ -10,9 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import FAST, compose_config
-from trainers import BasicTrainer, _get_batch_logps, label_logps_from_hidden
-from utils import disable_dropout
+from logps import _get_batch_logps, forward_logps, label_logps_from_hidden
+from models import disable_dropout
 
 
 def random_case(seed, batch=5, seq=13, hidden=16, vocab=97, bias=True):
@@ -98,12 +97,8 @@ def test_forward_logps_lean_equals_full_logits(tmp_path, kind):
     labels[2] = -100
     results = []
     for chunk_size in (None, 3):
-        config = compose_config([*FAST, 'loss=dpo', f'logps_chunk_size={"null" if chunk_size is None else chunk_size}'],
-                                tmp_path)
-        trainer = BasicTrainer.__new__(BasicTrainer)  # forward_logps reads only the config
-        trainer.config = config
         model.zero_grad()
-        logps = trainer.forward_logps(model, input_ids, attention_mask, labels)
+        logps = forward_logps(model, input_ids, attention_mask, labels, chunk_size)
         (logps * torch.tensor([1.0, -0.5, 2.0, 0.25])).sum().backward()
         results.append((logps.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
     (naive, naive_grads), (lean, lean_grads) = results

@@ -5,7 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from trainers import _get_batch_logps, preference_loss
+from logps import _get_batch_logps
+from trainers import preference_loss
 
 
 def logps(*values):

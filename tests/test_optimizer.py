@@ -3,7 +3,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from trainers import fused_optimizer_applies, with_own_implementation
+from checkpoints import with_own_implementation
+from trainers import fused_optimizer_applies
 
 
 def params():

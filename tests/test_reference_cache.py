@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from helpers import FAST, compose_config
-from train import build_models, prepare_run
-from trainers import BasicTrainer, load_reference_cache, reference_cache_path
+from train import build_run_models, prepare_run
+from reference_cache import load_reference_cache, reference_cache_path
+from trainers import BasicTrainer
 
 DPO = [*FAST, 'loss=dpo', 'n_examples=24', 'optimizer=SGD', 'lr=0.1']
 
@@ -16,8 +17,8 @@ DPO = [*FAST, 'loss=dpo', 'n_examples=24', 'optimizer=SGD', 'lr=0.1']
 def make_trainer(tmp_path, overrides):
     """A DPO trainer whose policy is perturbed away from the reference (margins are not all 0)."""
     config = compose_config([*DPO, *overrides], tmp_path)
-    prepare_run(config)
-    policy, reference = build_models(config)
+    parallelism = prepare_run(config)
+    policy, reference = build_run_models(config, parallelism)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in policy.parameters():
@@ -44,15 +45,15 @@ def test_precomputed_reference_gives_the_same_losses_and_frees_the_model(tmp_pat
     cached, reference_alive = make_trainer(tmp_path, ['precompute_ref_log_probs=true'])
     cached.precompute_reference_logps()
     gc.collect()
-    assert cached.reference_model is None and reference_alive() is None
-    assert len(cached.reference_cache) == 32
+    assert cached.reference.model is None and reference_alive() is None
+    assert len(cached.reference.cache) == 32
     assert three_step_losses(cached) == pytest.approx(expected, rel=1e-6, abs=1e-7)
 
     again, _ = make_trainer(tmp_path, ['precompute_ref_log_probs=true'])
     capsys.readouterr()
     again.precompute_reference_logps()
     assert 'of 32 pairs (0 computed now)' in capsys.readouterr().out
-    assert load_reference_cache(reference_cache_path(again.config, again.tokenizer)) == cached.reference_cache
+    assert load_reference_cache(reference_cache_path(again.config, again.tokenizer)) == cached.reference.cache
 
 
 def test_cache_key_changes_with_archive_data_and_lengths(tmp_path):
@@ -64,7 +65,7 @@ def test_cache_key_changes_with_archive_data_and_lengths(tmp_path):
 
     def path(*overrides):
         config = compose_config([*DPO, *overrides], tmp_path)
-        from trainers import load_tokenizer
+        from models import load_tokenizer
         return reference_cache_path(config, load_tokenizer(config))
 
     base = path()

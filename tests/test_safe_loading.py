@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from helpers import FAST, ROOT, Evil, start_run
-from utils import load_checkpoint_file
+from checkpoints import load_checkpoint_file
 
 REFUSED = 'contains Python objects other than tensors and was refused (loaded with weights_only=True, nothing in it ran)'
 

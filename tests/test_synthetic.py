@@ -4,8 +4,10 @@ import torch
 import torch.nn as nn
 
 from helpers import FAST, compose_config
-from preference_datasets import (ASSISTANT, HUMAN, describe_synthetic, edit_distance, get_dataset,
-                                 synthetic_gold_accuracy, synthetic_gold_answer, synthetic_instruction, synthetic_prompt)
+from preference_datasets import get_dataset
+from synthetic_task import (describe_synthetic, edit_distance, synthetic_gold_accuracy, synthetic_gold_answer,
+                            synthetic_instruction, synthetic_prompt)
+from utils import ASSISTANT, HUMAN
 
 
 def synthetic(split, **options):
@@ -128,8 +130,9 @@ def test_gold_eval_worked_case(tmp_path):
     stand-in scores 4/16 = 0.25; with n_gold_eval=8 (one eval batch: the first 8 hold 3) 3/8 = 0.375;
     0 turns it off."""
     import trainers
+    from models import load_tokenizer
     config = compose_config([*FAST, 'loss=sft', 'synthetic.n_gold_eval=16'], tmp_path)
-    tokenizer = trainers.load_tokenizer(config)
+    tokenizer = load_tokenizer(config)
     trainer = trainers.BasicTrainer(AnswersUppercaseOnly(tokenizer), config, 0, str(tmp_path / 'run'),
                                     device=torch.device('cpu'))
     assert trainer.gold_eval_enabled()

@@ -1,0 +1,312 @@
+"""Everything written into or read back from a run directory, and the one atomic writer of the project.
+
+    RUN_DIR/config.yaml             the resolved config (train.py)
+    RUN_DIR/metrics.jsonl           one line per log (trainers.BasicTrainer.log)
+    RUN_DIR/step-N/                 policy.pt, optimizer.pt, scheduler.pt ({'step_idx', 'state', 'metrics'},
+                                    as the original), trainer_state.pt, beta_dpo_stats.json
+    RUN_DIR/LATEST -> step-N        always a complete checkpoint; model.archive=RUN_DIR/LATEST/policy.pt
+    RUN_DIR/hf_model/               the final policy for from_pretrained / vLLM
+
+    from checkpoints import atomic_path, save_checkpoint, load_checkpoint_file
+    with atomic_path(run_dir / 'step-64', directory=True) as tmp:   # complete or absent, never half-written
+        torch.save(state, tmp / 'policy.pt')
+
+Every file the project writes goes through `atomic_path`: a temporary sibling, flushed to disk, then
+renamed into place, so a process killed at any moment (SIGKILL, preemption, power loss) leaves either the
+old file or the new one.
+"""
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, NamedTuple, Union
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from utils import rank0_print
+
+
+def fsync_dir(path: Union[str, Path]) -> None:
+    """Flush a directory entry to disk so a rename into it survives a power loss."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_path(final: Union[str, Path], directory: bool = False) -> Iterator[Path]:
+    """Yield a temporary path beside `final` to write into; on success, flush it to disk and rename it to `final`.
+
+    directory=True yields a new empty directory (a checkpoint), else a file path. `final` then either does
+    not exist or is complete: a process killed at any moment never leaves a half-written file or
+    checkpoint under the final name, and a previous `final` is replaced only once the new one is complete.
+    On an exception inside, the temporary path is removed and `final` is untouched.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    prefix = f'.{final.name}.tmp-'
+    if directory:
+        tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=final.parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp creates 0700; a checkpoint gets the usual permissions
+    else:
+        fd, name = tempfile.mkstemp(prefix=prefix, dir=final.parent)
+        os.close(fd)
+        tmp = Path(name)
+    try:
+        yield tmp
+        for f in (tmp.rglob('*') if directory else [tmp]):
+            if f.is_file():
+                with open(f, 'rb') as fh:
+                    os.fsync(fh.fileno())
+        if directory:
+            fsync_dir(tmp)
+        if directory and final.exists():
+            old = final.with_name(f'.{final.name}.old-{os.getpid()}')
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        fsync_dir(final.parent)
+    except BaseException:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Union[str, Path], text: str) -> None:
+    """Write `text` to `path` atomically (`atomic_path`)."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def save_atomically(state: Any, path: Union[str, Path]) -> None:
+    """torch.save `state` to `path` atomically (`atomic_path`): a killed run leaves no partial cache."""
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def point_latest_to(run_dir: Union[str, Path], step_dir_name: str) -> None:
+    """Atomically make `run_dir/LATEST` a symbolic link to `run_dir/step_dir_name`.
+
+    The link is created under a temporary name and renamed over the old one, so `LATEST` always
+    points to a complete checkpoint. `model.archive=RUN/LATEST/policy.pt` reads through it.
+    """
+    run_dir = Path(run_dir)
+    tmp = run_dir / f'.LATEST.tmp-{os.getpid()}'
+    if tmp.is_symlink() or tmp.exists():
+        tmp.unlink()
+    os.symlink(step_dir_name, tmp)
+    latest = run_dir / 'LATEST'
+    if latest.is_dir() and not latest.is_symlink():  # a LATEST directory from an older layout
+        shutil.rmtree(latest)
+    os.replace(tmp, latest)
+    fsync_dir(run_dir)
+
+
+def remove_incomplete_checkpoints(run_dir: Union[str, Path]) -> List[Path]:
+    """Delete what a killed save left in `run_dir` (`.step-N.tmp-*`, `.LATEST.tmp-*`, `.step-N.old-*`); returns them.
+
+    Only the run's own process writes there, so on a resume these are certainly abandoned. A
+    `.step-N.old-*` whose `step-N` is missing (killed between the two renames of a replacement) is the
+    complete old checkpoint: it is renamed back instead.
+    """
+    leftovers = sorted(p for p in Path(run_dir).glob('.*') if '.tmp-' in p.name or '.old-' in p.name)
+    for path in leftovers:
+        original = path.with_name(path.name[1:].split('.old-')[0])
+        if '.old-' in path.name and not original.exists():
+            os.replace(path, original)
+        elif path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    return leftovers
+
+
+@contextlib.contextmanager
+def removed_if_unused(run_dir: Union[str, Path], new_run: bool) -> Iterator[None]:
+    """On an exception inside, delete a new run's directory if the run left nothing in it but its config.yaml
+    (bad data, archive or tokenizer found after the config was validated), so failed starts leave no empty
+    run directories behind. A resumed run's directory, or one holding anything else, is never touched."""
+    try:
+        yield
+    except BaseException:
+        path = Path(run_dir)
+        if new_run and path.is_dir() and {p.name for p in path.iterdir()} <= {'config.yaml'}:
+            shutil.rmtree(path, ignore_errors=True)
+            rank0_print(f'removed the run directory {path}: the run failed before writing anything but config.yaml')
+        raise
+
+
+def load_checkpoint_file(path: Union[str, Path], what: str = 'checkpoint') -> dict:
+    """`torch.load(path, weights_only=True)` with messages a user can act on.
+
+    weights_only=True refuses to unpickle anything but tensors and plain containers, so a
+    malicious archive cannot run code (the original called torch.load without it).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f'{what} {path} does not exist; pass the path of a policy.pt written by an SFT run '
+                                f'(RUN_DIR/LATEST/policy.pt)')
+    try:
+        return torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:  # torch raises UnpicklingError, RuntimeError or EOFError depending on the damage
+        text = str(e).split('\n')[0]
+        if 'Weights only load failed' in str(e) or 'Unsupported global' in str(e):
+            raise ValueError(f'{what} {path} contains Python objects other than tensors and was refused '
+                             f'(loaded with weights_only=True, nothing in it ran). Only load archives you trust; '
+                             f're-save it as a plain state dict. Detail: {text}') from None
+        raise ValueError(f'{what} {path} could not be read ({type(e).__name__}: {text}); it is truncated or not a '
+                         f'torch checkpoint. Use an earlier checkpoint (step-N/) of the same run.') from None
+
+
+def load_state_dict_checked(model: torch.nn.Module, state: Dict[str, torch.Tensor], source: str) -> None:
+    """`model.load_state_dict(state)` that names the missing and unexpected keys on a mismatch."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong_shape = sorted(k for k in set(expected) & set(state) if tuple(expected[k].shape) != tuple(state[k].shape))
+    if missing or unexpected or wrong_shape:
+        def show(keys):
+            return ', '.join(keys[:5]) + (f' … ({len(keys)} in all)' if len(keys) > 5 else '')
+        lines = [f'{source} does not fit the model ({type(model).__name__}):']
+        if missing:
+            lines.append(f'  missing keys: {show(missing)}')
+        if unexpected:
+            lines.append(f'  unexpected keys: {show(unexpected)}')
+        if wrong_shape:
+            lines.append('  wrong shapes: ' + show([f'{k} {tuple(state[k].shape)} vs {tuple(expected[k].shape)}'
+                                                  for k in wrong_shape]))
+        lines.append('  Likely cause: the archive was trained with a different model config; use the same '
+                     'model=... (and model.name_or_path) as the SFT run that wrote it.')
+        raise ValueError('\n'.join(lines))
+    model.load_state_dict(state)
+
+
+def truncate_metrics_log(path: Path, up_to_example: int) -> None:
+    """Drop metrics.jsonl lines logged after `up_to_example` (a resumed run logs them again)."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines()
+            if line.strip() and json.loads(line).get('counters/examples', 0) <= up_to_example]
+    atomic_write_text(path, ''.join(line + '\n' for line in kept))
+
+
+def optimizer_state_by_index(state: Dict, names: List[str]) -> Dict:
+    """An optimizer state keyed by parameter names (torch.distributed.checkpoint's) in torch's own
+    layout, keyed by the parameter's position, as BasicTrainer saves it."""
+    index = {name: i for i, name in enumerate(names)}
+    return {'state': {index[name]: value for name, value in state['state'].items()},
+            'param_groups': [{**group, 'params': [index[name] for name in group['params']]}
+                             for group in state['param_groups']]}
+
+
+def optimizer_state_by_name(state: Dict, names: List[str]) -> Dict:
+    """The inverse of optimizer_state_by_index."""
+    return {'state': {names[i]: value for i, value in state['state'].items()},
+            'param_groups': [{**group, 'params': [names[i] for i in group['params']]}
+                             for group in state['param_groups']]}
+
+
+def with_own_implementation(optimizer: torch.optim.Optimizer, state: Dict) -> Dict:
+    """`state` (an optimizer state dict) with `optimizer`'s own choice of kernel (fused / foreach).
+
+    load_state_dict would otherwise copy the saving run's choice, and a checkpoint of a fused
+    BasicTrainer run resumed under a sharded trainer would ask for fused kernels on DTensors.
+    """
+    own = {key: optimizer.param_groups[0].get(key) for key in ('fused', 'foreach')}
+    groups = [{**group, **{k: v for k, v in own.items() if k in group}} for group in state['param_groups']]
+    return {**state, 'param_groups': groups}
+
+
+# Keys a resumed run may change: where things go, how long to train, logging and evaluation. Every
+# other key (seed, batch sizes, lr, loss, model, data, ...) decides the training stream and must match.
+RESUMABLE_CHANGES = ('resume_from', 'local_run_dir', 'local_dirs', 'exp_name', 'n_epochs', 'n_examples', 'wandb',
+                     'debug', 'minimum_log_interval_secs', 'sample_during_eval', 'n_eval_model_samples',
+                     'n_eval_examples', 'eval_batch_size', 'eval_every', 'do_first_eval', 'on_nonfinite', 'fsdp_port',
+                     'n_cpu_processes', 'trainer', 'activation_checkpointing', 'model.fsdp_policy_mp', 'hydra')
+
+
+def resume_changes(config: DictConfig, saved_config_path: Path) -> List[str]:
+    """'key: was X, now Y' for each setting that differs from the run being resumed (none if it has no config.yaml)."""
+    if not saved_config_path.is_file():
+        return []
+    saved = flat_items(OmegaConf.to_container(OmegaConf.load(saved_config_path), resolve=False))
+    now = flat_items(OmegaConf.to_container(config, resolve=True))
+    return [f'{key}: was {saved[key]!r}, now {now[key]!r}' for key in sorted(saved.keys() & now.keys())
+            if saved[key] != now[key] and not any(key == k or key.startswith(k + '.') for k in RESUMABLE_CHANGES)]
+
+
+def flat_items(tree, prefix: str = '') -> dict:
+    """{'loss.beta': 0.1, ...} from a nested dict."""
+    if not isinstance(tree, dict) or not tree:
+        return {prefix: tree}
+    items = {}
+    for key, value in tree.items():
+        items.update(flat_items(value, f'{prefix}.{key}' if prefix else str(key)))
+    return items
+
+
+class TrainingState(NamedTuple):
+    """What `save_checkpoint` wrote besides the policy: the states a resumed run restores."""
+    optimizer: Dict
+    scheduler: Dict
+    trainer_state: Dict
+
+
+def save_checkpoint(run_dir: Union[str, Path], step: int, metrics: Dict, policy: Dict, optimizer: Dict,
+                    scheduler: Dict, trainer_state: Dict) -> Path:
+    """Write RUN_DIR/step-N/ atomically, then point RUN_DIR/LATEST at it; returns the step directory.
+
+    policy.pt, optimizer.pt and scheduler.pt are {'step_idx', 'state', 'metrics'} as in the original, so
+    `model.archive=RUN_DIR/LATEST/policy.pt` starts a DPO run from any trainer's SFT. trainer_state.pt holds
+    the counters, β-DPO's statistics and the RNG states; beta_dpo_stats.json the statistics, readable.
+    """
+    run_dir = Path(run_dir)
+    step_name = f'step-{step}'
+    wrap = lambda state: {'step_idx': step, 'state': state, 'metrics': metrics}
+    with atomic_path(run_dir / step_name, directory=True) as tmp:
+        torch.save(wrap(policy), tmp / 'policy.pt')
+        torch.save(wrap(optimizer), tmp / 'optimizer.pt')
+        torch.save(wrap(scheduler), tmp / 'scheduler.pt')
+        torch.save(trainer_state, tmp / 'trainer_state.pt')
+        (tmp / 'beta_dpo_stats.json').write_text(json.dumps(trainer_state['margin_stats']) + '\n')
+    point_latest_to(run_dir, step_name)
+    return run_dir / step_name
+
+
+def load_training_state(checkpoint_dir: Path) -> TrainingState:
+    """The optimizer, scheduler and trainer state of a checkpoint written by `save_checkpoint`."""
+    return TrainingState(load_checkpoint_file(checkpoint_dir / 'optimizer.pt', 'optimizer state')['state'],
+                         load_checkpoint_file(checkpoint_dir / 'scheduler.pt', 'scheduler state')['state'],
+                         load_checkpoint_file(checkpoint_dir / 'trainer_state.pt', 'trainer state'))
+
+
+def clean_run_dir_for_resume(run_dir: Path, example_counter: int) -> None:
+    """Before a resumed run goes on: drop the metrics logged after its checkpoint (it logs them again) and
+    what an interrupted save left behind."""
+    truncate_metrics_log(run_dir / 'metrics.jsonl', example_counter)
+    for leftover in remove_incomplete_checkpoints(run_dir):
+        rank0_print(f'cleaned up {leftover.name}, left by a save of the interrupted run')
+
+
+def append_metrics(run_dir: Path, split: str, metrics: Dict[str, Any]) -> None:
+    """One line {'split': ..., **metrics} appended to RUN_DIR/metrics.jsonl."""
+    with open(run_dir / 'metrics.jsonl', 'a') as f:
+        f.write(json.dumps({'split': split, **metrics}) + '\n')
+
+
+def export_hf_model(model: torch.nn.Module, state: Dict[str, torch.Tensor], tokenizer, output_dir: Path) -> None:
+    """The policy in Hugging Face format (safetensors, config, tokenizer) for from_pretrained / vLLM, atomically."""
+    with atomic_path(output_dir, directory=True) as tmp:
+        model.save_pretrained(tmp, state_dict=state)
+        tokenizer.save_pretrained(tmp)

@@ -1,0 +1,222 @@
+"""Log-probabilities of the label tokens, lean: the LM head only on labelled positions, a chunk at a time.
+
+    from logps import forward_logps
+    logps = forward_logps(model, input_ids, attention_mask, labels, chunk_size=2048)   # (batch,) float32
+
+A causal LM's logits over a 50k vocabulary are the largest tensor of a DPO step (batch × seq × vocab, in
+float32 for the softmax). Here the model runs its own forward but projects no position through its head;
+the head is applied to the positions that carry a label only, chunk_size rows at a time, and the chunk's
+logits are recomputed in the backward pass instead of kept. Equal to the plain computation
+(`_get_batch_logps`, below) within 1e-5, gradients included (tests/test_lean_logps.py).
+"""
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
+
+
+class _ChunkedLabelLogps(torch.autograd.Function):
+    """log p(y_i | h_i) = (W h_i + b)[y_i] − logsumexp(W h_i + b), a chunk of rows of the (N, V) logits at a time.
+
+    Autograd through a plain loop would keep every chunk's float32 logits and log-softmax alive until the
+    backward pass. This Function keeps h, W, b, the targets and the (N,) normalisers, and recomputes each
+    chunk's logits in the backward pass: one more matmul per chunk for memory that no longer grows with
+    the number of tokens (the trade Liger-Kernel's fused linear cross-entropy makes). When all N rows fit
+    in one chunk, the backward pass would allocate that chunk anyway, so the forward keeps its softmax
+    instead and the backward needs neither the matmul nor the exponentials again: the same peak, less time.
+    All chunks share one float32 buffer updated in place: on CPUs a fresh 100 MB tensor per chunk costs
+    more in page faults than the exponentials computed in it.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk_size):
+        n = hidden.shape[0]
+        keep_softmax = n <= chunk_size and any(ctx.needs_input_grad[:3])
+        # equal chunks: a last chunk of a few rows would stream the whole weight for little work
+        chunk_size = -(-n // -(-n // chunk_size)) if n > 0 else chunk_size
+        token_logps = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        normalisers = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        buffer = torch.empty(min(n, chunk_size), weight.shape[0], dtype=torch.float32, device=hidden.device)
+        for start in range(0, n, chunk_size):
+            rows = slice(start, start + chunk_size)
+            logits = _chunk_logits(hidden[rows], weight, bias, buffer)
+            target_logits = logits.gather(1, targets[rows, None]).squeeze(1)
+            normalisers[rows] = _softmax_and_logsumexp_(logits)
+            token_logps[rows] = target_logits - normalisers[rows]
+        ctx.save_for_backward(hidden, weight, bias, targets, normalisers, buffer if keep_softmax else None)
+        ctx.chunk_size = chunk_size
+        ctx.backward_done = False
+        return token_logps
+
+    @staticmethod
+    def backward(ctx, grad_token_logps):
+        # ∂ log p(y_i) / ∂ logits_i = onehot(y_i) − softmax(logits_i), weighted by the incoming gradient g_i.
+        if ctx.backward_done:
+            raise RuntimeError('label_logps_from_hidden supports one backward pass per forward (its softmax is '
+                               'reused in place)')
+        ctx.backward_done = True
+        hidden, weight, bias, targets, normalisers, softmax = ctx.saved_tensors
+        n = hidden.shape[0]
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        # float32 accumulators: a bfloat16 weight's gradient summed over thousands of tokens would round away.
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \
+            if ctx.needs_input_grad[1] else None
+        grad_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) \
+            if bias is not None and ctx.needs_input_grad[2] else None
+        if softmax is None:
+            buffer = torch.empty(min(n, ctx.chunk_size), weight.shape[0], dtype=torch.float32, device=hidden.device)
+        for start in range(0, n, ctx.chunk_size):
+            rows = slice(start, start + ctx.chunk_size)
+            g = grad_token_logps[rows].float().unsqueeze(1)
+            if softmax is None:
+                grad_logits = _chunk_logits(hidden[rows], weight, bias, buffer)
+                grad_logits.sub_(normalisers[rows, None]).exp_()
+            else:
+                grad_logits = softmax
+            grad_logits.mul_(-g).scatter_add_(1, targets[rows, None], g)
+            if grad_hidden is not None:
+                grad_hidden[rows] = (grad_logits.to(weight.dtype) @ weight).to(hidden.dtype)
+            if grad_weight is not None:
+                grad_weight.addmm_(grad_logits.t(), hidden[rows].float())
+            if grad_bias is not None:
+                grad_bias.add_(grad_logits.sum(0))
+        if grad_weight is not None:
+            grad_weight = grad_weight.to(weight.dtype)
+        if grad_bias is not None:
+            grad_bias = grad_bias.to(bias.dtype)
+        return grad_hidden, grad_weight, grad_bias, None, None
+
+
+def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                  buffer: torch.Tensor) -> torch.Tensor:
+    """(rows, V) float32 logits of `hidden` (rows, H), written into the first rows of `buffer`.
+
+    The product is taken in the weight's dtype, as the model's own head would, then held in float32.
+    """
+    out = buffer[:hidden.shape[0]]
+    if weight.dtype == torch.float32:
+        if bias is None:
+            return torch.mm(hidden, weight.t(), out=out)
+        return torch.addmm(bias, hidden, weight.t(), out=out)
+    return out.copy_(F.linear(hidden.to(weight.dtype), weight, bias))
+
+
+def _softmax_and_logsumexp_(logits: torch.Tensor) -> torch.Tensor:
+    """(rows,) logsumexp over the last dim of (rows, V) `logits`, which it overwrites with their softmax."""
+    maxes = logits.amax(dim=1, keepdim=True)
+    # a row of −inf logits would give nan in (logits − max); such a row has no probability to normalise
+    maxes.masked_fill_(~torch.isfinite(maxes), 0)
+    sums = logits.sub_(maxes).exp_().sum(dim=1, keepdim=True)
+    logits.div_(sums)
+    return sums.log_().add_(maxes).squeeze(1)
+
+
+def label_logps_from_hidden(hidden: torch.Tensor, head_weight: torch.Tensor, head_bias: Optional[torch.Tensor],
+                            labels: torch.Tensor, chunk_size: int = 1024,
+                            average_log_prob: bool = False) -> torch.Tensor:
+    """`_get_batch_logps(F.linear(hidden, head_weight, head_bias), labels, average_log_prob)` without the logits.
+
+    Args:
+        hidden: (batch, seq, hidden) final hidden states (after the last norm), position t predicts token t + 1.
+        head_weight, head_bias: the output projection, (vocab, hidden) and (vocab,) or None.
+        labels: (batch, seq) token ids, −100 where no loss is taken (prompt, padding).
+        chunk_size: labelled tokens per block of the vocabulary projection; peak memory of the head is
+            about 3 · chunk_size · vocab floats in the backward pass, instead of 2 · batch · seq · vocab.
+        average_log_prob: the mean per labelled token instead of the sum.
+
+    Returns:
+        (batch,) float32, equal to the naive computation up to float32 rounding (same logits, same
+        float32 log-softmax). Only the labelled positions are projected: prompts and padding carry no
+        loss, and in preference data they are about half of every sequence.
+    """
+    if hidden.shape[:-1] != labels.shape:
+        raise ValueError(f'hidden {tuple(hidden.shape)} and labels {tuple(labels.shape)} disagree in (batch, seq)')
+    loss_mask = labels[:, 1:] != -100
+    token_logps = _ChunkedLabelLogps.apply(hidden[:, :-1][loss_mask], head_weight, head_bias,
+                                           labels[:, 1:][loss_mask], chunk_size)
+    return _per_sequence(token_logps, loss_mask, average_log_prob)
+
+
+def _per_sequence(token_logps: torch.Tensor, loss_mask: torch.Tensor, average_log_prob: bool) -> torch.Tensor:
+    """(batch,) sums (or means) of the (N,) labelled-token values, N = loss_mask.sum(), in row-major order.
+
+    A row without labels gets 0, as in `_get_batch_logps`.
+    """
+    rows = loss_mask.nonzero()[:, 0]
+    summed = torch.zeros(loss_mask.shape[0], dtype=torch.float32, device=token_logps.device)
+    summed = summed.index_add(0, rows, token_logps.float())
+    if average_log_prob:
+        return summed / loss_mask.sum(-1).clamp(min=1)
+    return summed
+
+
+def sharded_head_label_logps(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(batch,) summed label log-probabilities with `head` called as a module on the labelled positions only.
+
+    For a head whose weight is sharded over the vocabulary (tensor parallelism): the module's hooks
+    gather its output, which `label_logps_from_hidden` could not do with the weight shard alone.
+    """
+    loss_mask = labels[:, 1:] != -100
+    logits = head(hidden[:, :-1][loss_mask])
+    if isinstance(logits, DTensor):
+        logits = logits.full_tensor()
+    targets = labels[:, 1:][loss_mask]
+    token_logps = logits.float().log_softmax(-1).gather(1, targets[:, None]).squeeze(1)
+    return _per_sequence(token_logps, loss_mask, average_log_prob=False)
+
+
+def _get_batch_logps(logits: torch.Tensor, labels: torch.Tensor, average_log_prob: bool = False) -> torch.Tensor:
+    """Sum (or mean) of the log-probabilities of the label tokens.
+
+    Args:
+        logits: (batch, seq, vocab) unnormalised scores; position t predicts token t + 1.
+        labels: (batch, seq) token ids, −100 where no loss is taken (prompt, padding).
+        average_log_prob: return the mean per labelled token instead of the sum.
+
+    Returns:
+        (batch,) float32 log-probabilities. The log-softmax runs in float32 whatever the logits'
+        dtype: in bfloat16 the normaliser of a 50k-token vocabulary loses about 3 significant
+        digits, which is the size of the DPO log-ratios being compared.
+    """
+    if logits.shape[:-1] != labels.shape:
+        raise ValueError(f'logits {tuple(logits.shape)} and labels {tuple(labels.shape)} disagree in (batch, seq)')
+    labels = labels[:, 1:]
+    logits = logits[:, :-1, :].float()
+    loss_mask = labels != -100
+    safe_labels = labels.masked_fill(~loss_mask, 0)
+    per_token_logps = torch.gather(logits.log_softmax(-1), dim=2, index=safe_labels.unsqueeze(2)).squeeze(2)
+    summed = (per_token_logps * loss_mask).sum(-1)
+    if average_log_prob:
+        return summed / loss_mask.sum(-1).clamp(min=1)
+    return summed
+
+
+def forward_logps(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+                  chunk_size: Optional[int]) -> torch.Tensor:
+    """(batch,) summed log-probabilities of the label tokens under `model` (a Hugging Face causal LM).
+
+    With chunk_size set, the model runs through its own forward (so FSDP's and tensor
+    parallelism's hooks fire) but keeps only its last, normed hidden state (output_hidden_states=-1)
+    and projects no position through its head (logits_to_keep = an all-False mask); the head is then
+    applied to the labelled positions only, a chunk at a time (`label_logps_from_hidden`). FSDP2
+    leaves the root module's parameters, the head's among them, unsharded after the forward, and
+    reduces their gradients at the end of the backward pass, so the head's weight can be used here.
+    A head whose weight stays sharded (tensor parallelism's colwise lm_head) is called as a module
+    on the labelled positions instead: its hooks gather the vocabulary, so full-width logits exist
+    for those positions, still not for the prompt and padding. Without chunk_size: the full logits
+    and `_get_batch_logps`, as the original.
+    """
+    if not chunk_size:
+        logits = model(input_ids, attention_mask=attention_mask, use_cache=False).logits
+        return _get_batch_logps(logits, labels, average_log_prob=False)
+    outputs = model(input_ids, attention_mask=attention_mask, use_cache=False, output_hidden_states=-1,
+                    logits_to_keep=torch.zeros_like(labels, dtype=torch.bool))
+    hidden = outputs.hidden_states[-1]
+    head = model.get_output_embeddings()
+    # The head in float32 (or its own dtype) even under the policy's autocast: see _get_batch_logps.
+    with torch.autocast(device_type=hidden.device.type, enabled=False):
+        if isinstance(head.weight, DTensor):
+            return sharded_head_label_logps(head, hidden, labels)
+        return label_logps_from_hidden(hidden, head.weight, head.bias, labels, chunk_size)

@@ -1,0 +1,126 @@
+"""The frozen reference model's log-probabilities of a batch: from the model, or precomputed once and cached.
+
+    from reference_cache import ReferenceLogps
+    reference = ReferenceLogps(reference_model, forward)      # forward(model, batch) -> (chosen, rejected)
+    chosen, rejected = reference(batch)                        # no gradient
+    reference.precompute(batches, path, gather)                # one pass, cached on disk; the model is freed
+
+With precompute_ref_log_probs=true the trainer calls `precompute` before training: the reference's
+log-probabilities of every training and evaluation pair are computed once, saved under
+`<local dir>/beta_dpo/reference_logps/<key>.pt` (keyed by everything that decides them:
+`reference_cache_path`), and the reference model is dropped, which frees its memory for the policy.
+"""
+from pathlib import Path
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import tqdm
+from omegaconf import DictConfig
+
+from checkpoints import save_atomically
+from models import model_identity
+from preference_datasets import data_identity, dataset_options, tokenizer_identity
+from utils import file_identity, fingerprint, get_local_dir, rank0_print
+
+
+# Bump when the meaning of the cached reference log-probabilities changes.
+REFERENCE_CACHE_VERSION = 2  # 2: pair keys from utils.fingerprint
+
+
+def pair_keys(batch: Dict) -> List[str]:
+    """One key per example of `batch`: a hash of its prompt, chosen and rejected texts."""
+    return [fingerprint(*texts, length=32) for texts in zip(batch['prompt'], batch['chosen'], batch['rejected'])]
+
+
+def reference_cache_path(config: DictConfig, tokenizer) -> Path:
+    """Where the precomputed reference log-probabilities of this model, archive, data and lengths live."""
+    local_dir = get_local_dir(config.local_dirs)
+    archive = config.model.archive
+    key = fingerprint(
+        REFERENCE_CACHE_VERSION, model_identity(config.model.name_or_path, local_dir),
+        None if archive is None else file_identity(archive), config.model.reference_dtype,
+        tokenizer_identity(tokenizer), config.max_length, config.max_prompt_length, list(config.datasets),
+        [data_identity(name, split, dataset_options(config)) for name in config.datasets for split in ('train', 'test')],
+        dataset_options(config))
+    return Path(local_dir) / 'beta_dpo' / 'reference_logps' / f'{key}.pt'
+
+
+def load_reference_cache(path: Path) -> Dict[str, List[float]]:
+    """The cached pair key -> [chosen, rejected] log-probabilities at `path`; empty if absent or unreadable."""
+    if not path.exists():
+        return {}
+    try:
+        return dict(torch.load(path, weights_only=True)['logps'])
+    except Exception as e:  # a damaged cache is recomputed, never trusted
+        rank0_print(f'{path}: unreadable reference log-probability cache ({type(e).__name__}: {e}); recomputing')
+        return {}
+
+
+def save_reference_cache(cache: Dict[str, List[float]], path: Path) -> None:
+    save_atomically({'version': REFERENCE_CACHE_VERSION, 'logps': cache}, path)
+
+
+class ReferenceLogps:
+    """The frozen reference model's log-probabilities of the chosen and rejected responses of a batch.
+
+    `forward(model, batch) -> (chosen, rejected)` computes them from a model (the trainer's concatenated
+    forward). After `precompute` they come from the cache and the model is gone (`model` is None).
+    """
+
+    def __init__(self, model: Optional[nn.Module], forward: Callable):
+        self.model = model
+        self.forward = forward
+        if model is not None:
+            model.eval()
+        # pair key -> [chosen, rejected], once precompute ran
+        self.cache: Optional[Dict[str, List[float]]] = None
+
+    def __call__(self, batch: Dict) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(chosen, rejected) log-probabilities, each (batch,), float32 from the cache; no gradient."""
+        if self.cache is None:
+            with torch.no_grad():
+                return self.forward(self.model, batch)
+        keys = pair_keys(batch)
+        missing = [k for k in keys if k not in self.cache]
+        if missing:
+            raise RuntimeError(f'{len(missing)} pairs of this batch are not in the precomputed reference '
+                               f'log-probabilities (first prompt: {batch["prompt"][0][:80]!r})')
+        device = batch['chosen_input_ids'].device
+        values = torch.tensor([self.cache[k] for k in keys], dtype=torch.float32, device=device)
+        return values[:, 0], values[:, 1]
+
+    def precompute(self, batches: Iterable[Dict], path: Path, local: Callable[[Dict], Dict],
+                   gather: Callable[[torch.Tensor], torch.Tensor], is_main: bool) -> None:
+        """One pass of the reference model over `batches` (whole over ranks), then free it. Collective.
+
+        The log-probabilities are cached per pair (keyed by a hash of its prompt, chosen and rejected
+        texts) at `path` (`reference_cache_path`), so later runs on the same data skip the pass, and a
+        different seed or n_examples computes only the pairs it lacks. Each data-parallel rank computes its
+        slice of a batch (`local`) and all ranks `gather` the whole (tensor-parallel ranks all compute the
+        whole batch); rank 0 reads the file and sends it to the others, then writes it atomically while
+        they wait.
+        """
+        cache = load_reference_cache(path) if is_main else None
+        if dist.is_initialized():
+            shared = [cache]
+            dist.broadcast_object_list(shared, src=0)
+            cache = shared[0]
+        n_cached = len(cache)
+        for batch in tqdm.tqdm(batches, desc='Reference log-probabilities', disable=not is_main, leave=False):
+            keys = pair_keys(batch)
+            if all(k in cache for k in keys):
+                continue
+            with torch.no_grad():
+                chosen, rejected = self.forward(self.model, local(batch))
+            pairs = torch.stack([gather(chosen), gather(rejected)], dim=1).float().cpu().tolist()
+            cache.update(zip(keys, pairs))
+        if is_main and len(cache) > n_cached:
+            save_reference_cache(cache, path)
+        if dist.is_initialized():
+            dist.barrier()  # the file is complete before any rank goes on (and, say, starts the next run)
+        rank0_print(f'reference log-probabilities of {len(cache)} pairs ({len(cache) - n_cached} computed now) '
+                    f'in {path}; the reference model is freed')
+        self.cache = cache
+        self.model = None
