@@ -19,7 +19,8 @@ Prints (and writes as JSON with --out):
 - the same for the HH harmless-base test slice, in the HH text format (no template, EOS appended) and rendered
   through the chat template (render_hh_with_chat_template), for the converted model.
 The full-precision model is not reachable offline, so the difference between the copy and the original
-itself is not measured here: with the Hub, point model.name_or_path at both and compare the same numbers.
+itself is not measured here; with the Hub, response_logps of AutoModelForCausalLM.from_pretrained(
+'HuggingFaceTB/SmolLM2-135M-Instruct') on the same tokenized split would measure it.
 """
 import argparse
 import json
