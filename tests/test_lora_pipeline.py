@@ -15,7 +15,6 @@ from transformers import AutoModelForCausalLM
 
 from generation import load_model
 from helpers import FAST, compose_config, run_dir_from_output, run_train, train_in_process
-from reference_cache import reference_cache_path
 from train import build_run_models, prepare_run
 from trainers import BasicTrainer
 
@@ -101,4 +100,4 @@ def test_precomputed_reference_with_lora(tmp_path):
     assert precomputed == pytest.approx(in_step, rel=1e-5)
     assert in_step[0] == pytest.approx(math.log(2), abs=1e-6) and abs(in_step[2] - math.log(2)) > 1e-3
     assert trainer.reference.model is None and len(trainer.reference.cache) == 32
-    assert reference_cache_path(trainer.config, trainer.tokenizer).exists()
+    assert trainer.reference_cache_file().exists()
