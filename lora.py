@@ -1,7 +1,7 @@
 """LoRA adapters on the policy (Hu et al. 2021, through peft): building them, their checkpoints, archives and export.
 
     python train.py loss=sft lora.r=16                                   # only the adapters train
-    python train.py loss=dpo lora.r=16 model.archive=SFT_RUN/LATEST/policy.pt   # reference: the adapters off
+    python train.py loss=dpo loss.beta=0.1 lora.r=16 model.archive=SFT_RUN/LATEST/policy.pt   # reference: adapters off
 
     from lora import add_adapters, adapters_disabled, lora_enabled
     policy = add_adapters(model, config)          # a peft model: base weights frozen, W + (α/r)·B·A

@@ -10,7 +10,7 @@
 
     # LoRA: only rank-16 adapters train; DPO's reference is the same weights with the adapters off
     python train.py loss=sft lora.r=16
-    python train.py loss=dpo lora.r=16 model.archive=.cache/$USER/tiny_sft_<timestamp>/LATEST/policy.pt
+    python train.py loss=dpo loss.beta=0.1 lora.r=16 model.archive=.cache/$USER/tiny_sft_<timestamp>/LATEST/policy.pt
 
     # stage 2, β-DPO from the SFT weights (ρ = mode_weight, α = a)
     python train.py model=pythia28 datasets=[hh] loss=dpo loss.beta=0.1 exp_name=anthropic_beta_dpo_pythia28 \

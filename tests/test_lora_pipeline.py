@@ -58,7 +58,7 @@ def test_sft_lora_then_beta_dpo_lora_then_full_dpo(tmp_path):
         exported = AutoModelForCausalLM.from_pretrained(dpo / 'hf_model')(input_ids).logits
     torch.testing.assert_close(from_run, exported, rtol=0, atol=1e-5)
 
-    full = train_in_process([*COMMON, 'loss=dpo', 'lr=1e-4', f'model.archive={dpo}/LATEST/policy.pt',
+    full = train_in_process([*COMMON, 'loss=dpo', 'loss.beta=0.1', 'lr=1e-4', f'model.archive={dpo}/LATEST/policy.pt',
                              'exp_name=full', 'n_examples=8', 'eval_every=8'], tmp_path)
     assert metrics(full, 'eval')[0]['logps_eval/chosen'] == pytest.approx(dpo_evals[-1]['logps_eval/chosen'], rel=1e-4)
     assert metrics(full, 'train')[0]['loss/train'] == pytest.approx(math.log(2), abs=1e-6)
@@ -82,7 +82,7 @@ def test_a_lora_run_resumed_from_its_checkpoint_continues_exactly(tmp_path):
 
 
 def three_step_losses(tmp_path, overrides):
-    config = compose_config([*FAST, *LORA, 'loss=dpo', 'n_examples=24', 'optimizer=SGD', 'lr=0.5', *overrides], tmp_path)
+    config = compose_config([*FAST, *LORA, 'loss=dpo', 'loss.beta=0.1', 'n_examples=24', 'optimizer=SGD', 'lr=0.5', *overrides], tmp_path)
     parallelism = prepare_run(config)
     policy, reference = build_run_models(config, parallelism)
     assert reference is None
