@@ -30,8 +30,6 @@ import torch
 import torch.nn as nn
 from omegaconf import DictConfig
 
-from utils import get_block_modules
-
 # The name peft gives the one adapter of a run (in the policy's state-dict keys: `lora_A.default.weight`).
 ADAPTER_NAME = 'default'
 
@@ -47,21 +45,21 @@ def projection_types():
     return nn.Linear, Conv1D
 
 
-def default_target_modules(model: nn.Module, block_name: str) -> List[str]:
-    """The attention and MLP projections of `model`: the names of the linear layers inside its transformer blocks
-    (model.block_name), in order of appearance.
+def default_target_modules(model: nn.Module) -> List[str]:
+    """The attention and MLP projections of `model`: the names of its linear layers other than the output head
+    (peft's own 'all-linear' rule), in order of appearance.
 
     GPT-NeoX: query_key_value, dense, dense_h_to_4h, dense_4h_to_h. Llama: q_proj, k_proj, v_proj, o_proj,
-    gate_proj, up_proj, down_proj. GPT-2: c_attn, c_proj, c_fc. The output head and embeddings lie outside the
-    blocks and are never adapted (the LoRA paper adapts the attention weights; QLoRA, Dettmers et al. 2023, §4,
-    found that adapting every linear layer of the blocks is needed to match full fine-tuning).
+    gate_proj, up_proj, down_proj. GPT-2: c_attn, c_proj, c_fc. The head and the embeddings are never adapted (the
+    LoRA paper adapts the attention weights; QLoRA, Dettmers et al. 2023, §4, found that adapting every linear
+    layer of the blocks is needed to match full fine-tuning).
     """
+    head = model.get_output_embeddings()
     names = []
-    for block in get_block_modules(model, block_name):
-        for name, module in block.named_modules():
-            short = name.rsplit('.', 1)[-1]
-            if isinstance(module, projection_types()) and short not in names:
-                names.append(short)
+    for name, module in model.named_modules():
+        short = name.rsplit('.', 1)[-1]
+        if isinstance(module, projection_types()) and module is not head and short not in names:
+            names.append(short)
     return names
 
 
@@ -69,7 +67,7 @@ def target_modules(model: nn.Module, config: DictConfig) -> List[str]:
     """lora.target_modules, or the model's attention and MLP projections when null; ValueError naming the key for
     a name that matches no linear layer of the model."""
     if config.lora.target_modules is None:
-        return default_target_modules(model, config.model.block_name)
+        return default_target_modules(model)
     wanted = list(config.lora.target_modules)
     linear = sorted({name.rsplit('.', 1)[-1] for name, module in model.named_modules()
                      if isinstance(module, projection_types())})
@@ -177,7 +175,7 @@ def merge_adapter_into(model: nn.Module, adapter: Dict[str, torch.Tensor], info:
 
 
 def peft_adapter_files(policy: nn.Module, adapter: Dict[str, torch.Tensor]):
-    """(state dict in PEFT's file format, LoraConfig) of the policy's adapter: what `PeftModel.from_pretrained` reads."""
+    """(state dict in PEFT's file format, LoraConfig) of the policy's adapter, what `PeftModel.from_pretrained` reads."""
     import peft
     state = peft.get_peft_model_state_dict(policy, state_dict=adapter, adapter_name=ADAPTER_NAME,
                                            save_embedding_layers=False)

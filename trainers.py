@@ -962,8 +962,9 @@ class BasicTrainer:
             return
         state = self.policy_state_dict()
         if self.is_main and self.lora:
-            export_hf_model(self.policy.get_base_model(), merged_state_dict(state, archive_info(self.policy, self.config)),
-                            self.tokenizer, output_dir, adapter=peft_adapter_files(self.policy, trainable_state(self.policy, state)))
+            merged = merged_state_dict(state, archive_info(self.policy, self.config))
+            adapter = peft_adapter_files(self.policy, trainable_state(self.policy, state))
+            export_hf_model(self.policy.get_base_model(), merged, self.tokenizer, output_dir, adapter=adapter)
         elif self.is_main:
             export_hf_model(unwrap(self.policy), state, self.tokenizer, output_dir)
         rank0_print(f'exported the policy in Hugging Face format to {output_dir}')

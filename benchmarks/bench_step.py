@@ -256,9 +256,8 @@ def child_trl(args) -> dict:
         sys.path.insert(0, str(REPO))
         from peft import LoraConfig
         from lora import default_target_modules
-        block = BLOCKS[model.config.model_type]
         peft_config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, bias='none', task_type='CAUSAL_LM',
-                                 target_modules=default_target_modules(model, block))
+                                 target_modules=default_target_modules(model))
     reference = None if rank else AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32)
     precompute = 'precompute_ref_log_probs=true' in args.overrides
     config = DPOConfig(output_dir=str(args.scratch), per_device_train_batch_size=args.batch_size,

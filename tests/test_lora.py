@@ -52,7 +52,7 @@ ARCHITECTURES = {'gpt-neox': lambda directory: [], 'llama': save_tiny_llama, 'gp
 def test_the_default_targets_are_the_attention_and_mlp_projections(architecture, expected, tmp_path):
     config = compose_config(ARCHITECTURES[architecture](tmp_path / architecture), tmp_path)
     model = build_model(config, 'float32', None)
-    assert default_target_modules(model, config.model.block_name) == expected
+    assert default_target_modules(model) == expected
 
 
 @pytest.mark.parametrize('overrides, expected', [

@@ -82,7 +82,8 @@ def test_a_lora_run_resumed_from_its_checkpoint_continues_exactly(tmp_path):
 
 
 def three_step_losses(tmp_path, overrides):
-    config = compose_config([*FAST, *LORA, 'loss=dpo', 'loss.beta=0.1', 'n_examples=24', 'optimizer=SGD', 'lr=0.5', *overrides], tmp_path)
+    config = compose_config([*FAST, *LORA, 'loss=dpo', 'loss.beta=0.1', 'n_examples=24', 'optimizer=SGD', 'lr=0.5',
+                             *overrides], tmp_path)
     parallelism = prepare_run(config)
     policy, reference = build_run_models(config, parallelism)
     assert reference is None
