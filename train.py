@@ -21,9 +21,12 @@
     torchrun --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint HOST:PORT \
         train.py trainer=FSDPTrainer ...
 """
+import contextlib
 import functools
 import os
 import socket
+import threading
+import urllib.parse
 from pathlib import Path
 from typing import Callable, List, Optional
 
@@ -34,9 +37,9 @@ import torch.nn as nn
 from omegaconf import DictConfig, OmegaConf
 
 import trainers
-from checkpoints import removed_if_unused, resume_changes
+from checkpoints import atomic_write_text, removed_if_unused, resume_changes
 from distributed import DistributedSetup, Parallelism, decide_parallelism, init_distributed, launch
-from models import build_models, materialize_in_turn
+from models import build_models, materialize_in_turn, model_directory_problems
 from trainers import LossMode
 from utils import DummyWandb, get_local_dir, get_local_run_dir, rank0_print
 
@@ -87,10 +90,13 @@ def validate_config(config: DictConfig) -> List[str]:
 
 
 def check_parallelism(get: Callable, parallelism: Optional[Parallelism]) -> List[str]:
+    problems = []
     if parallelism is not None and parallelism.tensor_parallel and get('compile_policy'):
-        return ['compile_policy=true does not work with trainer=TensorParallelTrainer (torch 2.13 fails to trace the '
-                'split model\'s backward pass); use compile_policy=false or trainer=FSDPTrainer']
-    return []
+        problems.append('compile_policy=true does not work with trainer=TensorParallelTrainer (torch 2.13 fails to trace '
+                        'the split model\'s backward pass); use compile_policy=false or trainer=FSDPTrainer')
+    if not (is_number(get('collective_timeout_secs')) and get('collective_timeout_secs') > 0):
+        problems.append(f'collective_timeout_secs={get("collective_timeout_secs")!r} must be a positive number of seconds')
+    return problems
 
 
 def check_optimization(get: Callable, parallelism: Optional[Parallelism]) -> List[str]:
@@ -106,6 +112,8 @@ def check_optimization(get: Callable, parallelism: Optional[Parallelism]) -> Lis
     autocast = get('policy_autocast')
     if autocast is not None and not is_dtype(autocast):
         problems.append(f'policy_autocast={autocast!r} is not a torch dtype (bfloat16, float16) or null')
+    if not (is_number(get('precompute_save_every_secs')) and get('precompute_save_every_secs') >= 0):
+        problems.append(f'precompute_save_every_secs={get("precompute_save_every_secs")!r} must be a number of seconds ≥ 0')
     chunk_size = get('logps_chunk_size')
     if chunk_size is not None and not (isinstance(chunk_size, int) and chunk_size > 0):
         problems.append(f'logps_chunk_size={chunk_size!r} must be a positive integer (e.g. 1024) or null')
@@ -181,6 +189,10 @@ def check_model(get: Callable, parallelism: Optional[Parallelism]) -> List[str]:
                 for key in ('model.policy_dtype', 'model.reference_dtype') if not is_dtype(get(key))]
     if get('model.fsdp_policy_mp') is not None and not is_dtype(get('model.fsdp_policy_mp')):
         problems.append(f'model.fsdp_policy_mp={get("model.fsdp_policy_mp")!r} is not a torch dtype')
+    trust = get('trust_remote_code')
+    if not isinstance(trust, bool):
+        problems.append(f'trust_remote_code={trust!r} must be true or false')
+    problems += model_directory_problems(get('model.name_or_path'), get('model.tokenizer_name_or_path'), trust is True)
     return problems
 
 
@@ -222,10 +234,14 @@ def init_wandb(config: DictConfig, rank: int):
     wandb_dir = get_local_dir(config.local_dirs)
     os.makedirs(wandb_dir, exist_ok=True)
     mode = os.environ.get('WANDB_MODE')
+    offline_note = (f'logging offline under {wandb_dir}/wandb; upload later with `wandb sync '
+                    f'{wandb_dir}/wandb/offline-run-*` (wandb.enabled=false turns this off)')
     if mode is None and not wandb_logged_in():
         mode = 'offline'
-        print(f'wandb: no login found, logging offline under {wandb_dir}/wandb; upload later with '
-              f'`wandb sync {wandb_dir}/wandb/offline-run-*` (or run `wandb login`; wandb.enabled=false turns this off)')
+        print(f'wandb: no login found (run `wandb login`), {offline_note}')
+    elif mode is None and not reachable(wandb.setup().settings.base_url, WANDB_PROBE_SECS):
+        mode = 'offline'
+        print(f'wandb: cannot reach {wandb.setup().settings.base_url} within {WANDB_PROBE_SECS} s, {offline_note}')
     try:
         return wandb.init(entity=config.wandb.entity, project=config.wandb.project, name=config.exp_name,
                           config=OmegaConf.to_container(config, resolve=True), dir=wandb_dir, mode=mode,
@@ -233,6 +249,27 @@ def init_wandb(config: DictConfig, rank: int):
     except Exception as e:
         print(f'wandb could not start ({type(e).__name__}: {e}); continuing without wandb')
         return DummyWandb()
+
+
+# An online wandb.init without a network retries for its init_timeout (60 s here) before it gives up; a server
+# that does not answer a plain connection within this many seconds sends the run offline at once instead.
+WANDB_PROBE_SECS = 5
+
+
+def reachable(url: str, timeout: float) -> bool:
+    """Whether a TCP connection to `url`'s host and port opens within `timeout` seconds, name lookup included (run in
+    a thread: the lookup itself has no timeout)."""
+    parsed = urllib.parse.urlparse(url)
+    address = (parsed.hostname, parsed.port or (443 if parsed.scheme == 'https' else 80))
+    opened = []
+
+    def connect():
+        with contextlib.suppress(OSError), socket.create_connection(address, timeout=timeout):
+            opened.append(True)
+    thread = threading.Thread(target=connect, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return bool(opened)
 
 
 def wandb_logged_in() -> bool:
@@ -287,7 +324,7 @@ def prepare_run(config: DictConfig) -> Parallelism:
         raise ValueError('invalid config:\n  - ' + '\n  - '.join(problems))
     parallelism = decide_parallelism(config)
     if parallelism.launcher == 'torchrun':
-        init_distributed()
+        init_distributed(timeout_secs=config.collective_timeout_secs)
     if config.resume_from is not None:
         config.local_run_dir = str(Path(config.resume_from).resolve())
     share_run_dir(config)
@@ -307,9 +344,7 @@ def prepare_run(config: DictConfig) -> Parallelism:
         dist.barrier()  # every rank has read the resumed run's config.yaml before rank 0 rewrites it
         if dist.get_rank() != 0:
             return parallelism
-    os.makedirs(config.local_run_dir, exist_ok=True)
-    with open(os.path.join(config.local_run_dir, 'config.yaml'), 'w') as f:
-        OmegaConf.save(config, f)
+    atomic_write_text(Path(config.local_run_dir) / 'config.yaml', OmegaConf.to_yaml(config))
     return parallelism
 
 

@@ -38,8 +38,9 @@ import torch.nn.functional as F
 import tqdm
 from omegaconf import DictConfig
 
-from checkpoints import (append_metrics, clean_run_dir_for_resume, export_hf_model, load_training_state,
-                         optimizer_state_by_index, optimizer_state_by_name, save_checkpoint, with_own_implementation)
+from checkpoints import (DiskFullError, append_metrics, clean_run_dir_for_resume, export_hf_model, how_to_continue,
+                         kept_checkpoint, load_training_state, optimizer_state_by_index, optimizer_state_by_name,
+                         save_checkpoint, with_own_implementation)
 from distributed import (all_gather_if_needed, any_process, barrier, clip_grad_norm, fsdp_split, full_state_dict_options,
                          split_and_load, tensor_parallel_split)
 from logps import forward_logps
@@ -417,12 +418,9 @@ class BasicTrainer:
             self.skipped_batches += 1
             rank0_print(f'Skipping {where}: non-finite {what} ({self.skipped_batches} skipped so far)')
             return
-        latest = self.run_dir / 'LATEST'
-        kept = (f'The last checkpoint, {latest.resolve()}, is intact' if latest.exists()
-                else f'No checkpoint was written yet to {self.run_dir}')
         raise NonFiniteLossError(
-            f'Non-finite {what} at {where}. {kept}. Lower lr, check the data of this batch, or pass '
-            f'on_nonfinite=skip to skip such batches.')
+            f'Non-finite {what} at {where}. {kept_checkpoint(self.run_dir)}. Lower lr, check the data of this batch, '
+            f'or pass on_nonfinite=skip to skip such batches.')
 
     # ----- forward passes -----------------------------------------------------------------------------
 
@@ -437,7 +435,8 @@ class BasicTrainer:
     def precompute_reference_logps(self) -> None:
         """The reference pass of precompute_ref_log_probs (reference_cache.ReferenceLogps.precompute). Collective."""
         path = reference_cache_path(self.config, self.tokenizer)
-        self.reference.precompute(self.reference_pass_batches(), path, self.local, self.gather, self.is_main)
+        self.reference.precompute(self.reference_pass_batches(), path, self.local, self.gather, self.is_main,
+                                  self.config.precompute_save_every_secs)
 
     def reference_pass_batches(self):
         """The batches of the reference pass, before the data-parallel split: each training batch's
@@ -675,9 +674,13 @@ class BasicTrainer:
         policy_state = self.policy_state_dict()
         optimizer_state = self.optimizer_state_dict()
         if self.is_main:
-            step_dir = save_checkpoint(self.run_dir, self.example_counter, metrics or {}, policy=policy_state,
-                                       optimizer=optimizer_state, scheduler=self.scheduler.state_dict(),
-                                       trainer_state=self.trainer_state())
+            try:
+                step_dir = save_checkpoint(self.run_dir, self.example_counter, metrics or {}, policy=policy_state,
+                                           optimizer=optimizer_state, scheduler=self.scheduler.state_dict(),
+                                           trainer_state=self.trainer_state())
+            except DiskFullError as e:
+                raise DiskFullError(f'{e}\nFree some space there (or move the run to a larger disk). '
+                                    f'{how_to_continue(self.run_dir)}') from None
             rank0_print(f'saved checkpoint {step_dir}')
         barrier()
 
