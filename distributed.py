@@ -126,6 +126,8 @@ def killed_process(processes, error: Exception) -> Optional[Tuple[int, str]]:
 def _worker_in_group(rank: Optional[int], world_size: Optional[int], port: Optional[int], config: DictConfig,
                      worker) -> None:
     setup = init_distributed(rank, world_size, port, config.collective_timeout_secs)
+    # which process is which rank: to inspect a stuck one (py-spy dump --pid), or to read a launcher's report
+    print(f'rank {setup.rank} of {setup.world_size}: pid {os.getpid()} on {socket.gethostname()}', flush=True)
     try:
         worker(config, setup)
     except RuntimeError as e:

@@ -37,7 +37,7 @@ import torch.nn as nn
 from omegaconf import DictConfig, OmegaConf
 
 import trainers
-from checkpoints import atomic_write_text, removed_if_unused, resume_changes
+from checkpoints import atomic_write_text, flat_items, removed_if_unused, resume_changes
 from distributed import DistributedSetup, Parallelism, decide_parallelism, init_distributed, launch
 from models import build_models, materialize_in_turn, model_directory_problems
 from trainers import LossMode
@@ -84,7 +84,7 @@ def validate_config(config: DictConfig) -> List[str]:
         problems.append(str(e))
         parallelism = None
     for check in (check_parallelism, check_optimization, check_batches, check_data_and_dirs, check_loss,
-                  check_model, check_paths):
+                  check_model, check_paths, check_no_secrets):
         problems += check(get, parallelism)
     return problems
 
@@ -211,6 +211,25 @@ def check_paths(get: Callable, parallelism: Optional[Parallelism]) -> List[str]:
         problems.append(f'resume_from={resume_from} has no complete checkpoint (no LATEST/policy.pt); pass the run '
                         f'directory of an earlier run')
     return problems
+
+
+def check_no_secrets(get: Callable, parallelism: Optional[Parallelism]) -> List[str]:
+    """Secrets (WANDB_API_KEY, the judge endpoint's OPENAI_API_KEY, HF_TOKEN, ...) are read from the environment
+    only: a config value that holds one (say, through ${oc.env:...}) would be written to config.yaml, the logs and
+    wandb, so it is refused."""
+    secrets = {name: value for name, value in os.environ.items()
+               if any(word in name.upper() for word in SECRET_NAME_PARTS) and len(value) >= 8}
+    problems = []
+    for key in flat_items(OmegaConf.to_container(get(''), resolve=False)):
+        value = str(get(key))
+        problems += [f'{key} holds the value of the environment variable {name}, a secret, which would be written to '
+                     f'config.yaml, the logs and wandb; secrets are read from the environment only, so remove it from '
+                     f'the config' for name, secret in secrets.items() if secret in value]
+    return problems
+
+
+# An environment variable whose name contains one of these holds a secret (check_no_secrets).
+SECRET_NAME_PARTS = ('API_KEY', 'TOKEN', 'SECRET', 'PASSWORD')
 
 
 def first_existing_or_last(local_dirs: List[str]) -> Path:

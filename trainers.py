@@ -761,6 +761,11 @@ class ShardedTrainer(BasicTrainer):
     def load_optimizer_state_dict(self, state: Dict) -> None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
         state = with_own_implementation(self.optimizer, state)
+        if not state['state']:
+            # A stateless optimizer (SGD without momentum): only the hyperparameters, which every rank has whole.
+            # set_optimizer_state_dict fails on it (torch 2.13: AssertionError 'Expected device to be set').
+            self.optimizer.load_state_dict(state)
+            return
         set_optimizer_state_dict(self.policy, self.optimizer, optimizer_state_by_name(state, self.trainable_names),
                                  options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
 
