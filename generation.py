@@ -32,7 +32,7 @@ import torch.nn as nn
 import tqdm
 
 from checkpoints import atomic_write_text, load_checkpoint_file, load_state_dict_checked
-from models import load_tokenizer, materialize_embedded_model
+from models import check_model_directory, load_tokenizer, materialize_embedded_model, named_if_unreadable_gguf
 from preference_datasets import encode_texts, load_source
 from utils import get_local_dir
 
@@ -116,10 +116,13 @@ def load_model(source: str, device: Optional[str] = None, dtype: str = 'float32'
         model, tokenizer = _load_run(Path(source).expanduser(), dtype)
     elif kind == 'gguf':
         path = Path(source).expanduser()
-        tokenizer = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-        model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
-                                                                  dtype=getattr(torch, dtype))
+        with named_if_unreadable_gguf(path):
+            tokenizer = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+            model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
+                                                                      dtype=getattr(torch, dtype))
     else:
+        if kind == 'hf':
+            check_model_directory(Path(source).expanduser())
         path = materialize_embedded_model(source, cache_dir) if kind == 'embedded' else str(Path(source).expanduser())
         tokenizer = transformers.AutoTokenizer.from_pretrained(path, cache_dir=cache_dir)
         model = transformers.AutoModelForCausalLM.from_pretrained(path, cache_dir=cache_dir, dtype=getattr(torch, dtype))
@@ -157,7 +160,8 @@ def load_tokenizer_of(source: str, local_dirs: Sequence[str] = DEFAULT_LOCAL_DIR
     elif kind == 'run':
         tokenizer = transformers.AutoTokenizer.from_pretrained(path / 'hf_model')
     elif kind == 'gguf':
-        tokenizer = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        with named_if_unreadable_gguf(path):
+            tokenizer = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     else:
         cache_dir = get_local_dir(list(local_dirs))
         name = materialize_embedded_model(source, cache_dir) if kind == 'embedded' else str(path)

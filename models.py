@@ -12,8 +12,9 @@ import contextlib
 import json
 import os
 import shutil
+import struct
 from pathlib import Path
-from typing import List, Optional, Tuple, Union
+from typing import Iterator, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -182,30 +183,55 @@ def safetensors_problem(path: Path) -> Optional[str]:
 
 
 def model_directory_problems(name_or_path: Optional[str], tokenizer_name_or_path: Optional[str],
-                             trust_remote_code: bool) -> List[str]:
+                             trust_remote_code: bool, model_key: str = 'model.name_or_path') -> List[str]:
     """Everything wrong with local model and tokenizer directories, found before anything is loaded: damaged files,
     no tokenizer, and code a directory asks to run (config.json's or tokenizer_config.json's `auto_map`), which is
     refused unless trust_remote_code=true. Hub ids are checked by transformers itself, which runs no code from
-    them either while trust_remote_code is false."""
+    them either while trust_remote_code is false. model_key: the option that named the model, for the messages."""
     problems = []
     model_dir = local_directory(name_or_path)
-    tokenizer_key = 'model.tokenizer_name_or_path' if tokenizer_name_or_path else 'model.name_or_path'
+    tokenizer_key = 'model.tokenizer_name_or_path' if tokenizer_name_or_path else model_key
     tokenizer_dir = local_directory(tokenizer_name_or_path or name_or_path)
     if model_dir is not None:
-        problems += model_file_problems(model_dir, 'model.name_or_path')
-    for key, directory, file_name in (('model.name_or_path', model_dir, 'config.json'),
+        problems += model_file_problems(model_dir, model_key)
+    for key, directory, file_name in ((model_key, model_dir, 'config.json'),
                                       (tokenizer_key, tokenizer_dir, 'tokenizer_config.json')):
         auto_map = (read_json(directory / file_name) or {}).get('auto_map') if directory is not None else None
         if auto_map and not trust_remote_code:
             names = sorted(auto_map) if isinstance(auto_map, dict) else list(auto_map)
+            advice = ('If you trust that code, set trust_remote_code=true' if model_key == 'model.name_or_path'
+                      else 'Only train.py runs it, with trust_remote_code=true')
             problems.append(f'{key}={directory}: its {file_name} asks to run Python code from the directory (auto_map: '
-                            f'{", ".join(map(str, names))}), which is refused. If you trust that code, set '
-                            f'trust_remote_code=true; otherwise use a model that transformers supports itself')
+                            f'{", ".join(map(str, names))}), which is refused. {advice}; otherwise use a model that '
+                            f'transformers supports itself')
     if tokenizer_dir is not None and not any((tokenizer_dir / f).is_file() for f in TOKENIZER_FILES):
         problems.append(f'{tokenizer_key}={tokenizer_dir} holds no tokenizer files (none of {", ".join(TOKENIZER_FILES)}); '
-                        f'set model.tokenizer_name_or_path to the tokenizer the model was trained with (a Hub id or a '
-                        f'directory written by save_pretrained)')
+                        + ('set model.tokenizer_name_or_path to the tokenizer the model was trained with (a Hub id or a '
+                           'directory written by save_pretrained)' if model_key == 'model.name_or_path' else
+                           'save the tokenizer into it too (tokenizer.save_pretrained)'))
     return list(dict.fromkeys(problems))
+
+
+def check_model_directory(path: Union[str, Path]) -> None:
+    """ValueError naming every problem of model_directory_problems for a model directory given by path alone
+    (generation.load_model: evaluate.py, sample_pairs.py), where trust_remote_code is never set."""
+    problems = model_directory_problems(str(path), None, trust_remote_code=False, model_key='model')
+    if problems:
+        raise ValueError(f'{path} cannot be loaded:\n  - ' + '\n  - '.join(problems))
+
+
+@contextlib.contextmanager
+def named_if_unreadable_gguf(path: Union[str, Path]) -> Iterator[None]:
+    """Name the file when a GGUF model or tokenizer fails to load inside the gguf parser: a truncated file fails there
+    with `ValueError: cannot reshape array of size 66784 into shape (576,360)`, a cut header with a struct.error."""
+    try:
+        yield
+    except (ValueError, IndexError, EOFError, struct.error) as e:
+        if str(path) in str(e):
+            raise
+        raise ValueError(f'{path} could not be read as a GGUF model ({type(e).__name__}: '
+                         f'{(str(e).splitlines() or [""])[0][:200]}): the file is truncated or damaged (download it '
+                         f'again), or holds an architecture transformers does not read from GGUF') from None
 
 
 def trusts_remote_code(config: DictConfig) -> bool:
