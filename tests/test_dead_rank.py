@@ -1,8 +1,8 @@
 """A rank that dies: SIGKILL one of the 2 gloo processes of an FSDP run mid-training, under train.py's own launcher
 (torch.multiprocessing.spawn) and under torchrun. The run ends within seconds (bounded: well under a minute) with a
 message naming the rank that died, not a hang; the last checkpoint loads, and resume_from finishes the run (as
-the same 2-process run after the spawn launcher's failure; after torchrun's, as BasicTrainer in this process, to
-save a second 2-process start-up).
+BasicTrainer in this process, which reads any trainer's checkpoint, to save a second 2-process start-up; an FSDP run
+resumed by FSDP is tests/test_distributed.py's).
 
 Each process prints `rank R of N: pid P on HOST` when it joins the process group, which is how the test (and a
 user) finds the process of rank 1."""
@@ -17,7 +17,7 @@ import pytest
 
 from checkpoints import load_checkpoint_file
 from distributed import get_open_port
-from helpers import FAST, ROOT, TRAIN_ENV, run_train, train_in_process, wait_until
+from helpers import FAST, ROOT, TRAIN_ENV, train_in_process, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -45,24 +45,19 @@ def kill_rank_1_after_the_first_checkpoint(command, cwd):
     return read(), code, time.monotonic() - killed_at, next(cwd.glob('local/*/*/LATEST')).parent, pid
 
 
-def check_the_last_checkpoint_and_resume(run_dir, cwd, capsys=None):
-    """LATEST is a complete checkpoint of 16 to 48 examples; resume_from trains to 64: as `python train.py` (its own
-    launcher, 2 processes), or with capsys, as BasicTrainer in this process (which reads any trainer's checkpoint)."""
+def check_the_last_checkpoint_and_resume(run_dir, cwd, capsys):
+    """LATEST is a complete checkpoint of 16 to 48 examples; resume_from trains to 64."""
     state = load_checkpoint_file(run_dir / 'LATEST' / 'trainer_state.pt')
     assert 16 <= state['example_counter'] < 64
     assert load_checkpoint_file(run_dir / 'LATEST' / 'policy.pt')['step_idx'] == state['example_counter']
     latest = (run_dir / 'LATEST').resolve()
-    resume = [*RUN, f'local_dirs=[{cwd / "local"}]', f'resume_from={run_dir}']
-    if capsys is None:
-        output = run_train(resume, cwd=cwd).stdout
-    else:
-        train_in_process([*resume, 'trainer=BasicTrainer'], cwd / 'local')
-        output = capsys.readouterr().out
-    assert f'Resumed from {latest} at {state["example_counter"]} examples' in output
+    capsys.readouterr()
+    train_in_process([*RUN, f'resume_from={run_dir}', 'trainer=BasicTrainer'], cwd / 'local')
+    assert f'Resumed from {latest} at {state["example_counter"]} examples' in capsys.readouterr().out
     assert os.readlink(run_dir / 'LATEST') == 'step-64' and (run_dir / 'hf_model' / 'model.safetensors').is_file()
 
 
-def test_a_killed_rank_under_the_spawn_launcher_ends_the_run_with_its_name(tmp_path):
+def test_a_killed_rank_under_the_spawn_launcher_ends_the_run_with_its_name(tmp_path, capsys):
     command = [sys.executable, str(ROOT / 'train.py'), *RUN, f'local_dirs=[{tmp_path / "local"}]']
     output, code, seconds, run_dir, pid = kill_rank_1_after_the_first_checkpoint(command, tmp_path)
     assert code == 1 and seconds < 60, (code, seconds)
@@ -70,7 +65,7 @@ def test_a_killed_rank_under_the_spawn_launcher_ends_the_run_with_its_name(tmp_p
     assert (f'ProcessDiedError: rank 1 (pid {pid}) was killed by SIGKILL; the other processes of the run were '
             f'stopped. The last checkpoint, {latest}, is intact; continue with:  python train.py <the same '
             f'arguments> resume_from={run_dir}') in output, output[-3000:]
-    check_the_last_checkpoint_and_resume(run_dir, tmp_path)
+    check_the_last_checkpoint_and_resume(run_dir, tmp_path, capsys)
 
 
 def test_a_killed_rank_under_torchrun_ends_the_run_with_its_name(tmp_path, capsys):
