@@ -1,8 +1,8 @@
 """Damaged caches are detected, reported and rebuilt, and the run's results equal a clean run's.
 
 The caches a run reads back from `<local dir>/<user>/`: the tokenized splits (beta_dpo/tokenized/), the reference
-log-probabilities (beta_dpo/reference_logps/) and the embedded model written once with save_pretrained
-(embedded_models/, the converted-model cache of this project). Each is damaged the ways a full disk, a killed copy
+log-probabilities (beta_dpo/reference_logps/), the embedded model written once with save_pretrained
+(embedded_models/) and a GGUF file's conversion into a Hugging Face directory (gguf_models/). Each is damaged the ways a full disk, a killed copy
 or a bad sector damage files: cut short, overwritten with garbage, or a readable file whose contents do not fit.
 """
 import json
@@ -89,3 +89,28 @@ def test_a_reference_cache_that_reads_but_does_not_fit_is_refused(state):
     """A pair must be two log-probabilities (floats, not NaN) of this cache version."""
     with pytest.raises(ValueError):
         checked_reference_cache(state)
+
+
+@pytest.mark.slow
+def test_a_damaged_conversion_of_a_gguf_model_is_rebuilt(smollm2_gguf, smollm2_local_dirs, tmp_path, capsys):
+    """The converted-model cache: SmolLM2's conversion (this session's, copied under this test's cache root, where
+    the same file maps to the same directory name) with its 538 MB model.safetensors cut in half. materialize_model
+    reports it, converts the GGUF file again, and the new model.safetensors is byte for byte the clean one."""
+    import hashlib
+    import shutil
+    from models import gguf_cache_dir, materialize_model
+    _, clean = smollm2_local_dirs
+    root = tmp_path / 'cache'
+    target = gguf_cache_dir(smollm2_gguf, root)
+    shutil.copytree(clean, target)
+    cut_short(target / 'model.safetensors')
+    capsys.readouterr()
+    assert materialize_model(str(smollm2_gguf), root) == str(target)
+    output = capsys.readouterr().out
+    assert (f'{target}: damaged cache ({target}/model.safetensors is not a readable safetensors file (Error while '
+            f'deserializing header: incomplete metadata, file not fully covered): it is truncated or damaged; '
+            f'download or save the model again); rebuilding it') in output
+    assert f'converting {smollm2_gguf} to a float32 Hugging Face model in {target} (once)' in output
+    digest = lambda path: hashlib.sha256(path.read_bytes()).hexdigest()
+    assert digest(target / 'model.safetensors') == digest(clean / 'model.safetensors')
+    assert [p.name for p in root.glob('gguf_models/.*')] == []  # the damaged copy set aside and removed
