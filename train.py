@@ -96,8 +96,9 @@ def check_parallelism(get: Callable, parallelism: Optional[Parallelism]) -> List
     if parallelism is not None and parallelism.tensor_parallel and get('compile_policy'):
         problems.append('compile_policy=true does not work with trainer=TensorParallelTrainer (torch 2.13 fails to trace '
                         'the split model\'s backward pass); use compile_policy=false or trainer=FSDPTrainer')
-    if not (is_number(get('collective_timeout_secs')) and get('collective_timeout_secs') > 0):
-        problems.append(f'collective_timeout_secs={get("collective_timeout_secs")!r} must be a positive number of seconds')
+    timeout = get('collective_timeout_secs')
+    if timeout is not None and not (is_number(timeout) and timeout > 0):
+        problems.append(f'collective_timeout_secs={timeout!r} must be a positive number of seconds, or null')
     return problems
 
 

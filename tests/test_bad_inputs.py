@@ -179,7 +179,7 @@ CASES = [
          'the run was started with different settings, so it cannot continue exactly:\n'
          '  - lr: was 0.003, now 0.5\n  - seed: was 0, now 3', True),
     Case('non-positive collective timeout', lambda s, p: ['collective_timeout_secs=0'], ValueError,
-         'collective_timeout_secs=0 must be a positive number of seconds', True),
+         'collective_timeout_secs=0 must be a positive number of seconds, or null', True),
     Case('negative precompute save interval', lambda s, p: ['precompute_save_every_secs=-1'], ValueError,
          'precompute_save_every_secs=-1 must be a number of seconds ≥ 0', True),
     Case('trust_remote_code not a boolean', lambda s, p: ['trust_remote_code=maybe'], ValueError,
