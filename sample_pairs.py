@@ -2,13 +2,13 @@
 answer against the model's own mistakes.
 
     python sample_pairs.py RUN_DIR --out pairs.jsonl           # RUN_DIR: a run on datasets=[synthetic]
-    python train.py loss=dpo datasets=[synthetic] synthetic.train_pairs=pairs.jsonl \\
+    python train.py loss=dpo loss.beta=0.5 datasets=[synthetic] synthetic.train_pairs=pairs.jsonl \\
         model.archive=RUN_DIR/LATEST/policy.pt ...
 
     # any prompts, any judge: 4 samples per prompt, the best against the worst (iterative, on-policy DPO)
     python sample_pairs.py SFT_RUN_DIR --judge reward:/path/to/reward_model --datasets hh --samples 4 --out pairs.jsonl
     python sample_pairs.py SFT_RUN_DIR --judge sentiment --datasets prompts.jsonl --pairs random --out pairs.jsonl
-    python train.py loss=dpo datasets=[pairs.jsonl] model.archive=SFT_RUN_DIR/LATEST/policy.pt ...
+    python train.py loss=dpo loss.beta=0.1 datasets=[pairs.jsonl] model.archive=SFT_RUN_DIR/LATEST/policy.pt ...
 
 With --judge (gold, sentiment, reward:PATH, llm:PATH, api:MODEL; see judges.py) the model (a run directory, a
 Hugging Face directory, a .gguf file) answers the first --n-prompts prompts of --datasets (default: the run's own)

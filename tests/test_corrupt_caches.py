@@ -13,7 +13,7 @@ import torch
 
 import preference_datasets as pd
 from helpers import FAST, train_in_process
-from reference_cache import checked_reference_cache
+from reference_cache import REFERENCE_CACHE_VERSION as VERSION, checked_reference_cache
 
 # 3 DPO steps of 8 pairs with the reference log-probabilities precomputed, evaluated before and after
 RUN = [*FAST, 'loss=dpo', 'n_examples=24', 'eval_every=24', 'optimizer=SGD', 'lr=0.1', 'precompute_ref_log_probs=true',
@@ -78,17 +78,18 @@ def test_damaged_caches_are_rebuilt_and_the_run_equals_a_clean_one(tmp_path, cap
     assert weights.stat().st_size > 3e6
 
 
-@pytest.mark.parametrize('state', [
-    {'version': 2, 'logps': {'a' * 32: [-1.0, 'x']}},
-    {'version': 2, 'logps': {'a' * 32: [-1.0]}},
-    {'version': 2, 'logps': {'a' * 32: [float('nan'), -2.0]}},
-    {'version': 1, 'logps': {}},
-    {'logps': []},
+@pytest.mark.parametrize('state, reason', [
+    ({'version': VERSION, 'logps': {'a' * 32: [-1.0, 'x']}}, 'its entries are not pairs of log-probabilities'),
+    ({'version': VERSION, 'logps': {'a' * 32: [-1.0]}}, 'its entries are not pairs of log-probabilities'),
+    ({'version': VERSION, 'logps': {'a' * 32: [float('nan'), -2.0]}}, 'its entries are not pairs of log-probabilities'),
+    ({'version': VERSION, 'logps': []}, 'its entries are not pairs of log-probabilities'),
+    ({'version': VERSION - 1, 'logps': {}}, f'not a version {VERSION} reference log-probability cache'),
 ])
-def test_a_reference_cache_that_reads_but_does_not_fit_is_refused(state):
-    """A pair must be two log-probabilities (floats, not NaN) of this cache version."""
-    with pytest.raises(ValueError):
+def test_a_reference_cache_that_reads_but_does_not_fit_is_refused(state, reason):
+    """A pair must be two log-probabilities (floats, not NaN) of this cache version; a well-formed one passes."""
+    with pytest.raises(ValueError, match=reason):
         checked_reference_cache(state)
+    assert checked_reference_cache({'version': VERSION, 'logps': {'a' * 32: [-1.0, -2.5]}}) == {'a' * 32: [-1.0, -2.5]}
 
 
 @pytest.mark.slow
