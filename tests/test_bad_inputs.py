@@ -101,7 +101,7 @@ def model_directory(scratch: Path, previous_run: Path, tokenizer: bool = True) -
 
 
 def blank_model(directory: Path) -> List[str]:
-    return ['model=blank_model', f'model.name_or_path={directory}', 'model.block_name=GPTNeoXLayer']
+    return ['model=blank_model', f'model.name_or_path={directory}', 'model.block_name=GPTNeoXLayer', 'exp_name=blank']
 
 
 # Python that a model directory asks transformers to import; it would leave the marker `pwned` if it ever ran.

@@ -15,8 +15,8 @@ from reference_cache import checked_reference_cache
 
 pytestmark = pytest.mark.slow
 
-RUN = [*FAST, 'loss=dpo', 'n_examples=16', 'eval_every=16', 'optimizer=SGD', 'lr=0.1', 'precompute_ref_log_probs=true',
-       'precompute_save_every_secs=0', 'minimum_log_interval_secs=0']
+RUN = [*FAST, 'loss=dpo', 'loss.beta=0.1', 'n_examples=16', 'eval_every=16', 'optimizer=SGD', 'lr=0.1',
+       'precompute_ref_log_probs=true', 'precompute_save_every_secs=0', 'minimum_log_interval_secs=0']
 
 
 def logged(run_dir):

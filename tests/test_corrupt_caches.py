@@ -2,8 +2,9 @@
 
 The caches a run reads back from `<local dir>/<user>/`: the tokenized splits (beta_dpo/tokenized/), the reference
 log-probabilities (beta_dpo/reference_logps/), the embedded model written once with save_pretrained
-(embedded_models/) and a GGUF file's conversion into a Hugging Face directory (gguf_models/). Each is damaged the ways a full disk, a killed copy
-or a bad sector damage files: cut short, overwritten with garbage, or a readable file whose contents do not fit.
+(embedded_models/) and a GGUF file's conversion into a Hugging Face directory (gguf_models/). Each is damaged the
+ways a full disk, a killed copy or a bad sector damage files: cut short, overwritten with garbage, or a readable
+file whose contents do not fit.
 """
 import json
 import warnings
@@ -16,8 +17,8 @@ from helpers import FAST, train_in_process
 from reference_cache import REFERENCE_CACHE_VERSION as VERSION, checked_reference_cache
 
 # 3 DPO steps of 8 pairs with the reference log-probabilities precomputed, evaluated before and after
-RUN = [*FAST, 'loss=dpo', 'n_examples=24', 'eval_every=24', 'optimizer=SGD', 'lr=0.1', 'precompute_ref_log_probs=true',
-       'minimum_log_interval_secs=0']
+RUN = [*FAST, 'loss=dpo', 'loss.beta=0.1', 'n_examples=24', 'eval_every=24', 'optimizer=SGD', 'lr=0.1',
+       'precompute_ref_log_probs=true', 'minimum_log_interval_secs=0']
 
 
 def logged(run_dir):

@@ -130,7 +130,7 @@ def test_reference_cache_on_a_full_disk_keeps_the_values_in_memory(small_disk, t
     disk: the first save (8 pairs × 68 bytes = 544 bytes) fails with a warning, no later save is tried, the 32 pairs
     stay in memory with the values of a pass that could save, and no file is left."""
     from helpers import start_run
-    trainer = start_run([*FAST, 'loss=dpo', 'n_examples=24', 'precompute_ref_log_probs=true'], tmp_path)
+    trainer = start_run([*FAST, 'loss=dpo', 'loss.beta=0.1', 'n_examples=24', 'precompute_ref_log_probs=true'], tmp_path)
     clean = ReferenceLogps(trainer.reference.model, trainer.concatenated_forward)
     clean.precompute(trainer.reference_pass_batches(), tmp_path / 'clean.pt', trainer.local, trainer.gather, True, 0)
 
@@ -139,7 +139,8 @@ def test_reference_cache_on_a_full_disk_keeps_the_values_in_memory(small_disk, t
     capsys.readouterr()
     trainer.reference.precompute(trainer.reference_pass_batches(), path, trainer.local, trainer.gather, True, 0)
     output = capsys.readouterr().out
-    assert re.search(r'WARNING: No space left in .*: writing reference\.pt needs about 544 bytes, and 0 bytes is free', output), output
+    assert re.search(r'WARNING: No space left in .*: writing reference\.pt needs about 544 bytes, and 0 bytes is free',
+                     output), output
     assert 'Continuing with the reference log-probabilities in memory, without saving them.' in output
     assert len(trainer.reference.cache) == 32 and trainer.reference.cache == load_reference_cache(tmp_path / 'clean.pt')
     assert sorted(p.name for p in small_disk.iterdir()) == ['ballast']

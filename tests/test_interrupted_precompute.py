@@ -13,7 +13,7 @@ from reference_cache import load_reference_cache
 pytestmark = pytest.mark.slow
 
 # 32 training batches of 8 pairs and one evaluation batch: 264 pairs; the killed run saves after every batch
-RUN = [*FAST, 'loss=dpo', 'synthetic.n_train=256', 'n_examples=256', 'precompute_ref_log_probs=true']
+RUN = [*FAST, 'loss=dpo', 'loss.beta=0.1', 'synthetic.n_train=256', 'n_examples=256', 'precompute_ref_log_probs=true']
 SAVE_OFTEN = ['precompute_save_every_secs=0']
 
 

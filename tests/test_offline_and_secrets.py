@@ -48,7 +48,7 @@ def test_offline_start_is_quick_and_no_secret_reaches_a_file(tmp_path):
     env.update(WANDB_API_KEY=wandb_key, OPENAI_API_KEY=judge_key, HOME=str(home), TMPDIR=str(scratch),
                HF_HUB_OFFLINE='1', TOKENIZERS_PARALLELISM='false', PYTHONUNBUFFERED='1')
     command = [sys.executable, str(ROOT / 'train.py'), *[a for a in FAST if not a.startswith('wandb.')],
-               'wandb.enabled=true', 'loss=dpo', 'n_examples=16', 'eval_every=16', f'local_dirs=[{local}]']
+               'wandb.enabled=true', 'loss=dpo', 'loss.beta=0.1', 'n_examples=16', 'eval_every=16', f'local_dirs=[{local}]']
     lines, code = run_with_line_times(command, tmp_path, env)
     output = ''.join(line for _, line in lines)
     assert code == 0, output[-3000:]
