@@ -5,7 +5,7 @@
     RUN_DIR/step-N/                 policy.pt, optimizer.pt, scheduler.pt ({'step_idx', 'state', 'metrics'},
                                     as the original), trainer_state.pt, beta_dpo_stats.json
     RUN_DIR/LATEST -> step-N        always a complete checkpoint; model.archive=RUN_DIR/LATEST/policy.pt
-    RUN_DIR/hf_model/               the final policy for from_pretrained / vLLM
+    RUN_DIR/hf_model/               the final policy for from_pretrained / vLLM (LoRA: merged; adapter/ beside it)
 
     from checkpoints import atomic_path, save_checkpoint, load_checkpoint_file
     with atomic_path(run_dir / 'step-64', directory=True) as tmp:   # complete or absent, never half-written
@@ -23,7 +23,7 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Union
+from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Tuple, Union
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -466,19 +466,21 @@ class TrainingState(NamedTuple):
 
 
 def save_checkpoint(run_dir: Union[str, Path], step: int, metrics: Dict, policy: Dict, optimizer: Dict,
-                    scheduler: Dict, trainer_state: Dict) -> Path:
+                    scheduler: Dict, trainer_state: Dict, lora: Optional[Dict] = None) -> Path:
     """Write RUN_DIR/step-N/ atomically, then point RUN_DIR/LATEST at it; returns the step directory.
 
     policy.pt, optimizer.pt and scheduler.pt are {'step_idx', 'state', 'metrics'} as in the original, so
-    `model.archive=RUN_DIR/LATEST/policy.pt` starts a DPO run from any trainer's SFT. trainer_state.pt holds
-    the counters, β-DPO's statistics and the RNG states; beta_dpo_stats.json the statistics, readable.
+    `model.archive=RUN_DIR/LATEST/policy.pt` starts a DPO run from any trainer's SFT. A LoRA run's policy.pt
+    holds the adapter tensors only, and `lora` (lora.archive_info: r, α, the base model and archive) under
+    'lora'. trainer_state.pt holds the counters, β-DPO's statistics and the RNG states; beta_dpo_stats.json
+    the statistics, readable.
     """
     run_dir = Path(run_dir)
     step_name = f'step-{step}'
     wrap = lambda state: {'step_idx': step, 'state': state, 'metrics': metrics}
     needed = tensor_bytes([policy, optimizer, scheduler, trainer_state])
     with atomic_path(run_dir / step_name, directory=True, needed_bytes=needed) as tmp:
-        torch_save(wrap(policy), tmp / 'policy.pt')
+        torch_save({**wrap(policy), **({'lora': lora} if lora is not None else {})}, tmp / 'policy.pt')
         torch_save(wrap(optimizer), tmp / 'optimizer.pt')
         torch_save(wrap(scheduler), tmp / 'scheduler.pt')
         torch_save(trainer_state, tmp / 'trainer_state.pt')
@@ -521,8 +523,19 @@ def append_metrics(run_dir: Path, split: str, metrics: Dict[str, Any]) -> None:
             os.close(fd)
 
 
-def export_hf_model(model: torch.nn.Module, state: Dict[str, torch.Tensor], tokenizer, output_dir: Path) -> None:
-    """The policy in Hugging Face format (safetensors, config, tokenizer) for from_pretrained / vLLM, atomically."""
+def export_hf_model(model: torch.nn.Module, state: Dict[str, torch.Tensor], tokenizer, output_dir: Path,
+                    adapter: Optional[Tuple[Dict[str, torch.Tensor], Any]] = None) -> None:
+    """The policy in Hugging Face format (safetensors, config, tokenizer) for from_pretrained / vLLM, atomically.
+
+    adapter: (tensors, peft LoraConfig) of a LoRA run, written beside it in PEFT's format to `adapter/`
+    (adapter_config.json, adapter_model.safetensors), for `PeftModel.from_pretrained(base, OUTPUT_DIR/adapter)`;
+    `state` is then the merged model's.
+    """
     with atomic_path(output_dir, directory=True) as tmp:
         model.save_pretrained(tmp, state_dict=state)
         tokenizer.save_pretrained(tmp)
+        if adapter is not None:
+            from safetensors.torch import save_file
+            tensors, adapter_config = adapter
+            adapter_config.save_pretrained(tmp / 'adapter')
+            save_file(tensors, tmp / 'adapter' / 'adapter_model.safetensors', metadata={'format': 'pt'})

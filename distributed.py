@@ -343,10 +343,10 @@ def clip_grad_norm(parameters, max_norm: float, device: torch.device) -> float:
     return total.item()
 
 
-def full_state_dict_options():
-    """Gather whole tensors to CPU on rank 0 (the other ranks get {})."""
+def full_state_dict_options(ignore_frozen_params: bool = False):
+    """Gather whole tensors to CPU on rank 0 (the other ranks get {}); ignore_frozen_params: the trained ones only."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions
-    return StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=ignore_frozen_params)
 
 
 

@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 import tqdm
 
-from checkpoints import atomic_write_text, load_checkpoint_file, load_state_dict_checked
+from checkpoints import atomic_write_text
 from models import check_model_directory, load_tokenizer, materialize_model
 from preference_datasets import encode_texts, load_source
 from utils import get_local_dir
@@ -132,7 +132,7 @@ def load_model(source: str, device: Optional[str] = None, dtype: str = 'float32'
 def _load_run(run_dir: Path, dtype: str):
     """(model, tokenizer) of a train.py run: built as its config.yaml says, LATEST/policy.pt loaded."""
     from omegaconf import OmegaConf
-    from models import build_model
+    from models import build_model, load_archive
     checkpoint = run_dir / 'LATEST' / 'policy.pt'
     if not checkpoint.is_file():
         import transformers
@@ -141,7 +141,7 @@ def _load_run(run_dir: Path, dtype: str):
                 transformers.AutoTokenizer.from_pretrained(hf_dir))
     config = OmegaConf.load(run_dir / 'config.yaml')
     model = build_model(config, dtype, None)
-    load_state_dict_checked(model, load_checkpoint_file(checkpoint, 'policy checkpoint')['state'], str(checkpoint))
+    load_archive([model], checkpoint, config.model.name_or_path)  # a LoRA run's adapters merged into its base
     return model, load_tokenizer(config)
 
 

@@ -1,7 +1,7 @@
 """Building the policy, the frozen reference and the tokenizer; the embedded tiny model and its byte tokenizer.
 
     from models import build_models, load_tokenizer
-    policy, reference = build_models(config, parallelism)   # model.archive / resume_from loaded
+    policy, reference = build_models(config, parallelism)   # model.archive / resume_from loaded, LoRA adapters added
     tokenizer = load_tokenizer(config)                      # pad = EOS where the tokenizer has none
 
 `model.name_or_path` is a Hub id, a local Hugging Face directory, `embedded:NAME`: a small model built
@@ -29,6 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from checkpoints import atomic_path, load_checkpoint_file, load_state_dict_checked
 from distributed import DistributedSetup, Parallelism
+from lora import add_adapters, archive_chain_error, load_adapter_state, lora_enabled, merge_adapter_into
 from utils import file_identity, fingerprint, get_local_dir, rank0_print
 
 
@@ -436,8 +437,8 @@ def build_model(config: DictConfig, dtype_name: str, device_map: Optional[str], 
 
 def build_models(config: DictConfig, parallelism: Parallelism, with_reference: bool,
                  empty: bool = False) -> Tuple[nn.Module, Optional[nn.Module]]:
-    """The policy and, with_reference (the DPO family), the frozen reference, with model.archive (or a
-    resume) loaded.
+    """The policy and, with_reference (the DPO family without LoRA), the frozen reference, with model.archive (or
+    a resume) loaded. With lora.r > 0 the policy carries fresh LoRA adapters (lora.py) on the loaded weights.
 
     empty: models without weights on the meta device, for the ranks other than 0 of FSDPTrainer and
     TensorParallelTrainer, which receive rank 0's weights once the models are split (so a machine
@@ -448,26 +449,65 @@ def build_models(config: DictConfig, parallelism: Parallelism, with_reference: b
     if with_reference:
         reference_model = build_model(config, config.model.reference_dtype, parallelism.device_map, empty)
         reference_model.requires_grad_(False)
+    if not empty and config.model.archive is not None:
+        load_archive([m for m in (policy, reference_model) if m is not None], config.model.archive,
+                     config.model.name_or_path)
+    if lora_enabled(config):
+        policy = add_adapters(policy, config)
     if empty:
         return policy, reference_model
-
-    if config.model.archive is not None:
-        archive = load_checkpoint_file(config.model.archive, 'model.archive')
-        rank0_print(f'loading pre-trained weights at step {archive.get("step_idx")} from {config.model.archive}')
-        load_state_dict_checked(policy, archive['state'], f'model.archive {config.model.archive}')
-        if reference_model is not None:
-            load_state_dict_checked(reference_model, archive['state'], f'model.archive {config.model.archive}')
     if config.resume_from is not None:
         checkpoint = Path(config.resume_from) / 'LATEST' / 'policy.pt'
-        load_state_dict_checked(policy, load_checkpoint_file(checkpoint, 'resume checkpoint')['state'], str(checkpoint))
+        state = load_checkpoint_file(checkpoint, 'resume checkpoint')['state']
+        if lora_enabled(config):
+            load_adapter_state(policy, state, str(checkpoint))
+        else:
+            load_state_dict_checked(policy, state, str(checkpoint))
 
     tokenizer_vocab = check_tokenizer_fits(config, policy)
-    rank0_print(f'policy: {sum(p.numel() for p in policy.parameters()):,} parameters, tokenizer of {tokenizer_vocab} tokens')
+    n_trainable = sum(p.numel() for p in policy.parameters() if p.requires_grad)
+    rank0_print(f'policy: {sum(p.numel() for p in policy.parameters()):,} parameters ({n_trainable:,} trained), '
+                f'tokenizer of {tokenizer_vocab} tokens')
     if parallelism.whole_model_on_gpu:
         policy.to('cuda')
         if reference_model is not None:
             reference_model.to('cuda')
     return policy, reference_model
+
+
+def load_archive(models: List[nn.Module], path: Union[str, Path], name_or_path: str, _seen: Tuple = ()) -> None:
+    """Load model.archive into each of `models`: a full policy.pt (its state dict), or a LoRA run's policy.pt (its
+    adapters merged into the weights that run started from: its own archive loaded first, recursively)."""
+    archive = load_checkpoint_file(path, 'model.archive')
+    rank0_print(f'loading pre-trained weights at step {archive.get("step_idx")} from {path}')
+    info = archive.get('lora')
+    if info is None:
+        for model in models:
+            load_state_dict_checked(model, archive['state'], f'model.archive {path}')
+        return
+    if info['base_model'] != name_or_path:
+        raise ValueError(f'model.archive={path} holds LoRA adapters for the model {info["base_model"]}, not '
+                         f'{name_or_path}; set model.name_or_path={info["base_model"]}')
+    resolved = str(Path(path).resolve())
+    error = archive_chain_error(Path(path), info['base_archive'])
+    if error is None and resolved in _seen:
+        error = f'model.archive={path}: its chain of LoRA archives loops back to {resolved}'
+    if error:
+        raise ValueError(error)
+    if info['base_archive'] is not None:
+        load_archive(models, info['base_archive'], name_or_path, (*_seen, resolved))
+    for model in models:
+        merge_adapter_into(model, archive['state'], info, f'model.archive {path}')
+
+
+def archive_identity(path: Union[str, Path]) -> List:
+    """What identifies the weights of model.archive: its file, and for a LoRA archive those of its own archive."""
+    try:  # mmap: the tensors of a full archive are not read
+        base_archive = (torch.load(path, map_location='cpu', weights_only=True, mmap=True).get('lora') or {}).get(
+            'base_archive')
+    except Exception:  # not a readable checkpoint: load_archive says so when the run loads it
+        base_archive = None
+    return [file_identity(path)] + ([] if base_archive is None else archive_identity(base_archive))
 
 
 def check_tokenizer_fits(config: DictConfig, model: nn.Module) -> int:

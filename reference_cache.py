@@ -2,6 +2,7 @@
 
     from reference_cache import ReferenceLogps
     reference = ReferenceLogps(reference_model, forward)      # forward(model, batch) -> (chosen, rejected)
+    reference = ReferenceLogps(policy, forward, switch=adapters_disabled)   # LoRA: the policy, adapters off
     chosen, rejected = reference(batch)                        # no gradient
     reference.precompute(batches, path, gather)                # one pass, cached on disk; the model is freed
 
@@ -11,11 +12,15 @@ log-probabilities of every training and evaluation pair are computed once, saved
 `reference_cache_path`), and the reference model is dropped, which frees its memory for the policy.
 The file is written atomically every `precompute_save_every_secs` during the pass and at its end, so a run
 killed during the pass computes only the rest when started again; a damaged file is recomputed.
+
+With LoRA (lora.r > 0) there is no second model: the reference is the policy itself inside `switch` (peft's
+disable_adapter), i.e. the weights the run started from.
 """
+import contextlib
 import math
 import time
 from pathlib import Path
-from typing import Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Callable, ContextManager, Dict, Iterable, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -24,9 +29,10 @@ import tqdm
 from omegaconf import DictConfig
 
 from checkpoints import DiskFullError, save_atomically, unreadable_because
-from models import model_identity
+from lora import lora_enabled
+from models import archive_identity, model_identity
 from preference_datasets import data_identity, dataset_options, tokenizer_identity
-from utils import file_identity, fingerprint, get_local_dir, rank0_print
+from utils import fingerprint, get_local_dir, rank0_print
 
 
 # Bump when the meaning of the cached reference log-probabilities changes.
@@ -56,9 +62,11 @@ def reference_cache_path(config: DictConfig, tokenizer, world_size: int, device_
     """
     local_dir = get_local_dir(config.local_dirs)
     archive = config.model.archive
+    # With LoRA the reference is the policy's own base weights, in the policy's dtype.
+    dtype = config.model.policy_dtype if lora_enabled(config) else config.model.reference_dtype
     key = fingerprint(
         REFERENCE_CACHE_VERSION, model_identity(config.model.name_or_path, local_dir),
-        None if archive is None else file_identity(archive), config.model.reference_dtype, config.allow_tf32,
+        None if archive is None else archive_identity(archive), dtype, config.allow_tf32,
         config.logps_chunk_size, config.trainer, world_size, device_type,
         tokenizer_identity(tokenizer), config.max_length, config.max_prompt_length, list(config.datasets),
         [data_identity(name, split, dataset_options(config)) for name in config.datasets for split in ('train', 'test')],
@@ -107,21 +115,29 @@ class ReferenceLogps:
     """The frozen reference model's log-probabilities of the chosen and rejected responses of a batch.
 
     `forward(model, batch) -> (chosen, rejected)` computes them from a model (the trainer's concatenated
-    forward). After `precompute` they come from the cache and the model is gone (`model` is None).
+    forward). `switch(model)`, if given, is a context inside which `model` is the reference: the policy with its
+    LoRA adapters disabled; without it `model` is a separate frozen model, put in eval mode here. After
+    `precompute` they come from the cache and the model is gone (`model` is None).
     """
 
-    def __init__(self, model: Optional[nn.Module], forward: Callable):
+    def __init__(self, model: Optional[nn.Module], forward: Callable,
+                 switch: Optional[Callable[[nn.Module], ContextManager]] = None):
         self.model = model
         self.forward = forward
-        if model is not None:
+        self.switch = switch
+        if model is not None and switch is None:
             model.eval()
         # pair key -> [chosen, rejected], once precompute ran
         self.cache: Optional[Dict[str, List[float]]] = None
 
+    def active(self) -> ContextManager:
+        """The context inside which `self.model` computes as the reference (e.g. to sample from it)."""
+        return self.switch(self.model) if self.switch is not None else contextlib.nullcontext()
+
     def __call__(self, batch: Dict) -> Tuple[torch.Tensor, torch.Tensor]:
         """(chosen, rejected) log-probabilities, each (batch,), float32 from the cache; no gradient."""
         if self.cache is None:
-            with torch.no_grad():
+            with torch.no_grad(), self.active():
                 return self.forward(self.model, batch)
         keys = pair_keys(batch)
         missing = [k for k in keys if k not in self.cache]
@@ -155,7 +171,7 @@ class ReferenceLogps:
             keys = pair_keys(batch)
             if all(k in cache for k in keys):
                 continue
-            with torch.no_grad():
+            with torch.no_grad(), self.active():
                 chosen, rejected = self.forward(self.model, local(batch))
             pairs = torch.stack([gather(chosen), gather(rejected)], dim=1).float().cpu().tolist()
             cache.update(zip(keys, pairs))
@@ -166,6 +182,7 @@ class ReferenceLogps:
         if dist.is_initialized():
             dist.barrier()  # the file is complete before any rank goes on (and, say, starts the next run)
         rank0_print(f'reference log-probabilities of {len(cache)} pairs ({len(cache) - n_cached} computed now) '
-                    f'in {path}; the reference model is freed')
+                    f'in {path}; ' + ('the reference model is freed' if self.switch is None else
+                                      'the policy no longer runs as the reference'))
         self.cache = cache
         self.model = None

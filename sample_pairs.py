@@ -49,7 +49,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from omegaconf import OmegaConf
 
-from checkpoints import atomic_write_text, load_checkpoint_file, load_state_dict_checked
+from checkpoints import atomic_write_text
 from synthetic_task import edit_distance, synthetic_gold_answer, synthetic_options, synthetic_prompts
 
 # the longest gold answer is 13 bytes ('double' of 6 letters, with its leading space): room for a few more
@@ -58,7 +58,7 @@ MAX_NEW_TOKENS = 16
 
 def load_run_policy(run_dir: Path):
     """(policy in eval mode, tokenizer, run config) of RUN_DIR's LATEST checkpoint."""
-    from models import build_model, load_tokenizer
+    from models import build_model, load_archive, load_tokenizer
     config_path = run_dir / 'config.yaml'
     if not config_path.is_file():
         raise FileNotFoundError(f'{run_dir}: no config.yaml; pass a run directory written by train.py')
@@ -69,7 +69,7 @@ def load_run_policy(run_dir: Path):
                          f'other data with a judge: pass --judge sentiment, reward:PATH, llm:PATH or api:MODEL')
     policy = build_model(config, 'float32', None)
     checkpoint = run_dir / 'LATEST' / 'policy.pt'
-    load_state_dict_checked(policy, load_checkpoint_file(checkpoint, 'policy checkpoint')['state'], str(checkpoint))
+    load_archive([policy], checkpoint, config.model.name_or_path)  # a LoRA run's adapters merged into its base
     if torch.cuda.is_available():
         policy.to('cuda')
     return policy.eval(), load_tokenizer(config), config

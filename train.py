@@ -8,6 +8,10 @@
         gradient_accumulation_steps=2 batch_size=64 eval_batch_size=32 trainer=FSDPTrainer \
         sample_during_eval=false model.fsdp_policy_mp=bfloat16
 
+    # LoRA: only rank-16 adapters train; DPO's reference is the same weights with the adapters off
+    python train.py loss=sft lora.r=16
+    python train.py loss=dpo loss.beta=0.1 lora.r=16 model.archive=.cache/$USER/tiny_sft_<timestamp>/LATEST/policy.pt
+
     # stage 2, β-DPO from the SFT weights (ρ = mode_weight, α = a)
     python train.py model=pythia28 datasets=[hh] loss=dpo loss.beta=0.1 exp_name=anthropic_beta_dpo_pythia28 \
         gradient_accumulation_steps=2 batch_size=64 eval_batch_size=32 trainer=FSDPTrainer \
@@ -41,6 +45,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 import trainers
 from checkpoints import atomic_write_text, flat_items, removed_if_unused, resume_changes
 from distributed import DistributedSetup, Parallelism, decide_parallelism, init_distributed, launch
+from lora import lora_enabled
 from models import build_models, materialize_in_turn, model_directory_problems
 from trainers import LossMode
 from utils import DummyWandb, get_local_dir, get_local_run_dir, rank0_print
@@ -86,7 +91,7 @@ def validate_config(config: DictConfig) -> List[str]:
         problems.append(str(e))
         parallelism = None
     for check in (check_parallelism, check_optimization, check_batches, check_data_and_dirs, check_loss,
-                  check_loss_switches, check_model, check_paths, check_no_secrets):
+                  check_loss_switches, check_model, check_lora, check_paths, check_no_secrets):
         # a missing key is reported once, in the line above, not again as an invalid value ('loss.beta=None ...')
         problems += [problem for problem in check(get, parallelism) if problem.split('=', 1)[0] not in missing]
     return problems
@@ -254,6 +259,28 @@ def check_model(get: Callable, parallelism: Optional[Parallelism]) -> List[str]:
     return problems
 
 
+def check_lora(get: Callable, parallelism: Optional[Parallelism]) -> List[str]:
+    r = get('lora.r')
+    if isinstance(r, bool) or not (isinstance(r, int) and r >= 0):
+        return [f'lora.r={r!r} must be a non-negative integer: the adapters\' rank (e.g. lora.r=16), 0 for no LoRA']
+    if r == 0:
+        return []
+    problems = []
+    if not (is_number(get('lora.alpha')) and get('lora.alpha') > 0):
+        problems.append(f'lora.alpha={get("lora.alpha")!r} (α; the adapters are scaled by α/r) must be a positive number')
+    if not (is_number(get('lora.dropout')) and 0 <= get('lora.dropout') < 1):
+        problems.append(f'lora.dropout={get("lora.dropout")!r} must be in [0, 1)')
+    targets = get('lora.target_modules')
+    if targets is not None and (isinstance(targets, str) or not targets
+                                or not all(isinstance(t, str) and t for t in targets)):
+        problems.append(f'lora.target_modules={targets!r} must be null (the attention and MLP projections) or a '
+                        f'non-empty list of module names, e.g. lora.target_modules=[q_proj,v_proj]')
+    if parallelism is not None and parallelism.tensor_parallel:
+        problems.append('lora.r > 0 does not work with trainer=TensorParallelTrainer (its plan splits the plain '
+                        'model\'s layers, not LoRA\'s wrapped ones); use trainer=FSDPTrainer or BasicTrainer, or lora.r=0')
+    return problems
+
+
 def check_paths(get: Callable, parallelism: Optional[Parallelism]) -> List[str]:
     problems = []
     archive = get('model.archive')
@@ -363,8 +390,9 @@ def wandb_logged_in() -> bool:
 
 def build_run_models(config: DictConfig, parallelism: Parallelism, setup: Optional[DistributedSetup] = None):
     """This process's (policy, reference or None): whole on rank 0 (or alone), empty on the other ranks of a
-    sharded run, which receive rank 0's weights once the models are split."""
-    with_reference = LossMode.from_config(config.loss).uses_reference_model
+    sharded run, which receive rank 0's weights once the models are split. With LoRA the DPO family's reference
+    is the policy with its adapters disabled, so no reference model is built."""
+    with_reference = LossMode.from_config(config.loss).uses_reference_model and not lora_enabled(config)
     return build_models(config, parallelism, with_reference, empty=setup is not None and setup.rank != 0)
 
 

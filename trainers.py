@@ -53,6 +53,7 @@ from checkpoints import (DiskFullError, append_metrics, clean_run_dir_for_resume
 from distributed import (all_gather_if_needed, any_process, barrier, clip_grad_norm, fsdp_split, full_state_dict_options,
                          split_and_load, tensor_parallel_split)
 from logps import forward_logps
+from lora import adapters_disabled, archive_info, lora_enabled, merged_state_dict, peft_adapter_files, trainable_state
 from models import first_device, load_tokenizer, unwrap
 from preference_datasets import dataset_options, get_batch_iterator, load_tokenized, padding_fraction
 from reference_cache import ReferenceLogps, reference_cache_path
@@ -426,7 +427,12 @@ class BasicTrainer:
         if config.compile_policy:
             # nn.Module.compile compiles in place: the class and the state dict's keys stay as they are.
             self.policy.compile()
-        self.reference = ReferenceLogps(reference_model, self.concatenated_forward)
+        self.lora = lora_enabled(config)
+        if self.lora and self.mode.uses_reference_model:
+            # The reference is the policy with its adapters off (the weights the run started from): no second model.
+            self.reference = ReferenceLogps(self.policy, self.concatenated_forward, switch=adapters_disabled)
+        else:
+            self.reference = ReferenceLogps(reference_model, self.concatenated_forward)
         self.tokenizer = load_tokenizer(config)
         self.margin_stats = (MarginStats(self.device) if self.mode.sft else
                              MarginStats(self.device, momentum=config.loss.momentum, m0=config.loss.m0))
@@ -810,7 +816,8 @@ class BasicTrainer:
                 prompts.extend(eval_batch['prompt'])
                 policy_samples.extend(self.generate(self.policy, local_batch))
                 if self.reference.model is not None:
-                    reference_samples.extend(self.generate(self.reference.model, local_batch))
+                    with self.reference.active():
+                        reference_samples.extend(self.generate(self.reference.model, local_batch))
         rank0_print('policy samples:\n' + json.dumps(policy_samples[:4], indent=2))
         if reference_samples:
             rank0_print('reference samples:\n' + json.dumps(reference_samples[:4], indent=2))
@@ -882,9 +889,11 @@ class BasicTrainer:
 
     # ----- checkpoints (the files: checkpoints.py) -----------------------------------------------------
 
-    def policy_state_dict(self) -> Optional[Dict[str, torch.Tensor]]:
-        """The full policy state dict on rank 0 (None elsewhere); collective in sharded subclasses."""
-        return self.policy.state_dict()
+    def policy_state_dict(self, trainable_only: bool = False) -> Optional[Dict[str, torch.Tensor]]:
+        """The full policy state dict on rank 0 (None elsewhere), or only its trained tensors (LoRA's adapters);
+        collective in sharded subclasses."""
+        state = self.policy.state_dict()
+        return trainable_state(self.policy, state) if trainable_only else state
 
     def optimizer_state_dict(self) -> Optional[Dict]:
         return self.optimizer.state_dict()
@@ -904,13 +913,15 @@ class BasicTrainer:
         if self.config.debug:
             rank0_print('skipping save in debug mode')
             return
-        policy_state = self.policy_state_dict()
+        # LoRA: the adapters only (the base weights are the model and archive the run started from)
+        policy_state = self.policy_state_dict(trainable_only=self.lora)
         optimizer_state = self.optimizer_state_dict()
         if self.is_main:
             try:
                 step_dir = save_checkpoint(self.run_dir, self.example_counter, metrics or {}, policy=policy_state,
                                            optimizer=optimizer_state, scheduler=self.scheduler.state_dict(),
-                                           trainer_state=self.trainer_state())
+                                           trainer_state=self.trainer_state(),
+                                           lora=archive_info(self.policy, self.config) if self.lora else None)
             except DiskFullError as e:
                 raise DiskFullError(f'{e}\nFree some space there (or move the run to a larger disk). '
                                     f'{how_to_continue(self.run_dir)}') from None
@@ -944,13 +955,21 @@ class BasicTrainer:
         rank0_print(f'Resumed from {checkpoint_dir.resolve()} at {self.example_counter} examples')
 
     def export_pretrained(self, output_dir: Path) -> None:
-        """Save the policy in Hugging Face format (checkpoints.export_hf_model). Collective."""
+        """Save the policy in Hugging Face format (checkpoints.export_hf_model). Collective.
+
+        LoRA: the merged model (W + (α/r)·B·A, loadable without peft), and the adapter alone in PEFT's format in
+        output_dir/adapter/.
+        """
         if self.config.debug:
             return
         state = self.policy_state_dict()
-        if self.is_main:
+        if self.is_main and self.lora:
+            merged = merged_state_dict(state, archive_info(self.policy, self.config))
+            adapter = peft_adapter_files(self.policy, trainable_state(self.policy, state))
+            export_hf_model(self.policy.get_base_model(), merged, self.tokenizer, output_dir, adapter=adapter)
+        elif self.is_main:
             export_hf_model(unwrap(self.policy), state, self.tokenizer, output_dir)
-            rank0_print(f'exported the policy in Hugging Face format to {output_dir}')
+        rank0_print(f'exported the policy in Hugging Face format to {output_dir}')
         barrier()
 
 
@@ -987,9 +1006,9 @@ class ShardedTrainer(BasicTrainer):
     def clip_gradient(self) -> float:
         return clip_grad_norm(self.policy.parameters(), self.config.max_grad_norm, self.device)
 
-    def policy_state_dict(self) -> Optional[Dict[str, torch.Tensor]]:
+    def policy_state_dict(self, trainable_only: bool = False) -> Optional[Dict[str, torch.Tensor]]:
         from torch.distributed.checkpoint.state_dict import get_model_state_dict
-        state = get_model_state_dict(self.policy, options=full_state_dict_options())
+        state = get_model_state_dict(self.policy, options=full_state_dict_options(ignore_frozen_params=trainable_only))
         return state if self.is_main else None
 
     def optimizer_state_dict(self) -> Optional[Dict]:

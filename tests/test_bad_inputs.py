@@ -7,7 +7,6 @@ cache. After each row every one of those files is byte-identical with the same m
 row refused by validation leaves no new file at all, a later one at most the new run's config.yaml
 (and the tokenization cache of data that was fine).
 """
-import gzip
 import hashlib
 import json
 import os

@@ -17,8 +17,7 @@ import torch
 
 import preference_datasets as pd
 from checkpoints import load_checkpoint_file
-from helpers import FAST, compose_config, run_dir_from_output, run_train, train_in_process
-from models import build_byte_tokenizer
+from helpers import FAST, run_dir_from_output, run_train, train_in_process
 from reference_cache import ReferenceLogps, load_reference_cache
 
 
