@@ -205,6 +205,7 @@ def child_ours(args) -> dict:
                  f'eval_batch_size={args.batch_size}', f'max_length={args.max_length}',
                  f'max_prompt_length={args.max_length // 2}', f'n_eval_examples={args.batch_size}',
                  f'n_examples={args.batch_size * args.steps}', 'debug=true',
+                 f'activation_checkpointing={str(args.activation_checkpointing).lower()}',
                  'wandb.enabled=false', 'sample_during_eval=false', 'optimizer=AdamW', 'lr=1e-5', 'warmup_steps=0',
                  'model.policy_dtype=float32', 'model.reference_dtype=float32', *args.overrides]
     with initialize_config_dir(config_dir=str(REPO / 'config'), version_base=None):
@@ -263,7 +264,8 @@ def child_trl(args) -> dict:
     config = DPOConfig(output_dir=str(args.scratch), per_device_train_batch_size=args.batch_size,
                        max_length=args.max_length,
                        learning_rate=1e-5, max_steps=args.steps, logging_steps=10_000, save_strategy='no',
-                       report_to=[], gradient_checkpointing=False, bf16=False, fp16=False, use_cpu=True,
+                       report_to=[], gradient_checkpointing=args.activation_checkpointing, bf16=False, fp16=False,
+                       use_cpu=True,
                        dataloader_num_workers=0, disable_dropout=True, optim='adamw_torch',
                        lr_scheduler_type='constant', precompute_ref_log_probs=precompute, seed=0)
     timer = StepTimer()
@@ -285,7 +287,8 @@ def run_child(python: str, impl: str, model_dir: Path, data: Path, overrides, wo
     try:
         command = [python, __file__, '--child', impl, '--model-dir', str(model_dir), '--data-dir', str(data),
                    '--steps', str(args.steps), '--batch-size', str(args.batch_size), '--max-length',
-                   str(args.max_length), '--scratch', str(scratch), '--', *overrides]
+                   str(args.max_length), '--scratch', str(scratch),
+                   *(['--activation-checkpointing'] if args.activation_checkpointing else []), '--', *overrides]
         env = dict(os.environ, TOKENIZERS_PARALLELISM='false', WANDB_MODE='disabled', HF_HUB_OFFLINE='1',
                    PYTHONWARNINGS='ignore')
         result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=str(scratch))
@@ -300,7 +303,7 @@ def summarise(run: dict, n_params: int, peak_gflops: float, batch_size: int) -> 
     times, tokens = run['times'][1:], run['tokens'][1:]
     step_time = sum(times) / len(times)
     flops = ((4 if run['lora'] else 6) + (2 if run['reference_in_step'] else 0)) * n_params * statistics.mean(tokens)
-    return {'pairs_per_s': batch_size / step_time, 'step_s': step_time, 'peak_rss_mib': run['peak_rss_mib'],
+    return {'pairs_per_s': batch_size / step_time, 'tokens_per_s': statistics.mean(tokens) / step_time, 'step_s': step_time, 'peak_rss_mib': run['peak_rss_mib'],
             'gflop_per_step': flops / 1e9, 'peak_fraction': flops / step_time / 1e9 / peak_gflops,
             'tokens': statistics.mean(tokens), 'steps_timed': len(times)}
 
@@ -316,6 +319,10 @@ def main():
                         help='generated 64 + 64-token pairs, or the first rows of the real HH slice')
     parser.add_argument('--lora', type=int, default=0, help='also LoRA rows of this rank (0: none)')
     parser.add_argument('--no-sft', action='store_true', help='leave out the SFT row')
+    parser.add_argument('--modes', default='DPO,β-DPO', help='our preference steps to run (DPO, β-DPO)')
+    parser.add_argument('--activation-checkpointing', action='store_true',
+                        help="recompute activations in the backward pass (ours: activation_checkpointing=true, TRL: "
+                             "gradient_checkpointing=True)")
     parser.add_argument('--no-precomputed', action='store_true', help='leave out the precomputed-reference rows')
     parser.add_argument('--trl-python', default=str(REPO / '.venv-bench' / 'bin' / 'python'),
                         help="interpreter of the environment with TRL installed (benchmarks/requirements-bench.txt)")
@@ -365,7 +372,7 @@ def configurations(models: dict, args) -> list:
     lora = [f'lora.r={args.lora}', f'lora.alpha={2 * args.lora}']
     for model in models:
         for mode, overrides in OURS_MODES.items():
-            if mode == 'SFT' and args.no_sft:
+            if (mode == 'SFT' and args.no_sft) or (mode != 'SFT' and mode not in args.modes.split(',')):
                 continue
             runs.append((model, mode, 'ours', sys.executable, overrides))
             if mode != 'SFT' and not args.no_precomputed:
@@ -383,25 +390,30 @@ def configurations(models: dict, args) -> list:
 
 
 def render(best: dict, peak: float, args) -> str:
-    """The Markdown table. × TRL and ÷ TRL compare with TRL's DPO row of the same kind (LoRA rows with TRL's LoRA
-    row); ÷ our DPO compares peak memory with our full-weight DPO step on the same model."""
+    """The Markdown table. × TRL (tokens per second: the timed steps of two implementations may batch the pairs
+    differently; with pairs of one length, the generated data, it is the pairs/s ratio) and ÷ TRL (peak memory)
+    compare with TRL's DPO row of the same kind (LoRA rows with TRL's LoRA row); ÷ our DPO compares peak memory
+    with our full-weight DPO step on the same model."""
     data = ('real HH harmless-base rows (HH text format; the first that fit max_length untruncated)'
             if args.data == 'hh' else 'generated 64 + 64-token pairs')
-    lines = [f'Batch {args.batch_size} pairs of {data}, max_length {args.max_length}, float32, AdamW, no gradient '
-             f'checkpointing; {args.steps} steps per run, the first not timed; fastest of {args.repeats} runs. Machine: '
+    checkpointing = 'activation checkpointing' if args.activation_checkpointing else 'no activation checkpointing'
+    allocator = ', '.join(f'{k}={v}' for k, v in os.environ.items() if k.startswith('MALLOC_')) or 'glibc malloc defaults'
+    lines = [f'Batch {args.batch_size} pairs of {data}, max_length {args.max_length}, float32, AdamW, {checkpointing}, '
+             f'{allocator}; {args.steps} steps per run, the first not timed; fastest of {args.repeats} runs. Machine: '
              f'{os.cpu_count()} CPU cores, float32 matmul {peak:.1f} GFLOP/s (2048³, best of 5).', '',
-             '| model | step | implementation | pairs/s | × TRL | peak RSS (MiB) | ÷ TRL | ÷ our DPO | tokens/step | '
-             'GFLOP/step | % of matmul peak |', '|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|']
+             '| model | step | implementation | pairs/s | tokens/s | × TRL | peak RSS (MiB) | ÷ TRL | ÷ our DPO | '
+             'tokens/step | GFLOP/step | % of matmul peak |', '|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|']
     for (model, mode, impl), row in best.items():
         lora = impl.split(', ')[-1] if 'LoRA' in impl else None
         trl = best.get((model, 'DPO', f'TRL DPOTrainer, {lora}' if lora else 'TRL DPOTrainer'))
         ours_dpo = best.get((model, 'DPO', 'ours'))
         compared = trl and mode != 'SFT'
-        speed = f'{row["pairs_per_s"] / trl["pairs_per_s"]:.2f}' if compared else ''
+        speed = f'{row["tokens_per_s"] / trl["tokens_per_s"]:.2f}' if compared else ''
         memory = f'{row["peak_rss_mib"] / trl["peak_rss_mib"]:.2f}' if compared else ''
         vs_ours = (f'{row["peak_rss_mib"] / ours_dpo["peak_rss_mib"]:.2f}'
                    if ours_dpo and impl.startswith('ours') and mode != 'SFT' else '')
-        lines.append(f'| {model} | {mode} | {impl} | {row["pairs_per_s"]:.2f} | {speed} | {row["peak_rss_mib"]:.0f} | '
+        lines.append(f'| {model} | {mode} | {impl} | {row["pairs_per_s"]:.2f} | {row["tokens_per_s"]:.1f} | {speed} | '
+                     f'{row["peak_rss_mib"]:.0f} | '
                      f'{memory} | {vs_ours} | {row["tokens"]:.0f} | {row["gflop_per_step"]:.1f} | '
                      f'{100 * row["peak_fraction"]:.1f} |')
     return '\n'.join(lines) + '\n'
