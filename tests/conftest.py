@@ -155,3 +155,15 @@ def toy_source(monkeypatch):
     monkeypatch.setitem(pd.SOURCES, 'toy', pd.Source(load_toy))
     monkeypatch.setitem(pd.SOURCES, 'toy_end', pd.Source(load_toy, truncation_mode='keep_end'))
     return requests
+
+
+@pytest.fixture(scope='session')
+def short_sft_run(tmp_path_factory):
+    """A run directory of the embedded default: SFT on 1,024 synthetic examples (32 steps of 32, about 15 s), with
+    gold evaluation on the first 64 test prompts. Its greedy answers are short and varied (' iii', ' ccccccc',
+    ' '), each ending with EOS, and none is right yet (gold_eval/accuracy 0)."""
+    from helpers import FAST, train_in_process
+    tmp = tmp_path_factory.mktemp('short_sft')
+    return train_in_process([*FAST, 'loss=sft', 'exp_name=short_sft', 'batch_size=32', 'n_examples=1024',
+                             'eval_every=1024', 'synthetic.n_train=2048', 'synthetic.n_test=64',
+                             'synthetic.n_gold_eval=64', 'eval_batch_size=16', 'n_eval_examples=16'], tmp)

@@ -1,0 +1,375 @@
+"""Batched sampling from a trained policy: prompts of any data source in, completions (JSON lines) out.
+
+    # 4 samples at temperature 0.7 for the first 64 HH test prompts, from a run's LATEST checkpoint
+    python generation.py RUN_DIR --datasets hh --n-prompts 64 --n 4 --temperature 0.7 --out samples.jsonl
+
+    from generation import load_model, load_prompts, encode_prompts, generate
+    model = load_model('RUN_DIR')                  # or RUN_DIR/hf_model, any HF directory, a .gguf, embedded:tiny
+    prompts = load_prompts(['hh'], 'test', 64, model.tokenizer)
+    ids = encode_prompts(model.tokenizer, prompts, max_prompt_length=256)
+    samples = generate(model, ids, n=4, temperature=0.7, seed=0)   # samples[i][k]: k-th sample of prompt i
+
+A model source is a run directory of train.py (its config.yaml says which model and tokenizer to build,
+LATEST/policy.pt holds the weights; a run without a checkpoint but with hf_model/ uses that), a Hugging Face
+model directory (config.json), a .gguf file (read by transformers with the `gguf` package), `embedded:NAME`
+(the project's built-in models), or a Hub id already in the local Hugging Face cache.
+
+Generation runs in one process on one device (under FSDP/TP sampling is slow: export, then sample here).
+Prompts are left-padded, batched by length (fewer pad tokens), decoded with the KV cache, and each sequence
+stops at EOS or at the chat template's end-of-turn token (`<|im_end|>` for SmolLM2). Sampling is seeded:
+the same seed, prompts and settings give the same text. Temperature 0 is greedy decoding.
+"""
+import argparse
+import json
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional, Sequence
+
+import torch
+import torch.nn as nn
+import tqdm
+
+from checkpoints import atomic_write_text, load_checkpoint_file, load_state_dict_checked
+from models import load_tokenizer, materialize_embedded_model
+from preference_datasets import encode_texts, load_source
+from utils import get_local_dir
+
+# Where the embedded model and the Hugging Face cache go when the source does not say (train.py's default).
+DEFAULT_LOCAL_DIRS = ('/scr-ssd', '/scr', '.cache')
+_HUB_ID = re.compile(r'[\w.-]+/[\w.-]+')
+
+
+@dataclass
+class LoadedModel:
+    """A causal LM in eval mode with its tokenizer (pad = EOS where it had none) and where it came from."""
+    model: nn.Module
+    tokenizer: object
+    source: str
+    stop_ids: List[int]
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+@dataclass
+class Prompt:
+    """One prompt to answer: the text the model continues, the data set's preferred response to it (the
+    reference a pairwise judge compares against), and whether the text came out of a chat template."""
+    text: str
+    chosen: str
+    dataset: str
+    chat_rendered: bool = False
+
+
+@dataclass
+class Sample:
+    """One completion: its text (stop token and anything after it removed), the generated token ids (the
+    stop token included when the sequence stopped: it is part of what was sampled), and whether it stopped
+    before max_new_tokens."""
+    prompt_index: int
+    sample_index: int
+    completion: str
+    completion_ids: List[int] = field(repr=False)
+    stopped: bool
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Model sources
+
+
+def model_kind(source: str) -> str:
+    """'run', 'hf', 'gguf', 'embedded' or 'hub' for a model source, without loading anything; ValueError
+    naming the path and what is expected when it is none of them."""
+    if source.startswith('embedded:'):
+        return 'embedded'
+    path = Path(source).expanduser()
+    if path.is_dir():
+        if (path / 'config.yaml').is_file():
+            if not ((path / 'LATEST' / 'policy.pt').is_file() or (path / 'hf_model' / 'config.json').is_file()):
+                raise ValueError(f'{source}: a run directory without weights (no LATEST/policy.pt and no '
+                                 f'hf_model/); pass a run that saved a checkpoint')
+            return 'run'
+        if (path / 'config.json').is_file():
+            return 'hf'
+        raise ValueError(f'{source}: not a model directory (no config.yaml of a train.py run, no config.json of a '
+                         f'Hugging Face model); pass a run directory, its hf_model/, or a model directory')
+    if path.is_file():
+        if path.name.endswith('.gguf'):
+            return 'gguf'
+        raise ValueError(f'{source}: a file, but not a .gguf model; pass a run directory, a Hugging Face model '
+                         f'directory or a .gguf file')
+    if _HUB_ID.fullmatch(source) and not source.startswith(('.', '/', '~')):
+        return 'hub'
+    raise ValueError(f'{source}: no such model directory or file')
+
+
+def load_model(source: str, device: Optional[str] = None, dtype: str = 'float32',
+               local_dirs: Sequence[str] = DEFAULT_LOCAL_DIRS) -> LoadedModel:
+    """The model of `source` (see the module docstring) in eval mode on `device` (default: cuda if available)."""
+    import transformers
+    kind = model_kind(source)
+    cache_dir = get_local_dir(list(local_dirs))
+    if kind == 'run':
+        model, tokenizer = _load_run(Path(source).expanduser(), dtype)
+    elif kind == 'gguf':
+        path = Path(source).expanduser()
+        tokenizer = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
+                                                                  dtype=getattr(torch, dtype))
+    else:
+        path = materialize_embedded_model(source, cache_dir) if kind == 'embedded' else str(Path(source).expanduser())
+        tokenizer = transformers.AutoTokenizer.from_pretrained(path, cache_dir=cache_dir)
+        model = transformers.AutoModelForCausalLM.from_pretrained(path, cache_dir=cache_dir, dtype=getattr(torch, dtype))
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token_id = tokenizer.eos_token_id
+    device = device or ('cuda' if torch.cuda.is_available() else 'cpu')
+    model = model.to(device).eval()
+    return LoadedModel(model, tokenizer, source, stop_token_ids(tokenizer, model))
+
+
+def _load_run(run_dir: Path, dtype: str):
+    """(model, tokenizer) of a train.py run: built as its config.yaml says, LATEST/policy.pt loaded."""
+    from omegaconf import OmegaConf
+    from models import build_model
+    checkpoint = run_dir / 'LATEST' / 'policy.pt'
+    if not checkpoint.is_file():
+        import transformers
+        hf_dir = run_dir / 'hf_model'
+        return (transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=getattr(torch, dtype)),
+                transformers.AutoTokenizer.from_pretrained(hf_dir))
+    config = OmegaConf.load(run_dir / 'config.yaml')
+    model = build_model(config, dtype, None)
+    load_state_dict_checked(model, load_checkpoint_file(checkpoint, 'policy checkpoint')['state'], str(checkpoint))
+    return model, load_tokenizer(config)
+
+
+def load_tokenizer_of(source: str, local_dirs: Sequence[str] = DEFAULT_LOCAL_DIRS):
+    """The tokenizer `load_model(source)` would give, without the weights (to render chat prompts early)."""
+    import transformers
+    kind = model_kind(source)
+    path = Path(source).expanduser()
+    if kind == 'run' and (path / 'LATEST' / 'policy.pt').is_file():
+        from omegaconf import OmegaConf
+        tokenizer = load_tokenizer(OmegaConf.load(path / 'config.yaml'))
+    elif kind == 'run':
+        tokenizer = transformers.AutoTokenizer.from_pretrained(path / 'hf_model')
+    elif kind == 'gguf':
+        tokenizer = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    else:
+        cache_dir = get_local_dir(list(local_dirs))
+        name = materialize_embedded_model(source, cache_dir) if kind == 'embedded' else str(path)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(name, cache_dir=cache_dir)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token_id = tokenizer.eos_token_id
+    return tokenizer
+
+
+def stop_token_ids(tokenizer, model: Optional[nn.Module] = None) -> List[int]:
+    """The ids that end a response: EOS (the tokenizer's and the model's generation config's) and the chat
+    template's end-of-turn token, found by rendering one assistant turn and reading the special token that
+    follows its text (`<|im_end|>` for SmolLM2, `<|eot_id|>` for Llama 3)."""
+    ids = {tokenizer.eos_token_id}
+    configured = getattr(getattr(model, 'generation_config', None), 'eos_token_id', None)
+    ids.update(configured if isinstance(configured, (list, tuple)) else [configured])
+    if getattr(tokenizer, 'chat_template', None):
+        mark = 'END-OF-TURN-PROBE'
+        try:
+            text = tokenizer.apply_chat_template([{'role': 'user', 'content': 'hi'},
+                                                  {'role': 'assistant', 'content': mark}], tokenize=False)
+        except Exception:  # a template with rules of its own (roles, system turn): EOS alone then
+            text = ''
+        if mark in text:
+            tail = tokenizer(text[text.rindex(mark) + len(mark):], add_special_tokens=False)['input_ids']
+            if tail and tail[0] in set(tokenizer.all_special_ids):
+                ids.add(tail[0])
+    return sorted(i for i in ids if i is not None)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Prompts
+
+
+def load_prompts(datasets: Sequence[str], split: str, n_prompts: Optional[int], tokenizer=None,
+                 cache_dir: Optional[str] = None, dataset_options: Optional[Dict] = None,
+                 silent: bool = True) -> List[Prompt]:
+    """The first `n_prompts` prompts (None: all) of each data set's `split`, in the split's order (the order
+    gold evaluation uses), with the data set's preferred response (sft_target). ValueError naming a data set
+    that has no prompts."""
+    prompts = []
+    for name in datasets:
+        loaded, _ = load_source(name, split, silent, cache_dir, tokenizer, dataset_options)
+        if not loaded.data:
+            raise ValueError(f"datasets: '{name}' has no prompts in its {split} split; pass a data set with "
+                             f"prompt/chosen/rejected rows (or another split)")
+        items = list(loaded.data.items())[:n_prompts]
+        prompts += [Prompt(text, entry['sft_target'], name, loaded.chat_rendered) for text, entry in items]
+    return prompts
+
+
+def response_text(loaded: LoadedModel, prompt: Prompt) -> str:
+    """The data set's preferred response as a judge should read it: a chat-rendered one ends with the template's
+    end-of-turn text ('Paris.<|im_end|>\\n'), cut here at its first stop token as generated responses are."""
+    if not prompt.chat_rendered:
+        return prompt.chosen
+    ids = encode_texts(loaded.tokenizer, [prompt.chosen], parse_special_tokens=True)[0]
+    stop = next((t for t, token in enumerate(ids) if token in loaded.stop_ids), len(ids))
+    return loaded.tokenizer.decode(ids[:stop], skip_special_tokens=True)
+
+
+def encode_prompts(tokenizer, prompts: Sequence[Prompt], max_prompt_length: int) -> List[List[int]]:
+    """Token ids of each prompt, no BOS/EOS added, as training tokenizes them (special-token text is plain
+    text, except in chat-rendered prompts); a longer prompt keeps its last max_prompt_length tokens (the end of
+    a dialogue, where the question is, as train.py keeps for hh)."""
+    ids = [None] * len(prompts)
+    for chat in (False, True):
+        index = [i for i, p in enumerate(prompts) if p.chat_rendered == chat]
+        for i, row in zip(index, encode_texts(tokenizer, [prompts[i].text for i in index], parse_special_tokens=chat)):
+            ids[i] = row[-max_prompt_length:]
+    return ids
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Generation
+
+
+def length_batches(lengths: Sequence[int], batch_size: int) -> List[List[int]]:
+    """Indices cut into batches of similar length (longest first, ties in order): a batch pads to its own
+    longest prompt. Deterministic, so the same inputs give the same batches and the same seeded samples."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def left_padded(rows: Sequence[Sequence[int]], pad_id: int, device) -> Dict[str, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        if r:
+            input_ids[i, width - len(r):] = torch.tensor(r)
+            attention_mask[i, width - len(r):] = 1
+    return {'input_ids': input_ids.to(device), 'attention_mask': attention_mask.to(device)}
+
+
+def sampling_kwargs(temperature: float, top_p: float) -> Dict:
+    """generate() arguments of one decoding rule; top_k=0 so that top_p and the temperature alone decide (the
+    model's own generation config, e.g. a default top_k of 50, must not change the distribution)."""
+    if temperature == 0:
+        return dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+    return dict(do_sample=True, temperature=float(temperature), top_p=float(top_p), top_k=0)
+
+
+@torch.no_grad()
+def generate(loaded: LoadedModel, prompt_ids: Sequence[Sequence[int]], n: int = 1, temperature: float = 0.0,
+             top_p: float = 1.0, max_new_tokens: int = 128, seed: int = 0, batch_size: int = 16,
+             progress: bool = True) -> List[List[Sample]]:
+    """n completions of each prompt (greedy at temperature 0, where n > 1 repeats the same text), samples[i][k].
+
+    batch_size counts prompts per generate call (each with its n samples). The global RNG is seeded with `seed`
+    inside a fork, so the caller's random state is left as it was.
+    """
+    model, tokenizer = loaded.model, loaded.tokenizer
+    pad_id = tokenizer.pad_token_id
+    samples: List[List[Sample]] = [[] for _ in prompt_ids]
+    bar = tqdm.tqdm(total=len(prompt_ids) * n, desc=f'Sampling (T={temperature:g})', unit='sample',
+                    disable=not progress, mininterval=1.0)
+    devices = [loaded.device] if loaded.device.type == 'cuda' else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        for batch in length_batches([len(p) for p in prompt_ids], batch_size):
+            inputs = left_padded([prompt_ids[i] for i in batch], pad_id, loaded.device)
+            output = model.generate(**inputs, max_new_tokens=max_new_tokens, num_return_sequences=n,
+                                    eos_token_id=loaded.stop_ids, pad_token_id=pad_id,
+                                    **sampling_kwargs(temperature, top_p))
+            new_tokens = output[:, inputs['input_ids'].shape[1]:].tolist()
+            for row, tokens in enumerate(new_tokens):
+                i, k = batch[row // n], row % n
+                samples[i].append(completion_sample(tokenizer, tokens, loaded.stop_ids, i, k))
+            bar.update(len(new_tokens))
+    bar.close()
+    return samples
+
+
+def completion_sample(tokenizer, tokens: List[int], stop_ids: Sequence[int], prompt_index: int,
+                      sample_index: int) -> Sample:
+    """A Sample from the generated ids of one row: cut after the first stop token (the padding generate()
+    adds after a finished row goes with it)."""
+    stop = next((t for t, token in enumerate(tokens) if token in stop_ids), None)
+    kept = tokens if stop is None else tokens[:stop + 1]
+    text = tokenizer.decode(kept if stop is None else kept[:-1], skip_special_tokens=True)
+    return Sample(prompt_index, sample_index, text, kept, stop is not None)
+
+
+@torch.no_grad()
+def sequence_logps(loaded: LoadedModel, prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Sequence[int]],
+                   batch_size: int = 8) -> List[float]:
+    """log π(y | x) summed over each completion's tokens (its stop token included), temperature 1, by one
+    teacher-forced forward pass per batch of right-padded prompt + completion rows."""
+    from logps import _get_batch_logps
+    model, pad_id = loaded.model, loaded.tokenizer.pad_token_id
+    logps = []
+    for start in range(0, len(prompt_ids), batch_size):
+        rows = [list(p) + list(c) for p, c in zip(prompt_ids[start:start + batch_size], completion_ids[start:start + batch_size])]
+        width = max(len(r) for r in rows)
+        input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        attention_mask = torch.zeros_like(input_ids)
+        labels = torch.full_like(input_ids, -100)
+        for j, (row, p) in enumerate(zip(rows, prompt_ids[start:start + batch_size])):
+            input_ids[j, :len(row)] = torch.tensor(row)
+            attention_mask[j, :len(row)] = 1
+            labels[j, len(p):len(row)] = torch.tensor(row[len(p):], dtype=torch.long)
+        logits = model(input_ids.to(loaded.device), attention_mask=attention_mask.to(loaded.device),
+                       use_cache=False).logits
+        logps += _get_batch_logps(logits, labels.to(loaded.device)).tolist()
+    return logps
+
+
+def sample_rows(prompts: Sequence[Prompt], samples: Sequence[Sequence[Sample]], **extra) -> List[Dict]:
+    """JSON-ready rows, one per sample: prompt, completion, tokens generated, whether it stopped, plus `extra`."""
+    return [{**extra, 'prompt_index': s.prompt_index, 'sample_index': s.sample_index, 'dataset': prompts[i].dataset,
+             'prompt': prompts[i].text, 'completion': s.completion, 'n_tokens': len(s.completion_ids),
+             'stopped': s.stopped}
+            for i, row in enumerate(samples) for s in row]
+
+
+def write_jsonl(path, rows: Iterable[Dict]) -> None:
+    """Rows as JSON lines, written atomically."""
+    atomic_write_text(path, ''.join(json.dumps(r, ensure_ascii=False) + '\n' for r in rows))
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument('model', help='run directory, hf_model/, Hugging Face directory, .gguf file or embedded:NAME')
+    parser.add_argument('--datasets', nargs='+', default=['synthetic'], help="data sources, as train.py's datasets")
+    parser.add_argument('--split', default='test')
+    parser.add_argument('--n-prompts', type=int, default=64, help='the first N prompts of each data set')
+    parser.add_argument('--n', type=int, default=1, help='samples per prompt')
+    parser.add_argument('--temperature', type=float, default=0.0, help='0 = greedy')
+    parser.add_argument('--top-p', type=float, default=1.0)
+    parser.add_argument('--max-new-tokens', type=int, default=128)
+    parser.add_argument('--max-prompt-length', type=int, default=256)
+    parser.add_argument('--batch-size', type=int, default=16, help='prompts per generate call')
+    parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument('--out', type=Path, required=True, help='the JSON lines file to write')
+    args = parser.parse_args(argv)
+    for name in ('n_prompts', 'n', 'max_new_tokens', 'max_prompt_length', 'batch_size'):
+        if getattr(args, name) < 1:
+            parser.error(f'--{name.replace("_", "-")}={getattr(args, name)} must be a positive integer')
+    if args.temperature < 0 or not 0 < args.top_p <= 1:
+        parser.error(f'--temperature={args.temperature} must be >= 0 and --top-p={args.top_p} in (0, 1]')
+    try:
+        prompts = load_prompts(args.datasets, args.split, args.n_prompts, load_tokenizer_of(args.model))
+    except (ValueError, FileNotFoundError) as e:
+        parser.error(str(e))
+    loaded = load_model(args.model)
+    samples = generate(loaded, encode_prompts(loaded.tokenizer, prompts, args.max_prompt_length), args.n,
+                       args.temperature, args.top_p, args.max_new_tokens, args.seed, args.batch_size)
+    write_jsonl(args.out, sample_rows(prompts, samples, temperature=args.temperature, seed=args.seed))
+    print(f'{args.out}: {sum(map(len, samples))} samples of {len(prompts)} prompts', file=sys.stderr)
+
+
+if __name__ == '__main__':
+    main()
