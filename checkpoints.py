@@ -242,8 +242,11 @@ def resume_changes(config: DictConfig, saved_config_path: Path) -> List[str]:
         return []
     saved = flat_items(OmegaConf.to_container(OmegaConf.load(saved_config_path), resolve=False))
     now = flat_items(OmegaConf.to_container(config, resolve=True))
+    # a decaying lr is scheduled over the run's length, so that length is then part of what must not change
+    resumable = [k for k in RESUMABLE_CHANGES
+                 if now['lr_scheduler'] == 'constant' or k not in ('n_epochs', 'n_examples')]
     return [f'{key}: was {saved[key]!r}, now {now[key]!r}' for key in sorted(saved.keys() & now.keys())
-            if saved[key] != now[key] and not any(key == k or key.startswith(k + '.') for k in RESUMABLE_CHANGES)]
+            if saved[key] != now[key] and not any(key == k or key.startswith(k + '.') for k in resumable)]
 
 
 def flat_items(tree, prefix: str = '') -> dict:

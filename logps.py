@@ -152,8 +152,9 @@ def _per_sequence(token_logps: torch.Tensor, loss_mask: torch.Tensor, average_lo
     return summed
 
 
-def sharded_head_label_logps(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """(batch,) summed label log-probabilities with `head` called as a module on the labelled positions only.
+def sharded_head_label_logps(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor,
+                             average_log_prob: bool = False) -> torch.Tensor:
+    """(batch,) summed (or mean) label log-probabilities with `head` called as a module on the labelled positions only.
 
     For a head whose weight is sharded over the vocabulary (tensor parallelism): the module's hooks
     gather its output, which `label_logps_from_hidden` could not do with the weight shard alone.
@@ -164,7 +165,7 @@ def sharded_head_label_logps(head: nn.Module, hidden: torch.Tensor, labels: torc
         logits = logits.full_tensor()
     targets = labels[:, 1:][loss_mask]
     token_logps = logits.float().log_softmax(-1).gather(1, targets[:, None]).squeeze(1)
-    return _per_sequence(token_logps, loss_mask, average_log_prob=False)
+    return _per_sequence(token_logps, loss_mask, average_log_prob)
 
 
 def _get_batch_logps(logits: torch.Tensor, labels: torch.Tensor, average_log_prob: bool = False) -> torch.Tensor:
@@ -194,8 +195,9 @@ def _get_batch_logps(logits: torch.Tensor, labels: torch.Tensor, average_log_pro
 
 
 def forward_logps(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
-                  chunk_size: Optional[int]) -> torch.Tensor:
-    """(batch,) summed log-probabilities of the label tokens under `model` (a Hugging Face causal LM).
+                  chunk_size: Optional[int], average_log_prob: bool = False) -> torch.Tensor:
+    """(batch,) summed (or, average_log_prob, mean) log-probabilities of the label tokens under `model` (a Hugging
+    Face causal LM).
 
     With chunk_size set, the model runs through its own forward (so FSDP's and tensor
     parallelism's hooks fire) but keeps only its last, normed hidden state (output_hidden_states=-1)
@@ -210,7 +212,7 @@ def forward_logps(model: nn.Module, input_ids: torch.Tensor, attention_mask: tor
     """
     if not chunk_size:
         logits = model(input_ids, attention_mask=attention_mask, use_cache=False).logits
-        return _get_batch_logps(logits, labels, average_log_prob=False)
+        return _get_batch_logps(logits, labels, average_log_prob=average_log_prob)
     outputs = model(input_ids, attention_mask=attention_mask, use_cache=False, output_hidden_states=-1,
                     logits_to_keep=torch.zeros_like(labels, dtype=torch.bool))
     hidden = outputs.hidden_states[-1]
@@ -218,5 +220,5 @@ def forward_logps(model: nn.Module, input_ids: torch.Tensor, attention_mask: tor
     # The head in float32 (or its own dtype) even under the policy's autocast: see _get_batch_logps.
     with torch.autocast(device_type=hidden.device.type, enabled=False):
         if isinstance(head.weight, DTensor):
-            return sharded_head_label_logps(head, hidden, labels)
-        return label_logps_from_hidden(hidden, head.weight, head.bias, labels, chunk_size)
+            return sharded_head_label_logps(head, hidden, labels, average_log_prob)
+        return label_logps_from_hidden(hidden, head.weight, head.bias, labels, chunk_size, average_log_prob)

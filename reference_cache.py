@@ -35,7 +35,8 @@ def pair_keys(batch: Dict) -> List[str]:
 
 
 def reference_cache_path(config: DictConfig, tokenizer) -> Path:
-    """Where the precomputed reference log-probabilities of this model, archive, data and lengths live."""
+    """Where the precomputed reference log-probabilities of this model, archive, data and lengths live (and whether
+    they are means per token, loss.average_log_prob; the key of sums is the one it always was)."""
     local_dir = get_local_dir(config.local_dirs)
     archive = config.model.archive
     key = fingerprint(
@@ -43,7 +44,7 @@ def reference_cache_path(config: DictConfig, tokenizer) -> Path:
         None if archive is None else file_identity(archive), config.model.reference_dtype,
         tokenizer_identity(tokenizer), config.max_length, config.max_prompt_length, list(config.datasets),
         [data_identity(name, split, dataset_options(config)) for name in config.datasets for split in ('train', 'test')],
-        dataset_options(config))
+        dataset_options(config), *(['average_log_prob'] if config.loss.average_log_prob else []))
     return Path(local_dir) / 'beta_dpo' / 'reference_logps' / f'{key}.pt'
 
 

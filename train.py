@@ -22,6 +22,8 @@
         train.py trainer=FSDPTrainer ...
 """
 import functools
+import inspect
+import math
 import os
 import socket
 from pathlib import Path
@@ -31,7 +33,7 @@ import hydra
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 import trainers
 from checkpoints import removed_if_unused, resume_changes
@@ -81,7 +83,7 @@ def validate_config(config: DictConfig) -> List[str]:
         problems.append(str(e))
         parallelism = None
     for check in (check_parallelism, check_optimization, check_batches, check_data_and_dirs, check_loss,
-                  check_model, check_paths):
+                  check_loss_switches, check_model, check_paths):
         problems += check(get, parallelism)
     return problems
 
@@ -109,6 +111,16 @@ def check_optimization(get: Callable, parallelism: Optional[Parallelism]) -> Lis
     chunk_size = get('logps_chunk_size')
     if chunk_size is not None and not (isinstance(chunk_size, int) and chunk_size > 0):
         problems.append(f'logps_chunk_size={chunk_size!r} must be a positive integer (e.g. 1024) or null')
+    if get('lr_scheduler') not in trainers.LR_SCHEDULES:
+        problems.append(f'lr_scheduler={get("lr_scheduler")!r} is unknown; choose one of '
+                        f'{", ".join(trainers.LR_SCHEDULES)}')
+    weight_decay, optimizer_class = get('weight_decay'), getattr(torch.optim, str(optimizer), None)
+    if weight_decay is not None and not (is_number(weight_decay) and weight_decay >= 0):
+        problems.append(f'weight_decay={weight_decay!r} must be a number ≥ 0, or null for the optimizer\'s default')
+    elif weight_decay is not None and isinstance(optimizer_class, type) \
+            and 'weight_decay' not in inspect.signature(optimizer_class).parameters:
+        problems.append(f'weight_decay={weight_decay!r}: optimizer={optimizer} has no weight decay; set '
+                        f'weight_decay=null')
     return problems
 
 
@@ -173,6 +185,41 @@ def check_loss(get: Callable, parallelism: Optional[Parallelism]) -> List[str]:
     smoothing = get('loss.label_smoothing')
     if not (is_number(smoothing) and 0 <= smoothing < 0.5):
         problems.append(f'loss.label_smoothing={smoothing!r} (ε of conservative DPO) must be in [0, 0.5)')
+    return problems
+
+
+def check_loss_switches(get: Callable, parallelism: Optional[Parallelism]) -> List[str]:
+    """The switches of config/loss/{dpo,ipo}.yaml: the loss type, RPO, length normalisation, β-DPO's ablations."""
+    loss_name = get('loss.name')
+    if loss_name not in ('dpo', 'ipo'):
+        return []
+    problems = []
+    loss_type = get('loss.loss_type')
+    if loss_name == 'ipo' and loss_type != 'ipo':
+        problems.append(f'loss.loss_type={loss_type!r} does not go with loss=ipo; for sigmoid or hinge use loss=dpo')
+    elif loss_name == 'dpo' and loss_type not in ('sigmoid', 'hinge'):
+        hint = 'use loss=ipo (its beta_range bounds the dynamic β)' if loss_type == 'ipo' else 'use sigmoid or hinge'
+        problems.append(f'loss.loss_type={loss_type!r} is not a loss of loss=dpo; {hint}')
+    if not isinstance(get('loss.average_log_prob'), bool):
+        problems.append(f'loss.average_log_prob={get("loss.average_log_prob")!r} must be true or false')
+    rpo_alpha = get('loss.rpo_alpha')
+    if not (is_number(rpo_alpha) and rpo_alpha >= 0):
+        problems.append(f'loss.rpo_alpha={rpo_alpha!r} (α_RPO, the weight of the chosen NLL) must be a number ≥ 0')
+    momentum = get('loss.momentum')
+    if not (is_number(momentum) and 0 <= momentum <= 1):
+        problems.append(f'loss.momentum={momentum!r} (γ of the running margin statistics) must be in [0, 1]')
+    m0 = get('loss.m0')
+    if m0 is not None and not (is_number(m0) and math.isfinite(m0)):
+        problems.append(f'loss.m0={m0!r} (M0) must be null (the running mean) or a number')
+    for key, choices in (('beta_level', trainers.BETA_LEVELS), ('filter', trainers.FILTERS),
+                         ('beta_dpo_scope', trainers.BETA_DPO_SCOPES)):
+        if get(f'loss.{key}') not in choices:
+            problems.append(f'loss.{key}={get(f"loss.{key}")!r} is unknown; choose one of {", ".join(choices)}')
+    beta_range = get('loss.beta_range')
+    low, high = beta_range if isinstance(beta_range, ListConfig) and len(beta_range) == 2 else (None, None)
+    if not (is_number(low) and 0 <= low <= 1 and (high is None or (is_number(high) and high >= 1))):
+        problems.append(f'loss.beta_range={beta_range!r} must be [r_lo, r_hi] with 0 ≤ r_lo ≤ 1 ≤ r_hi, or r_hi null '
+                        f'(β stays in [r_lo·β0, r_hi·β0]), e.g. loss.beta_range=[0.5,2.0]')
     return problems
 
 

@@ -6,8 +6,13 @@ hidden randomness), so they can be read and tested on their own:
     losses, chosen_rewards, rejected_rewards = preference_loss(pc, pr, rc, rr, beta=0.1)
     stats = MarginStats(device)                 # β-DPO running margin statistics
     stats.update(margins)                       # training microbatches only
-    beta_used, keep = dynamic_beta(margins, stats.mean, stats.std, beta=0.1, a=0.6,
+    beta_used, keep = dynamic_beta(margins, stats.threshold, stats.std, beta=0.1, a=0.6,
                                    mode_weight=0.2, generator=torch.Generator().manual_seed(0))
+    # the paper's ablations and other objectives (config/loss/dpo.yaml):
+    betas = instance_betas(margins, stats.threshold, beta=0.1, a=0.6)        # beta_level=instance
+    dynamic_beta(..., filter='tail')                                          # filter=tail|head|none
+    preference_loss(..., beta=betas, loss_type='hinge')                       # SLiC's hinge
+    losses + 0.5 * chosen_nll(pc, chosen_token_counts)                        # RPO, rpo_alpha=0.5
 
 The trainers come after: BasicTrainer (one process), then FSDPTrainer and TensorParallelTrainer,
 which split the model over several processes (train.py starts them, or torchrun does) and change only
@@ -20,6 +25,10 @@ References:
         Preferences", Eq. 17.
     β-DPO: Wu et al. 2024, "β-DPO: Direct Preference Optimization with Dynamic β", Eq. 6 (batch-level
         β) and Eq. 7 (β-guided data filtering).
+    SLiC-HF: Zhao et al. 2023, "SLiC-HF: Sequence Likelihood Calibration with Human Feedback" (hinge loss).
+    RPO: Pang et al. 2024, "Iterative Reasoning Preference Optimization" (DPO + NLL of the chosen response).
+    SimPO: Meng et al. 2024, "SimPO: Simple Preference Optimization with a Reference-Free Reward"
+        (length-normalised log-probabilities).
 """
 import contextlib
 import inspect
@@ -30,7 +39,7 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Dict, List, NamedTuple, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -44,7 +53,7 @@ from distributed import (all_gather_if_needed, any_process, barrier, clip_grad_n
                          split_and_load, tensor_parallel_split)
 from logps import forward_logps
 from models import first_device, load_tokenizer, unwrap
-from preference_datasets import dataset_options, get_batch_iterator, padding_fraction
+from preference_datasets import dataset_options, get_batch_iterator, load_tokenized, padding_fraction
 from reference_cache import ReferenceLogps, reference_cache_path
 from synthetic_task import synthetic_gold_accuracy
 from utils import (DummyWandb, StopRequest, formatted_dict, get_local_dir, pad_to_length, rank0_print,
@@ -57,6 +66,13 @@ MIN_DYNAMIC_BETA = 1e-3
 # outliers (at the first step policy == reference and every margin is exactly 0).
 MIN_MARGIN_STD = 1e-8
 
+# The values of the loss switches (config/loss/*.yaml); train.py validates the config against them.
+LOSS_TYPES = ('sigmoid', 'hinge', 'ipo')        # loss.loss_type
+BETA_LEVELS = ('batch', 'instance')             # loss.beta_level
+FILTERS = ('gaussian', 'tail', 'head', 'none')  # loss.filter
+BETA_DPO_SCOPES = ('microbatch', 'step')        # loss.beta_dpo_scope
+LR_SCHEDULES = ('constant', 'cosine', 'linear')  # lr_scheduler (config/config.yaml), after the warmup
+
 
 def preference_loss(policy_chosen_logps: torch.Tensor,
                     policy_rejected_logps: torch.Tensor,
@@ -65,31 +81,43 @@ def preference_loss(policy_chosen_logps: torch.Tensor,
                     beta: Union[float, torch.Tensor],
                     label_smoothing: float = 0.0,
                     ipo: bool = False,
-                    reference_free: bool = False) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-pair DPO / conservative DPO / IPO losses and the implicit rewards.
+                    reference_free: bool = False,
+                    loss_type: str = 'sigmoid') -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-pair DPO / conservative DPO / hinge (SLiC) / IPO losses and the implicit rewards.
 
     Args:
-        policy_chosen_logps, policy_rejected_logps: log π(y|x) of the responses, shape (batch,).
-        reference_chosen_logps, reference_rejected_logps: log π_ref(y|x), shape (batch,).
-        beta: β, a float or a 0-dim tensor (β-DPO's dynamic β).
-        label_smoothing: ε of conservative DPO, the assumed fraction of flipped labels; 0 is DPO.
-        ipo: use the IPO loss instead (β plays the role of IPO's τ).
+        policy_chosen_logps, policy_rejected_logps: log π(y|x) of the responses, shape (batch,): summed
+            over the response's tokens, or their mean (loss.average_log_prob, the length-normalised
+            SimPO-style objective).
+        reference_chosen_logps, reference_rejected_logps: log π_ref(y|x), shape (batch,), summed or
+            averaged alike.
+        beta: β, a float, a 0-dim tensor (β-DPO's batch-level β) or a (batch,) tensor (one β per pair,
+            β-DPO's instance-level ablation).
+        label_smoothing: ε of conservative DPO, the assumed fraction of flipped labels; 0 is DPO. Used
+            by the sigmoid loss only.
+        ipo: the same as loss_type='ipo' (kept for existing callers).
         reference_free: ignore the reference model (a uniform reference).
+        loss_type: 'sigmoid' (DPO / cDPO), 'hinge' (SLiC) or 'ipo'.
 
     Returns:
         (losses, chosen_rewards, rejected_rewards), each of shape (batch,). The rewards are
         β·(log π − log π_ref), detached, with the β actually used.
 
     With h = (π_c − π_r) − (ref_c − ref_r):
-        DPO:   −log σ(β·h)
-        cDPO:  −(1−ε)·log σ(β·h) − ε·log σ(−β·h)
-        IPO:   (h − 1/(2β))²
+        sigmoid (DPO, Eq. 7; cDPO):  −(1−ε)·log σ(β·h) − ε·log σ(−β·h)
+        hinge (SLiC-HF, Zhao et al. 2023, Eq. 1 with the margin δ = 1/β in units of h, as TRL's
+               loss_type='hinge'):  max(0, 1 − β·h)
+        ipo (Azar et al. 2023, Eq. 17):  (h − 1/(2β))²
     """
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f'loss_type={loss_type!r} is not one of {", ".join(LOSS_TYPES)}')
     h = logratio_margins(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
                          reference_free)
 
-    if ipo:
+    if ipo or loss_type == 'ipo':
         losses = (h - 1 / (2 * beta)) ** 2
+    elif loss_type == 'hinge':
+        losses = torch.relu(1 - beta * h)
     else:
         losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
 
@@ -97,6 +125,22 @@ def preference_loss(policy_chosen_logps: torch.Tensor,
     chosen_rewards = beta_for_rewards * (policy_chosen_logps - reference_chosen_logps).detach()
     rejected_rewards = beta_for_rewards * (policy_rejected_logps - reference_rejected_logps).detach()
     return losses, chosen_rewards, rejected_rewards
+
+
+def chosen_nll(policy_chosen_logps: torch.Tensor, chosen_token_counts: torch.Tensor) -> torch.Tensor:
+    """RPO's negative log-likelihood term per pair: −log π(y_w|x) / |y_w|, shape (batch,).
+
+    Args:
+        policy_chosen_logps: (batch,) summed log-probabilities of the chosen responses (with
+            loss.average_log_prob they are already means: pass counts of 1).
+        chosen_token_counts: (batch,) labelled tokens of each chosen response.
+
+    RPO (Pang et al. 2024, "Iterative Reasoning Preference Optimization", the L_DPO+NLL objective) adds
+    α·NLL of the chosen response to each pair's preference loss, the NLL divided by the length of that
+    response (its chain of thought and answer, |c_w| + |y_w|), not of the prompt; TRL's `rpo_alpha` takes
+    the same mean over the chosen response's tokens. A response without labelled tokens contributes 0.
+    """
+    return -policy_chosen_logps / chosen_token_counts.to(policy_chosen_logps.dtype).clamp(min=1)
 
 
 def logratio_margins(policy_chosen_logps: torch.Tensor,
@@ -126,76 +170,154 @@ def _keep_indices(weights: torch.Tensor, k: int, generator: Optional[torch.Gener
     return torch.cat([positive, fill])
 
 
+def filter_weights(margins: torch.Tensor, threshold: float, std: float, filter: str = 'gaussian') -> torch.Tensor:
+    """(N,) float32 weights of β-DPO's filter: a pair is kept with probability ∝ its weight.
+
+    With z_i = (m_i − M0)/σ, the margin's distance from the threshold M0 in running standard deviations,
+    the tail of the margins is the low side (z < 0: pairs the policy separates less than usual, among
+    them the mislabelled pairs with negative margins) and the head the high side (z > 0: pairs already
+    well separated, the easy ones):
+        gaussian (Eq. 7, the paper's method and its "filter tail & head" ablation): exp(−½ z²), both sides
+        tail ("filter tail"): exp(−½ min(z, 0)²), the low side only; every pair with m_i ≥ M0 weighs 1
+        head ("filter head"): exp(−½ max(z, 0)²), the high side only; every pair with m_i ≤ M0 weighs 1
+        none: 1 for every pair (with ρ > 0 the dropped pairs are then a uniform random subset)
+    The one-sided filters keep the paper's sampler and weight and only switch off one side of it, so the
+    ablations differ in nothing but the side; the paper's own text on the head/tail ablations was not
+    available to us, so this reading of "head" (largest margins) and "tail" (smallest) is ours.
+    When σ is 0 or not finite no pair can be called an outlier and every weight is 1; otherwise a weight
+    that is not finite (a NaN margin) is 0, and an infinite margin weighs 0 on a side the filter drops.
+    """
+    m = margins.detach().float().cpu().reshape(-1)
+    if filter not in FILTERS:
+        raise ValueError(f'filter={filter!r} is not one of {", ".join(FILTERS)}')
+    if not (math.isfinite(std) and std > MIN_MARGIN_STD) or filter == 'none':
+        weights = torch.ones_like(m)
+    else:
+        z = (m - threshold) / std
+        if filter == 'tail':
+            z = z.clamp(max=0)
+        elif filter == 'head':
+            z = z.clamp(min=0)
+        weights = torch.exp(-0.5 * z ** 2)
+    return torch.where(torch.isfinite(weights), weights, torch.zeros_like(weights))
+
+
+def keep_mask(margins: torch.Tensor, threshold: float, std: float, mode_weight: float, filter: str = 'gaussian',
+              generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """(N,) bool on the CPU: the k = max(1, ⌊N·(1 − ρ)⌋) pairs β-DPO's filter keeps (all N for filter='none').
+
+    Drawn without replacement with probability ∝ `filter_weights(margins, threshold, std, filter)`, from
+    `generator` only (used on the CPU, so every rank that seeds it alike draws the same mask).
+    """
+    n = margins.numel()
+    k = n if filter == 'none' else max(1, int(n * (1 - mode_weight)))
+    if k >= n:
+        return torch.ones(n, dtype=torch.bool)
+    keep = torch.zeros(n, dtype=torch.bool)
+    keep[_keep_indices(filter_weights(margins, threshold, std, filter), k, generator)] = True
+    return keep
+
+
+def beta_bounds(beta: float, beta_range: Tuple[float, Optional[float]] = (0.0, None)) -> Tuple[float, float]:
+    """(lowest, highest) dynamic β: [max(1e-3, r_lo·β0), r_hi·β0], the upper bound ∞ when r_hi is None.
+
+    loss.beta_range = [r_lo, r_hi]. DPO's default [0, null] is the reference implementation's clamp at
+    1e-3. IPO's default [0.5, 2] keeps IPO's target gap 1/(2β) within a factor 2 of the configured
+    1/(2β0): unbounded, a batch of very negative margins drives β to 1e-3 and the target to 500 (100× the
+    usual 5 at β0 = 0.1), and the gradient 2·(h − 1/(2β)) of every pair with it.
+    """
+    low, high = beta_range
+    return max(MIN_DYNAMIC_BETA, low * beta), math.inf if high is None else high * beta
+
+
 def dynamic_beta(margins: torch.Tensor,
-                 margin_mean: Union[float, torch.Tensor],
+                 threshold: Union[float, torch.Tensor],
                  margin_std: Union[float, torch.Tensor],
                  beta: float,
                  a: float,
                  mode_weight: float,
-                 generator: Optional[torch.Generator] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+                 generator: Optional[torch.Generator] = None,
+                 filter: str = 'gaussian',
+                 beta_range: Tuple[float, Optional[float]] = (0.0, None)) -> Tuple[torch.Tensor, torch.Tensor]:
     """β-DPO's batch-level β and β-guided filter (Wu et al. 2024, Eqs. 6–7).
 
     Args:
         margins: (N,) implicit reward gaps of the whole batch across all ranks,
             m_i = (π_c − ref_c) − (π_r − ref_r), without β.
-        margin_mean, margin_std: μ and σ, the running statistics (`MarginStats`).
+        threshold: M0, the running mean μ of the margins (`MarginStats.threshold`), or a fixed m0.
+        margin_std: σ, the running standard deviation (`MarginStats.std`).
         beta: β0, the configured β.
         a: α, how strongly β follows the batch's margins.
         mode_weight: ρ in [0, 1), the fraction of pairs the filter drops.
         generator: the only source of randomness. It is used on the CPU, so every rank that seeds
             it alike draws the same mask whatever device the margins live on.
+        filter: which side of the margins the filter drops, see `filter_weights`.
+        beta_range: [r_lo, r_hi], the bounds of β as multiples of β0, see `beta_bounds`.
 
     Returns:
-        beta_used: detached 0-dim float32 tensor, max(1e-3, β0·(1 + α·(mean of m over kept − μ))).
-        keep_mask: (N,) bool, True for the k = max(1, ⌊N·(1 − ρ)⌋) kept pairs, drawn without
-            replacement with probability ∝ w_i = exp(−½((m_i − μ)/σ)²).
+        beta_used: detached 0-dim float32 tensor, β0·(1 + α·(mean of m over kept − M0)) clamped to
+            `beta_bounds` (by default max(1e-3, ·)).
+        keep_mask: (N,) bool, True for the kept pairs (`keep_mask`): k = max(1, ⌊N·(1 − ρ)⌋) of them,
+            drawn without replacement with probability ∝ w_i = exp(−½((m_i − M0)/σ)²) (gaussian).
 
     Never NaN and never raises on valid shapes: when σ is 0 or non-finite, no pair can be called an
     outlier and all weights are 1; non-finite margins get weight 0 and are left out of β's mean.
     """
     m = margins.detach().float().cpu().reshape(-1)
-    n = m.numel()
-    mu = float(margin_mean)
-    sigma = float(margin_std)
-
-    k = max(1, int(n * (1 - mode_weight)))
-    if k >= n:
-        keep = torch.ones(n, dtype=torch.bool)
-    else:
-        if not (math.isfinite(sigma) and sigma > MIN_MARGIN_STD):
-            weights = torch.ones(n)
-        else:
-            weights = torch.exp(-0.5 * ((m - mu) / sigma) ** 2)
-        weights = torch.where(torch.isfinite(weights), weights, torch.zeros_like(weights))
-        keep = torch.zeros(n, dtype=torch.bool)
-        keep[_keep_indices(weights, k, generator)] = True
-
+    mu = float(threshold)
+    keep = keep_mask(m, mu, float(margin_std), mode_weight, filter, generator)
     kept = m[keep & torch.isfinite(m)]
     beta_used = torch.tensor(float(beta))
     if kept.numel() > 0 and a != 0 and math.isfinite(mu):
-        beta_used = (beta * (1 + a * (kept.mean() - mu))).clamp(min=MIN_DYNAMIC_BETA)
+        low, high = beta_bounds(beta, beta_range)
+        beta_used = (beta * (1 + a * (kept.mean() - mu))).clamp(min=low, max=high)
         if not torch.isfinite(beta_used):
             beta_used = torch.tensor(float(beta))
     return beta_used.to(margins.device), keep.to(margins.device)
 
 
-class MarginStats:
-    """Running mean μ and standard deviation σ of β-DPO's reward margins.
+def instance_betas(margins: torch.Tensor, threshold: Union[float, torch.Tensor], beta: float, a: float,
+                   beta_range: Tuple[float, Optional[float]] = (0.0, None)) -> torch.Tensor:
+    """β-DPO's instance-level ablation: one β per pair, β_i = β0·(1 + α·(m_i − M0)), shape (N,).
 
-    Exponential moving averages with momentum 0.9 of each training microbatch's (all-rank) margin
-    mean and standard deviation, both starting at 0, as in the reference implementation. The batch
-    standard deviation is the unbiased one (torch.std), and 0 for a single margin (torch gives NaN).
-    Only training updates them: evaluation batches must not move the training threshold.
+    Clamped to `beta_bounds` like the batch-level β; detached float32 on the margins' device. A pair
+    whose margin (or M0) is not finite gets β0. With every margin equal to the kept mean M̄ it equals the
+    batch-level β0·(1 + α·(M̄ − M0)) for every pair.
+    """
+    m = margins.detach().float().reshape(-1)
+    mu = float(threshold)
+    if a == 0 or not math.isfinite(mu):
+        return torch.full_like(m, float(beta))
+    low, high = beta_bounds(beta, beta_range)
+    betas = (beta * (1 + a * (m - mu))).clamp(min=low, max=high)
+    return torch.where(torch.isfinite(betas), betas, torch.full_like(betas, float(beta)))
+
+
+class MarginStats:
+    """Running mean μ and standard deviation σ of β-DPO's reward margins, and the threshold M0.
+
+    Exponential moving averages with momentum γ (loss.momentum, 0.9 in the reference implementation)
+    of each training batch's (all-rank) margin mean and standard deviation, both starting at 0. The
+    batch standard deviation is the unbiased one (torch.std), and 0 for a single margin (torch gives
+    NaN). Only training updates them: evaluation batches must not move the training threshold.
+    M0 (`threshold`) is μ, or a fixed m0 (loss.m0, the paper's fixed-threshold ablation); σ always runs.
+    With γ = 1 nothing moves: μ stays 0, the same as m0 = 0.
     """
 
-    def __init__(self, device: Union[str, torch.device] = 'cpu', momentum: float = 0.9):
+    def __init__(self, device: Union[str, torch.device] = 'cpu', momentum: float = 0.9, m0: Optional[float] = None):
         self.momentum = momentum
+        self.m0 = m0
         self.mean = torch.zeros((), device=device)
         self.std = torch.zeros((), device=device)
 
+    @property
+    def threshold(self) -> torch.Tensor:
+        """M0: the fixed m0 if one is set, else the running mean μ (0-dim, on the statistics' device)."""
+        return self.mean if self.m0 is None else torch.full_like(self.mean, float(self.m0))
+
     @torch.no_grad()
     def update(self, margins: torch.Tensor) -> None:
-        """Fold the (N,) margins of one training microbatch into the running statistics."""
+        """Fold the (N,) margins of one training batch into the running statistics."""
         m = margins.detach().float().reshape(-1).to(self.mean.device)
         m = m[torch.isfinite(m)]
         if m.numel() == 0:
@@ -205,6 +327,7 @@ class MarginStats:
         self.std.mul_(self.momentum).add_(batch_std, alpha=1 - self.momentum)
 
     def state_dict(self) -> dict:
+        """The running state (m0 is a setting: it comes from the config, and a resume may not change it)."""
         return {'mean': self.mean.item(), 'std': self.std.item(), 'momentum': self.momentum}
 
     def load_state_dict(self, state: dict) -> None:
@@ -232,8 +355,10 @@ def concatenated_inputs(batch: Dict[str, Union[List, torch.Tensor]]) -> Dict[str
 class LossMode:
     """What the configured loss needs, derived once from config.loss (as torchtune's `is_reference_free`)."""
     sft: bool        # loss=sft: the negative log-likelihood of the chosen responses
-    ipo: bool        # loss=ipo: IPO's squared loss instead of DPO's sigmoid
     beta_dpo: bool   # loss.mode_loss=beta_DPO: batch-level β and the β-guided filter
+    loss_type: Optional[str] = None   # loss.loss_type: sigmoid (DPO), hinge (SLiC) or ipo (loss=ipo); None for SFT
+    step_scope: bool = False          # loss.beta_dpo_scope=step: β-DPO decides once per optimizer step
+    average_log_prob: bool = False    # loss.average_log_prob: responses scored by their mean token log-prob
 
     @property
     def uses_reference_model(self) -> bool:
@@ -242,7 +367,25 @@ class LossMode:
     @classmethod
     def from_config(cls, loss_config: DictConfig) -> 'LossMode':
         sft = loss_config.name == 'sft'
-        return cls(sft=sft, ipo=loss_config.name == 'ipo', beta_dpo=not sft and loss_config.mode_loss == 'beta_DPO')
+        if sft:
+            return cls(sft=True, beta_dpo=False)
+        beta_dpo = loss_config.mode_loss == 'beta_DPO'
+        return cls(sft=False, beta_dpo=beta_dpo, loss_type=loss_config.loss_type,
+                   step_scope=beta_dpo and loss_config.beta_dpo_scope == 'step',
+                   average_log_prob=loss_config.average_log_prob)
+
+
+class BetaDPOBatch(NamedTuple):
+    """β-DPO's decision for one batch of N pairs gathered over all ranks: what each pair's loss uses."""
+    betas: torch.Tensor  # (N,) float32, the β of each pair (all equal at beta_level=batch)
+    keep: torch.Tensor  # (N,) bool, the pairs the filter keeps
+    metrics: Dict[str, List[float]]  # logged as record_{train,eval}/: beta_used, mask_count, kept_fraction, gap_*
+
+
+class StepBetaDPO(NamedTuple):
+    """The decision of a whole optimizer step (loss.beta_dpo_scope=step) and one microbatch's place in it."""
+    decision: BetaDPOBatch
+    offset: int  # index of the microbatch's first pair among the step's N pairs
 
 
 class NonFiniteLossError(RuntimeError):
@@ -284,7 +427,8 @@ class BasicTrainer:
             self.policy.compile()
         self.reference = ReferenceLogps(reference_model, self.concatenated_forward)
         self.tokenizer = load_tokenizer(config)
-        self.margin_stats = MarginStats(self.device)
+        self.margin_stats = (MarginStats(self.device) if self.mode.sft else
+                             MarginStats(self.device, momentum=config.loss.momentum, m0=config.loss.m0))
         # The β-DPO filter's only randomness: seeded alike on every rank, so all ranks keep the same pairs.
         self.filter_generator = torch.Generator().manual_seed(seed)
 
@@ -384,8 +528,14 @@ class BasicTrainer:
         metrics = defaultdict(list)
         losses = []
         stats_before = self.margin_stats.state_dict()
+        decision = self.step_beta_dpo(microbatches) if self.mode.step_scope else None
+        if decision is not None:
+            extend_metrics(metrics, {f'record_train/{k}': v for k, v in decision.metrics.items()})
+        offset = 0
         for microbatch in microbatches:
-            loss, microbatch_metrics = self.get_batch_metrics(self.local(microbatch), train=True)
+            step = None if decision is None else StepBetaDPO(decision, offset)
+            offset += len(microbatch['prompt'])
+            loss, microbatch_metrics = self.get_batch_metrics(self.local(microbatch), train=True, step_beta_dpo=step)
             (loss / len(microbatches)).backward()
             losses.append(loss.detach())
             extend_metrics(metrics, microbatch_metrics)
@@ -430,7 +580,8 @@ class BasicTrainer:
         """Log-probabilities of the chosen and rejected responses from one forward pass over both."""
         concatenated = concatenated_inputs(batch)
         all_logps = forward_logps(model, concatenated['concatenated_input_ids'], concatenated['concatenated_attention_mask'],
-                                  concatenated['concatenated_labels'], self.config.logps_chunk_size)
+                                  concatenated['concatenated_labels'], self.config.logps_chunk_size,
+                                  self.mode.average_log_prob)
         n = batch['chosen_input_ids'].shape[0]
         return all_logps[:n], all_logps[n:]
 
@@ -459,8 +610,13 @@ class BasicTrainer:
 
     # ----- the loss and its metrics -------------------------------------------------------------------
 
-    def get_batch_metrics(self, batch: Dict, train: bool = True) -> Tuple[torch.Tensor, Dict[str, List[float]]]:
-        """The loss of this process's microbatch (to backpropagate) and its metrics (lists over all ranks)."""
+    def get_batch_metrics(self, batch: Dict, train: bool = True, step_beta_dpo: Optional['StepBetaDPO'] = None
+                          ) -> Tuple[torch.Tensor, Dict[str, List[float]]]:
+        """The loss of this process's microbatch (to backpropagate) and its metrics (lists over all ranks).
+
+        step_beta_dpo: β-DPO's decision for the whole optimizer step and where this microbatch sits in it
+        (loss.beta_dpo_scope=step, see `step_beta_dpo`); without it β-DPO decides from this microbatch.
+        """
         if self.mode.sft:
             return self.sft_metrics(batch, train)
         split = 'train' if train else 'eval'
@@ -472,18 +628,30 @@ class BasicTrainer:
                                    reference_rejected_logps, loss_config.reference_free).detach()
         beta, metrics = loss_config.beta, {}
         if self.mode.beta_dpo:
-            beta, local_keep, batch_metrics = self.beta_dpo_filter(margins, train)
-            metrics.update({f'record_{split}/{k}': v for k, v in batch_metrics.items()})
+            n_local = margins.shape[0]
+            if step_beta_dpo is None:
+                decision, offset, scale = self.beta_dpo_decision(self.gather(margins), train), self.dp_rank * n_local, 1
+                metrics.update({f'record_{split}/{k}': v for k, v in decision.metrics.items()})
+            else:
+                decision, offset = step_beta_dpo.decision, step_beta_dpo.offset + self.dp_rank * n_local
+                scale = self.config.gradient_accumulation_steps
+            beta = decision.betas[offset:offset + n_local].to(margins.device)
+            local_keep = decision.keep[offset:offset + n_local].to(margins.device).float()
 
         losses, chosen_rewards, rejected_rewards = preference_loss(
             policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
-            beta=beta, label_smoothing=loss_config.label_smoothing, ipo=self.mode.ipo,
-            reference_free=loss_config.reference_free)
+            beta=beta, label_smoothing=loss_config.label_smoothing, reference_free=loss_config.reference_free,
+            loss_type=self.mode.loss_type)
+        if loss_config.rpo_alpha:
+            nll = chosen_nll(policy_chosen_logps, self.chosen_token_counts(batch))
+            losses = losses + loss_config.rpo_alpha * nll
+            metrics[f'rpo_{split}/chosen_nll'] = self.gather(nll)
         if self.mode.beta_dpo:
-            # The mean over the kept pairs of the whole batch across ranks. Data-parallel gradients are
-            # averaged over dp_size ranks, hence the factor dp_size (β-DPO's original divided by each
-            # rank's own kept count, weighting pairs unequally).
-            loss = (losses * local_keep).sum() * self.dp_size / batch_metrics['mask_count'][0]
+            # The mean over the kept pairs of the whole batch across ranks (and, at scope=step, across the
+            # step's microbatches, whose losses train_step averages: hence the factor `scale`). Data-parallel
+            # gradients are averaged over dp_size ranks, hence the factor dp_size (β-DPO's original divided
+            # by each rank's own kept count, weighting pairs unequally).
+            loss = (losses * local_keep).sum() * self.dp_size * scale / int(decision.keep.sum())
         else:
             loss = losses.mean()
 
@@ -512,21 +680,32 @@ class BasicTrainer:
                    f'loss/{split}': self.gather(loss.reshape(1))}
         return loss, {k: v.float().cpu().tolist() for k, v in metrics.items()}
 
-    def beta_dpo_filter(self, margins: torch.Tensor, train: bool):
-        """β-DPO for one microbatch from this rank's (B,) margins: (β_used, this rank's keep mask as floats, metrics).
+    def chosen_token_counts(self, batch: Dict) -> torch.Tensor:
+        """(batch,) labelled tokens of each chosen response (1 each when log-probabilities are already means)."""
+        counts = (batch['chosen_labels'][:, 1:] != -100).sum(-1)
+        return torch.ones_like(counts) if self.mode.average_log_prob else counts
 
-        The margins of the whole microbatch are gathered from all ranks (`batch_beta_and_mask`).
+    def beta_dpo_decision(self, margins: torch.Tensor, train: bool) -> 'BetaDPOBatch':
+        """β-DPO for a batch of (N,) margins gathered over all ranks: β per pair, the kept pairs, metrics.
+
+        beta_level=batch gives every pair the batch's β (`batch_beta_and_mask`); beta_level=instance gives
+        each pair its own (`instance_betas`), read after the same statistics update, with the same filter.
         """
-        beta_used, keep = self.batch_beta_and_mask(self.gather(margins), train)
-        n_local = margins.shape[0]
-        local_keep = keep[self.dp_rank * n_local:(self.dp_rank + 1) * n_local].to(margins.device).float()
+        loss_config = self.config.loss
+        beta_used, keep = self.batch_beta_and_mask(margins, train)
+        if loss_config.beta_level == 'instance':
+            betas = instance_betas(margins, self.margin_stats.threshold, loss_config.beta, loss_config.a,
+                                   tuple(loss_config.beta_range)).to(margins.device)
+            beta_used = betas[keep].mean()
+        else:
+            betas = beta_used.to(margins.device).expand(margins.shape[0])
         metrics = {'beta_used': [beta_used.item()], 'mask_count': [int(keep.sum())],
                    'kept_fraction': [keep.float().mean().item()],
                    'gap_mean': [self.margin_stats.mean.item()], 'gap_std': [self.margin_stats.std.item()]}
-        return beta_used.to(margins.device), local_keep, metrics
+        return BetaDPOBatch(betas, keep, metrics)
 
     def batch_beta_and_mask(self, margins: torch.Tensor, train: bool) -> Tuple[torch.Tensor, torch.Tensor]:
-        """β and the keep mask of the whole microbatch from its (N,) margins gathered over all ranks.
+        """The batch-level β (0-dim) and the keep mask of a batch from its (N,) margins gathered over all ranks.
 
         The running statistics are updated in training only, before dynamic_beta reads them (the reference
         implementation's order). Identical on every rank by construction: the same margins, the same
@@ -539,8 +718,29 @@ class BasicTrainer:
             generator = self.filter_generator
         else:
             generator = torch.Generator().manual_seed(self.seed + self.example_counter)
-        return dynamic_beta(margins, self.margin_stats.mean, self.margin_stats.std, loss_config.beta, loss_config.a,
-                            loss_config.mode_weight, generator=generator)
+        return dynamic_beta(margins, self.margin_stats.threshold, self.margin_stats.std, loss_config.beta,
+                            loss_config.a, loss_config.mode_weight, generator=generator, filter=loss_config.filter,
+                            beta_range=tuple(loss_config.beta_range))
+
+    def step_beta_dpo(self, microbatches: List[Dict]) -> 'BetaDPOBatch':
+        """β-DPO's decision over a whole optimizer step (loss.beta_dpo_scope=step), before any backward pass.
+
+        Every microbatch's margins are computed without gradients first (one more forward pass of the
+        policy, and of the reference model unless its log-probabilities are precomputed) and gathered over
+        all ranks; concatenated in microbatch order they are the margins of the batch in its own row order,
+        as a run without gradient accumulation sees them, so the statistics update, β and the kept pairs
+        are the same as that run's. Keeping the microbatches' graphs instead would need the memory that
+        gradient accumulation exists to save.
+        """
+        margins = []
+        with torch.no_grad():
+            for microbatch in microbatches:
+                local = self.local(microbatch)
+                with self.policy_autocast():
+                    policy_logps = self.concatenated_forward(self.policy, local)
+                margins.append(self.gather(logratio_margins(*policy_logps, *self.reference(local),
+                                                            self.config.loss.reference_free)))
+        return self.beta_dpo_decision(torch.cat(margins), train=True)
 
     # ----- evaluation ---------------------------------------------------------------------------------
 
@@ -636,13 +836,32 @@ class BasicTrainer:
     # ----- optimization -------------------------------------------------------------------------------
 
     def setup_optimization(self) -> None:
-        """The optimizer named by config.optimizer and the linear warmup schedule."""
+        """The optimizer named by config.optimizer (with config.weight_decay) and the lr schedule (`LRSchedule`)."""
         optimizer_class = getattr(torch.optim, self.config.optimizer)
         params = [p for p in self.policy.parameters() if p.requires_grad]
         kwargs = {'fused': True} if fused_optimizer_applies(optimizer_class, params) else {}
+        if self.config.weight_decay is not None:
+            kwargs['weight_decay'] = self.config.weight_decay
         self.optimizer = optimizer_class(params, lr=self.config.lr, **kwargs)
+        schedule = self.config.lr_scheduler
+        total_steps = None if schedule == 'constant' else self.total_steps()
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lr_lambda=lambda step: min(1.0, (step + 1) / (self.config.warmup_steps + 1)))
+            self.optimizer, lr_lambda=LRSchedule(schedule, self.config.warmup_steps, total_steps))
+
+    def total_steps(self) -> int:
+        """Optimizer steps of the whole run, as get_batch_iterator counts them: n_epochs over the training
+        data (each epoch's last partial batch dropped) or ⌈n_examples / batch_size⌉, whichever ends first."""
+        batch_size = self.config.batch_size
+        kwargs = self.data_kwargs
+        per_epoch = sum(load_tokenized(name, kwargs['tokenizer'], 'train', kwargs['max_length'],
+                                       kwargs['max_prompt_length'], kwargs['sft_mode'], True, kwargs['cache_dir'],
+                                       kwargs['dataset_options']).n_examples for name in kwargs['names']) // batch_size
+        candidates = []
+        if self.config.n_epochs is not None:
+            candidates.append(self.config.n_epochs * per_epoch)
+        if self.config.n_examples is not None:
+            candidates.append(-(-self.config.n_examples // batch_size))
+        return max(1, min(candidates))
 
     def clip_gradient(self) -> float:
         """Clip the policy's gradients to max_grad_norm; returns the norm before clipping."""
@@ -688,7 +907,13 @@ class BasicTrainer:
         """
         saved = load_training_state(checkpoint_dir)
         self.load_optimizer_state_dict(saved.optimizer)
+        configured = dict(vars(self.scheduler.lr_lambdas[0]))
         self.scheduler.load_state_dict(saved.scheduler)
+        schedule = vars(self.scheduler.lr_lambdas[0])
+        if schedule != configured:  # train.resume_changes refuses the settings that change it; the data may have
+            raise ValueError(f'resume_from: the checkpoint\'s lr schedule {schedule} differs from this run\'s '
+                             f'{configured} (did the training data change?); start a new run from '
+                             f'{checkpoint_dir}/policy.pt')
         state = saved.trainer_state
         self.example_counter = state['example_counter']
         self.batch_counter = state['batch_counter']
@@ -822,6 +1047,33 @@ def extend_metrics(into: Dict[str, List[float]], metrics: Dict[str, List[float]]
 def mean_metrics(metrics: Dict[str, List[float]]) -> Dict[str, float]:
     """The mean of each list."""
     return {key: sum(values) / len(values) for key, values in metrics.items()}
+
+
+class LRSchedule:
+    """The learning-rate factor of optimizer step t, LambdaLR's lr_lambda. LambdaLR saves a callable object's
+    attributes in its state dict, so scheduler.pt carries the schedule and a resume restores it.
+
+    Every schedule starts with the original's linear warmup, min(1, (t + 1)/(warmup_steps + 1)); after it
+        constant: 1 (the original)
+        cosine: ½·(1 + cos(π·p)),  linear: 1 − p,  p = (t − warmup_steps)/(total_steps − warmup_steps) in [0, 1]
+    as transformers' get_cosine_schedule_with_warmup / get_linear_schedule_with_warmup after their warmup: the
+    factor is 1 at the end of the warmup and falls to 0 at total_steps.
+    """
+
+    def __init__(self, name: str, warmup_steps: int, total_steps: Optional[int] = None):
+        if name not in LR_SCHEDULES or (name != 'constant' and total_steps is None):
+            raise ValueError(f'lr_scheduler={name!r}: choose one of {", ".join(LR_SCHEDULES)} (decays need total_steps)')
+        self.name = name
+        self.warmup_steps = warmup_steps
+        self.total_steps = total_steps
+
+    def __call__(self, step: int) -> float:
+        if self.name == 'constant' or step < self.warmup_steps:
+            return min(1.0, (step + 1) / (self.warmup_steps + 1))
+        progress = min(1.0, (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps))
+        if self.name == 'cosine':
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return 1.0 - progress
 
 
 def fused_optimizer_applies(optimizer_class: type, params: List[torch.Tensor]) -> bool:

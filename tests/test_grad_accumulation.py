@@ -1,7 +1,8 @@
 """Gradient accumulation: batch 8 × 1 step equals batch 1 × 8 accumulation steps for SFT and DPO.
 
-β-DPO differs by design: its statistics, β and filter are per microbatch (as in the reference
-implementation), so 8 microbatches of one pair each keep every pair and update μ, σ eight times.
+β-DPO differs by design at loss.beta_dpo_scope=microbatch (the default): its statistics, β and filter are
+per microbatch (as in the reference implementation), so 8 microbatches of one pair each keep every pair and
+update μ, σ eight times. At loss.beta_dpo_scope=step it decides once per step, and 4 × 2 equals 1 × 8.
 """
 import pytest
 import torch
@@ -58,3 +59,57 @@ def test_beta_dpo_statistics_are_per_microbatch_by_design(tmp_path):
     assert accumulated_trainer.margin_stats.mean.item() != pytest.approx(whole_trainer.margin_stats.mean.item())
     assert accumulated['loss/train'] != pytest.approx(whole['loss/train'], rel=1e-3)
     assert not torch.allclose(accumulated_params, whole_params)
+
+
+class RecordingTrainer(BasicTrainer):
+    """Records every training β-DPO decision: the β of each pair and the kept mask."""
+
+    def beta_dpo_decision(self, margins, train):
+        decision = super().beta_dpo_decision(margins, train)
+        if train:
+            self.decisions.append((decision.betas.clone(), decision.keep.clone()))
+        return decision
+
+
+def one_recorded_step(tmp_path, overrides, accumulation):
+    config = compose_config([*FAST, 'optimizer=SGD', 'lr=0.5', 'max_grad_norm=1e9', 'n_examples=8',
+                             f'gradient_accumulation_steps={accumulation}', *overrides], tmp_path)
+    parallelism = prepare_run(config)
+    policy, reference = build_run_models(config, parallelism)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # as one_step(perturb=True): margins that differ, so the filter has something to choose
+        for p in policy.parameters():
+            p.add_(0.02 * torch.randn(p.shape, generator=g))
+    initial = torch.cat([p.detach().flatten() for p in policy.parameters()])
+    trainer = RecordingTrainer(policy, config, config.seed, config.local_run_dir, reference_model=reference)
+    trainer.decisions = []
+    trainer.setup_optimization()
+    metrics = trainer.train_step(next(iter(trainer.train_batches())))
+    update = torch.cat([p.detach().flatten() for p in policy.parameters()]) - initial
+    return metrics, update, trainer
+
+
+@pytest.mark.parametrize('level', ['batch', 'instance'])
+def test_beta_dpo_step_scope_4x2_equals_1x8(tmp_path, level):
+    """loss.beta_dpo_scope=step: 4 accumulated microbatches of 2 pairs decide β-DPO once over the 8 pairs of the
+    step, from margins computed without gradients first. One decision, k = ⌊8·0.75⌋ = 6 kept, the same β (per
+    pair at beta_level=instance), kept set, statistics, loss and SGD update as one microbatch of 8."""
+    beta_dpo = ['loss=dpo', 'loss.mode_loss=beta_DPO', 'loss.mode_weight=0.25', 'loss.a=0.6',
+                'loss.beta_dpo_scope=step', f'loss.beta_level={level}']
+    whole, whole_update, whole_trainer = one_recorded_step(tmp_path / 'a', beta_dpo, accumulation=1)
+    accumulated, accumulated_update, accumulated_trainer = one_recorded_step(tmp_path / 'b', beta_dpo, accumulation=4)
+    assert len(whole_trainer.decisions) == len(accumulated_trainer.decisions) == 1
+    (whole_betas, whole_keep), (accumulated_betas, accumulated_keep) = (whole_trainer.decisions[0],
+                                                                        accumulated_trainer.decisions[0])
+    assert int(whole_keep.sum()) == 6 and torch.equal(accumulated_keep, whole_keep)
+    torch.testing.assert_close(accumulated_betas, whole_betas, rtol=1e-6, atol=0)
+    if level == 'instance':
+        assert whole_betas.unique().numel() > 1  # the pairs' β really differ
+    assert accumulated['record_train/mask_count'] == whole['record_train/mask_count'] == 6
+    assert accumulated['record_train/beta_used'] == pytest.approx(whole['record_train/beta_used'], rel=1e-6)
+    assert accumulated_trainer.margin_stats.state_dict() == pytest.approx(whole_trainer.margin_stats.state_dict())
+    assert accumulated['loss/train'] == pytest.approx(whole['loss/train'], rel=1e-5)
+    assert accumulated['grad_norm'] == pytest.approx(whole['grad_norm'], rel=1e-4)
+    scale = whole_update.abs().max().item()
+    assert scale > 0
+    torch.testing.assert_close(accumulated_update, whole_update, rtol=1e-4, atol=1e-5 * scale)
