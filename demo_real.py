@@ -512,6 +512,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     sizes = QUICK if args.quick else FULL if args.full else REDUCED
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
+    # the GGUF copy of `make smollm2`, never the Hub: every stage (started with HF_HUB_OFFLINE=1 by demo.Process)
+    # and every run of the experiment use the same weights
+    os.environ['HF_HUB_OFFLINE'] = '1'
     start = time.time()
     from sentiment_task import write_sentiment_task
     write_sentiment_task(out / 'task', sizes.n_train_prompts, sizes.n_eval_prompts)
