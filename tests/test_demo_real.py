@@ -36,14 +36,19 @@ def test_beta_dpo_against_dpo_worked():
 
 def test_results_table_summarises_seeds():
     """One seed: the value ± its standard error; two seeds (rewards 0.6 and 0.8): mean 0.700 ± sd 0.141 (min–max);
-    the base model first, then DPO before β-DPO before the control; columns a method lacks read '—'."""
+    the base model first, then DPO before β-DPO before the control; columns a method lacks read '—'. Δ reward per
+    nat: the control gains 0.5 − 0.2 = +0.300 at KL 3.0, 0.100 per nat; DPO +0.4 at 5.0 and +0.6 at 7.0, 0.080 and
+    0.086 per nat."""
     base = Outcome(None, 0, 0.2, 0.05, 0.0, 0.0, 28.0)
-    table = demo_real.results_table([outcome('sft', None, 0.5, 0.03, 3.0), outcome('dpo', 0.1, 0.6, 0.03, 5.0),
-                                     outcome('dpo', 0.1, 0.8, 0.03, 7.0, seed=1), base])
-    rows = table.splitlines()[2:]
-    assert rows[0].startswith('| — | SmolLM2-Instruct (start) | 1 | 0.200 ± 0.050 | 0.00 ± 0.00 | 28.0 | — |')
-    assert rows[1].startswith('| clean | DPO, β = 0.1 | 2 | 0.700 ± 0.141 (0.600–0.800) | 6.00 ± 1.41 (5.00–7.00) |')
-    assert rows[2].startswith('| clean | SFT on chosen (control) | 1 | 0.500 ± 0.030 | 3.00 ± 0.10 |')
+    runs = [outcome('sft', None, 0.5, 0.03, 3.0), outcome('dpo', 0.1, 0.6, 0.03, 5.0),
+            outcome('dpo', 0.1, 0.8, 0.03, 7.0, seed=1)]
+    for run in runs:
+        run.reward_gain = run.reward - base.reward
+    rows = demo_real.results_table([*runs, base]).splitlines()[2:]
+    assert rows[0].startswith('| — | SmolLM2-Instruct (start) | 1 | 0.200 ± 0.050 | 0.00 ± 0.00 | — | — | 28.0 | — |')
+    assert rows[1].startswith('| clean | DPO, β = 0.1 | 2 | 0.700 ± 0.141 (0.600–0.800) | 6.00 ± 1.41 (5.00–7.00) | '
+                              '+0.500 ± 0.141 (+0.400–+0.600) | 0.083 ± 0.004 (0.080–0.086) |')
+    assert rows[2].startswith('| clean | SFT on chosen (control) | 1 | 0.500 ± 0.030 | 3.00 ± 0.10 | +0.300 | 0.100 |')
 
 
 @pytest.mark.slow
