@@ -18,6 +18,7 @@ old file or the new one.
 import contextlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -170,8 +171,22 @@ def load_checkpoint_file(path: Union[str, Path], what: str = 'checkpoint') -> di
 
 
 def load_state_dict_checked(model: torch.nn.Module, state: Dict[str, torch.Tensor], source: str) -> None:
-    """`model.load_state_dict(state)` that names the missing and unexpected keys on a mismatch."""
+    """`model.load_state_dict(state)`, also for archives of older transformers versions, naming what does not fit.
+
+    The original's policy.pt files come from transformers 4.29: their keys are first renamed the way
+    `from_pretrained` renames an old checkpoint's (`renamed_for_model`: GPT-NeoX's `embed_out` is `lm_head`
+    now), and entries the model no longer has that name none of its weights (`stale_entries`: persistent
+    buffers of then, GPT-NeoX's causal mask `attention.bias`, `attention.masked_bias`, the rotary
+    `inv_freq`) are left out with a warning naming them. A missing weight, a weight of the wrong shape, or one
+    the model has no place for (the archive has more layers) raises ValueError naming the keys.
+    """
+    state = renamed_for_model(model, state)
     expected = model.state_dict()
+    stale = stale_entries(set(state) - set(expected), expected)
+    if stale:
+        rank0_print(f'WARNING: {source}: ignoring {len(stale)} entries this model does not have (buffers an older '
+                    f'transformers version saved): {grouped_by_layer(stale)}')
+        state = {k: v for k, v in state.items() if k not in set(stale)}
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     wrong_shape = sorted(k for k in set(expected) & set(state) if tuple(expected[k].shape) != tuple(state[k].shape))
@@ -190,6 +205,42 @@ def load_state_dict_checked(model: torch.nn.Module, state: Dict[str, torch.Tenso
                      'model=... (and model.name_or_path) as the SFT run that wrote it.')
         raise ValueError('\n'.join(lines))
     model.load_state_dict(state)
+
+
+def renamed_for_model(model: torch.nn.Module, state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """`state` with each key the model does not have renamed by transformers' own table of renamed checkpoint
+    keys (what `from_pretrained` applies to old checkpoints, e.g. `embed_out.` → `lm_head.` for GPT-NeoX since
+    transformers 5); renames only, for a transformers model (anything else is returned as it is)."""
+    if not hasattr(model, 'config'):
+        return state
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightRenaming, rename_source_key
+    renamings = [t for t in get_model_conversion_mapping(model) if isinstance(t, WeightRenaming)]
+    expected = model.state_dict()
+    return {(key if key in expected else rename_source_key(key, renamings, [])[0]): value
+            for key, value in state.items()}
+
+
+def layer_pattern(key: str) -> str:
+    """`key` with its layer numbers replaced by `*`: 'gpt_neox.layers.3.attention.bias' gives
+    'gpt_neox.layers.*.attention.bias'."""
+    return re.sub(r'\.\d+\.', '.*.', key)
+
+
+def stale_entries(unexpected: set, expected: Dict[str, torch.Tensor]) -> List[str]:
+    """The keys of `unexpected` that name no weight of the model even in another layer: no key of `expected`
+    has the same `layer_pattern`. `gpt_neox.layers.0.attention.bias` (a buffer of transformers 4.29) is stale;
+    `gpt_neox.layers.4.attention.dense.bias` in a 4-layer model is a weight of a bigger model, not stale."""
+    patterns = {layer_pattern(key) for key in expected}
+    return sorted(key for key in unexpected if layer_pattern(key) not in patterns)
+
+
+def grouped_by_layer(keys: List[str]) -> str:
+    """'gpt_neox.layers.*.attention.bias (32 entries), …': each `layer_pattern` of `keys` once, with its count."""
+    counts: Dict[str, int] = {}
+    for key in keys:
+        counts[layer_pattern(key)] = counts.get(layer_pattern(key), 0) + 1
+    return ', '.join(f'{pattern} ({n} entries)' if n > 1 else pattern for pattern, n in sorted(counts.items()))
 
 
 def truncate_metrics_log(path: Path, up_to_example: int) -> None:

@@ -297,12 +297,14 @@ def fsdp_split(model: nn.Module, config: DictConfig, reference: bool) -> nn.Modu
     """`model` sharded with FSDP2 (`fully_shard`) over the process group, in place: every transformer block
     (model.block_name) as one unit, then the root; a block's parameters are gathered just before it runs
     and freed after. model.fsdp_policy_mp is the policy's compute dtype (gradients reduced in float32);
-    activation_checkpointing=true wraps the policy's blocks first."""
+    activation_checkpointing=true wraps the policy's blocks first. The frozen reference (`reference`) gets
+    neither: it computes in its own model.reference_dtype, as the original wraps it without mixed precision,
+    so its log-probabilities (the margins β, the filter and the loss read) are BasicTrainer's."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     blocks = get_block_modules(model, config.model.block_name)
     if config.activation_checkpointing and not reference:
         blocks = checkpoint_blocks(model, blocks)
-    mp_dtype = config.model.fsdp_policy_mp
+    mp_dtype = None if reference else config.model.fsdp_policy_mp
     mixed_precision = (MixedPrecisionPolicy(param_dtype=getattr(torch, mp_dtype), reduce_dtype=torch.float32)
                        if mp_dtype else MixedPrecisionPolicy())
     for block in blocks:

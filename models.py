@@ -9,7 +9,7 @@ here from code (random weights, a byte-level tokenizer) and saved once with `sav
 `python train.py` needs no download and still loads through the same `from_pretrained` path as a Hub model,
 or a `.gguf` file (section "GGUF"), such as the 4-bit SmolLM2-135M-Instruct that model=smollm2 uses offline:
 
-    python train.py model=smollm2 loss=sft datasets=[DIR]            # after `make smollm2`
+    python train.py model=smollm2 loss=sft datasets=[DIR] exp_name=NAME    # after `make smollm2`
     path = materialize_model('HuggingFaceTB/SmolLM2-135M-Instruct', '.cache/alice')
     # the Hub id when the Hub answers (full precision); otherwise .cache/alice/gguf_models/SmolLM2-...-<key>/
 """

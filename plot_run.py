@@ -125,13 +125,14 @@ def plot_loss(curves: Sequence[Curve], out: Path) -> Optional[Path]:
 
 
 def plot_reward_margins(curves: Sequence[Curve], out: Path) -> Optional[Path]:
-    """Two panels: the reward margin β·m (with each batch's β for β-DPO) and m itself, the log-ratio margin
-    (π_c − ref_c) − (π_r − ref_r), which compares runs of different β (runs from before it was logged: left only)."""
+    """Two panels: the reward margin β0·m (the configured β0, also for β-DPO, as the original logs it) and m
+    itself, the log-ratio margin (π_c − ref_c) − (π_r − ref_r), which compares runs of different β (runs from
+    before it was logged: left only)."""
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4))
     if not plot_train_and_eval(left, curves, 'rewards_*/margins'):
         plt.close(fig)
         return None
-    for ax, title in ((left, 'Reward margin: β·log(π/π_ref) of chosen minus rejected'),
+    for ax, title in ((left, 'Reward margin: β0·log(π/π_ref) of chosen minus rejected'),
                       (right, 'Log-ratio margin (no β): log(π/π_ref) of chosen minus rejected')):
         ax.axhline(0, color='gray', linewidth=0.8)
         ax.set_title(title, fontsize=10)

@@ -7,7 +7,7 @@
 
 With precompute_ref_log_probs=true the trainer calls `precompute` before training: the reference's
 log-probabilities of every training and evaluation pair are computed once, saved under
-`<local dir>/beta_dpo/reference_logps/<key>.pt` (keyed by everything that decides them:
+`<local dir>/beta_dpo/reference_logps/<key>.pt` (keyed by everything that changes their values:
 `reference_cache_path`), and the reference model is dropped, which frees its memory for the policy.
 """
 from pathlib import Path
@@ -26,7 +26,9 @@ from utils import file_identity, fingerprint, get_local_dir, rank0_print
 
 
 # Bump when the meaning of the cached reference log-probabilities changes.
-REFERENCE_CACHE_VERSION = 2  # 2: pair keys from utils.fingerprint
+# 3: keyed by the trainer, processes, device, TF32 and chunking too (before, an FSDP run with
+#    model.fsdp_policy_mp=bfloat16 computed the reference in bfloat16 and could share a file with float32 runs)
+REFERENCE_CACHE_VERSION = 3  # 2: pair keys from utils.fingerprint; 3: see above
 
 
 def pair_keys(batch: Dict) -> List[str]:
@@ -34,14 +36,22 @@ def pair_keys(batch: Dict) -> List[str]:
     return [fingerprint(*texts, length=32) for texts in zip(batch['prompt'], batch['chosen'], batch['rejected'])]
 
 
-def reference_cache_path(config: DictConfig, tokenizer) -> Path:
-    """Where the precomputed reference log-probabilities of this model, archive, data and lengths live (and whether
-    they are means per token, loss.average_log_prob; the key of sums is the one it always was)."""
+def reference_cache_path(config: DictConfig, tokenizer, world_size: int, device_type: str) -> Path:
+    """Where the precomputed reference log-probabilities live, keyed by everything that changes their values.
+
+    What is computed: the model files, model.archive, the data and the length settings, and whether they are
+    means per token (loss.average_log_prob). How: the reference's dtype, TF32 (allow_tf32, on GPUs), the
+    head's chunking (logps_chunk_size), the device type, and the trainer with its `world_size` processes (they
+    split each batch and sum in another order: FSDP's values agree with BasicTrainer's within 1e-5 relative,
+    not bit for bit; tests/test_distributed.py). model.fsdp_policy_mp is not in the key: it sets the policy's
+    compute dtype only, never the reference's (distributed.fsdp_split).
+    """
     local_dir = get_local_dir(config.local_dirs)
     archive = config.model.archive
     key = fingerprint(
         REFERENCE_CACHE_VERSION, model_identity(config.model.name_or_path, local_dir),
-        None if archive is None else file_identity(archive), config.model.reference_dtype,
+        None if archive is None else file_identity(archive), config.model.reference_dtype, config.allow_tf32,
+        config.logps_chunk_size, config.trainer, world_size, device_type,
         tokenizer_identity(tokenizer), config.max_length, config.max_prompt_length, list(config.datasets),
         [data_identity(name, split, dataset_options(config)) for name in config.datasets for split in ('train', 'test')],
         dataset_options(config), *(['average_log_prob'] if config.loss.average_log_prob else []))

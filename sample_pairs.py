@@ -2,7 +2,7 @@
 answer against the model's own mistakes.
 
     python sample_pairs.py RUN_DIR --out pairs.jsonl           # RUN_DIR: a run on datasets=[synthetic]
-    python train.py loss=dpo datasets=[synthetic] synthetic.train_pairs=pairs.jsonl \\
+    python train.py loss=dpo loss.beta=0.5 datasets=[synthetic] synthetic.train_pairs=pairs.jsonl \\
         model.archive=RUN_DIR/LATEST/policy.pt ...
 
     # any prompts, any judge: 4 samples per prompt, the best against the worst (iterative, on-policy DPO)
@@ -10,7 +10,7 @@ answer against the model's own mistakes.
     python sample_pairs.py SFT_RUN_DIR --judge sentiment --datasets prompts.jsonl --pairs random --out pairs.jsonl
     # the β-DPO paper's mixture: half the pairs of low reward gap, 20% of the labels flipped
     python sample_pairs.py MODEL --judge sentiment --datasets sentiment_data --low-gap-fraction 0.5 --flip-fraction 0.2 ...
-    python train.py loss=dpo datasets=[pairs.jsonl] model.archive=SFT_RUN_DIR/LATEST/policy.pt ...
+    python train.py loss=dpo loss.beta=0.1 datasets=[pairs.jsonl] model.archive=SFT_RUN_DIR/LATEST/policy.pt ...
 
 With --judge (gold, sentiment, reward:PATH, llm:PATH, api:MODEL; see judges.py) the model (a run directory, a
 Hugging Face directory, a .gguf file) answers the first --n-prompts prompts of --datasets (default: the run's own)

@@ -84,7 +84,8 @@ def validate_config(config: DictConfig) -> List[str]:
         parallelism = None
     for check in (check_parallelism, check_optimization, check_batches, check_data_and_dirs, check_loss,
                   check_loss_switches, check_model, check_paths):
-        problems += check(get, parallelism)
+        # a missing key is reported once, in the line above, not again as an invalid value ('loss.beta=None ...')
+        problems += [problem for problem in check(get, parallelism) if problem.split('=', 1)[0] not in missing]
     return problems
 
 
@@ -228,6 +229,15 @@ def check_model(get: Callable, parallelism: Optional[Parallelism]) -> List[str]:
                 for key in ('model.policy_dtype', 'model.reference_dtype') if not is_dtype(get(key))]
     if get('model.fsdp_policy_mp') is not None and not is_dtype(get('model.fsdp_policy_mp')):
         problems.append(f'model.fsdp_policy_mp={get("model.fsdp_policy_mp")!r} is not a torch dtype')
+    if not isinstance(get('allow_tf32'), bool):
+        problems.append(f'allow_tf32={get("allow_tf32")!r} must be true or false')
+    if parallelism is not None and get('model.block_name') is None:
+        needs = ('trainer=FSDPTrainer (it shards the model block by block)' if parallelism.trainer == 'FSDPTrainer' else
+                 'activation_checkpointing=true with trainer=TensorParallelTrainer (it wraps each block)'
+                 if parallelism.tensor_parallel and get('activation_checkpointing') else None)
+        if needs:
+            problems.append(f'model.block_name is null, but {needs} needs the class name of a transformer block; set '
+                            f'e.g. model.block_name=GPTNeoXLayer (Pythia), LlamaDecoderLayer or GPT2Block')
     return problems
 
 
@@ -301,9 +311,18 @@ def build_run_models(config: DictConfig, parallelism: Parallelism, setup: Option
     return build_models(config, parallelism, with_reference, empty=setup is not None and setup.rank != 0)
 
 
+def set_tf32(enabled: bool) -> None:
+    """allow_tf32: float32 matmuls and convolutions on Ampere-or-newer GPUs may use TF32 tensor cores (the
+    original sets torch.backends.cuda.matmul.allow_tf32 = True on import; cuDNN's flag is PyTorch's default
+    already). Per process: spawned processes do not inherit it."""
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    torch.backends.cudnn.allow_tf32 = enabled
+
+
 def run_trainer(config: DictConfig, parallelism: Parallelism, policy: nn.Module,
                 reference_model: Optional[nn.Module] = None, setup: Optional[DistributedSetup] = None) -> None:
     """Run the trainer of `parallelism` on these models in this process (rank 0 of 1 without `setup`)."""
+    set_tf32(config.allow_tf32)
     rank, world_size, device = (setup.rank, setup.world_size, setup.device) if setup else (0, 1, None)
     wandb_run = init_wandb(config, rank)
     trainer = getattr(trainers, parallelism.trainer)(

@@ -431,6 +431,9 @@ class BasicTrainer:
                              MarginStats(self.device, momentum=config.loss.momentum, m0=config.loss.m0))
         # The β-DPO filter's only randomness: seeded alike on every rank, so all ranks keep the same pairs.
         self.filter_generator = torch.Generator().manual_seed(seed)
+        # Evaluation's own, re-seeded at the start of each evaluation (`evaluate`), so an evaluation's draws
+        # depend only on the seed and the step, and never shift the training stream's.
+        self.eval_filter_generator = torch.Generator()
 
         self.example_counter = 0
         self.batch_counter = 0
@@ -587,8 +590,12 @@ class BasicTrainer:
 
     def precompute_reference_logps(self) -> None:
         """The reference pass of precompute_ref_log_probs (reference_cache.ReferenceLogps.precompute). Collective."""
-        path = reference_cache_path(self.config, self.tokenizer)
-        self.reference.precompute(self.reference_pass_batches(), path, self.local, self.gather, self.is_main)
+        self.reference.precompute(self.reference_pass_batches(), self.reference_cache_file(), self.local, self.gather,
+                                  self.is_main)
+
+    def reference_cache_file(self) -> Path:
+        """The file of precompute_ref_log_probs for this model, data, precision and trainer layout."""
+        return reference_cache_path(self.config, self.tokenizer, self.world_size, self.device.type)
 
     def reference_pass_batches(self):
         """The batches of the reference pass, before the data-parallel split: each training batch's
@@ -624,8 +631,10 @@ class BasicTrainer:
         with self.policy_autocast():
             policy_chosen_logps, policy_rejected_logps = self.concatenated_forward(self.policy, batch)
         reference_chosen_logps, reference_rejected_logps = self.reference(batch)
+        # The implicit reward margin with the reference term even when reference_free drops it from the loss:
+        # β-DPO's statistics, filter and β read it so (the original's A_gap), and the rewards are logged so.
         margins = logratio_margins(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
-                                   reference_rejected_logps, loss_config.reference_free).detach()
+                                   reference_rejected_logps).detach()
         beta, metrics = loss_config.beta, {}
         if self.mode.beta_dpo:
             n_local = margins.shape[0]
@@ -638,7 +647,7 @@ class BasicTrainer:
             beta = decision.betas[offset:offset + n_local].to(margins.device)
             local_keep = decision.keep[offset:offset + n_local].to(margins.device).float()
 
-        losses, chosen_rewards, rejected_rewards = preference_loss(
+        losses, _, _ = preference_loss(
             policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
             beta=beta, label_smoothing=loss_config.label_smoothing, reference_free=loss_config.reference_free,
             loss_type=self.mode.loss_type)
@@ -646,26 +655,32 @@ class BasicTrainer:
             nll = chosen_nll(policy_chosen_logps, self.chosen_token_counts(batch))
             losses = losses + loss_config.rpo_alpha * nll
             metrics[f'rpo_{split}/chosen_nll'] = self.gather(nll)
+        # log π − log π_ref of every pair of the whole batch, from which the rewards are logged
+        chosen_logratios = self.gather(policy_chosen_logps - reference_chosen_logps)
+        rejected_logratios = self.gather(policy_rejected_logps - reference_rejected_logps)
         if self.mode.beta_dpo:
             # The mean over the kept pairs of the whole batch across ranks (and, at scope=step, across the
             # step's microbatches, whose losses train_step averages: hence the factor `scale`). Data-parallel
             # gradients are averaged over dp_size ranks, hence the factor dp_size (β-DPO's original divided
             # by each rank's own kept count, weighting pairs unequally).
             loss = (losses * local_keep).sum() * self.dp_size * scale / int(decision.keep.sum())
+            # what the step optimizes, beside the original's loss/{split} (every pair's loss, kept or not)
+            metrics[f'loss/{split}_kept'] = self.gather(loss.detach().reshape(1) / self.dp_size).sum().reshape(1)
+            metrics.update(reward_metrics(chosen_logratios, rejected_logratios, self.gather(beta), split,
+                                          suffix='_beta_used'))
         else:
             loss = losses.mean()
 
         metrics.update({
-            f'rewards_{split}/chosen': self.gather(chosen_rewards),
-            f'rewards_{split}/rejected': self.gather(rejected_rewards),
-            f'rewards_{split}/accuracies': self.gather((chosen_rewards > rejected_rewards).float()),
-            f'rewards_{split}/margins': self.gather(chosen_rewards - rejected_rewards),
-            # the margin without β: comparable between runs of different β and across β-DPO's batches,
-            # whose rewards are scaled by each batch's own β
+            # as the original: the rewards with the configured β0 (β-DPO's β_used versions are *_beta_used)
+            **reward_metrics(chosen_logratios, rejected_logratios, loss_config.beta, split),
+            f'rewards_{split}/accuracies': (chosen_logratios > rejected_logratios).float(),
+            # the margin without β: comparable between runs of different β
             f'rewards_{split}/logratio_margins': self.gather(margins),
             f'logps_{split}/chosen': self.gather(policy_chosen_logps),
             f'logps_{split}/rejected': self.gather(policy_rejected_logps),
-            f'loss/{split}': self.gather(loss.detach().reshape(1) / self.dp_size).sum().reshape(1),
+            # as the original: the loss of every pair (with β-DPO's β_used), whether the filter kept it or not
+            f'loss/{split}': self.gather(losses.detach()),
         })
         return loss, {k: (v.float().cpu().tolist() if torch.is_tensor(v) else v) for k, v in metrics.items()}
 
@@ -710,14 +725,13 @@ class BasicTrainer:
         The running statistics are updated in training only, before dynamic_beta reads them (the reference
         implementation's order). Identical on every rank by construction: the same margins, the same
         statistics, and a generator seeded alike everywhere that nothing else draws from. Evaluation draws
-        from its own generator so it never shifts the training stream's draws.
+        from its own generator, seeded once per evaluation, so each evaluation batch continues the stream of
+        the one before it.
         """
         loss_config = self.config.loss
         if train:
             self.margin_stats.update(margins)
-            generator = self.filter_generator
-        else:
-            generator = torch.Generator().manual_seed(self.seed + self.example_counter)
+        generator = self.filter_generator if train else self.eval_filter_generator
         return dynamic_beta(margins, self.margin_stats.threshold, self.margin_stats.std, loss_config.beta,
                             loss_config.a, loss_config.mode_weight, generator=generator, filter=loss_config.filter,
                             beta_range=tuple(loss_config.beta_range))
@@ -738,8 +752,8 @@ class BasicTrainer:
                 local = self.local(microbatch)
                 with self.policy_autocast():
                     policy_logps = self.concatenated_forward(self.policy, local)
-                margins.append(self.gather(logratio_margins(*policy_logps, *self.reference(local),
-                                                            self.config.loss.reference_free)))
+                # with the reference term whatever loss.reference_free says, as in get_batch_metrics
+                margins.append(self.gather(logratio_margins(*policy_logps, *self.reference(local))))
         return self.beta_dpo_decision(torch.cat(margins), train=True)
 
     # ----- evaluation ---------------------------------------------------------------------------------
@@ -747,6 +761,7 @@ class BasicTrainer:
     def evaluate(self) -> Dict[str, float]:
         """Mean metrics over the evaluation set (and samples, if sample_during_eval)."""
         self.policy.eval()
+        self.eval_filter_generator.manual_seed(self.seed + self.example_counter)
         all_metrics = defaultdict(list)
         for eval_batch in tqdm.tqdm(self.eval_batches, desc='Computing eval metrics', disable=not self.is_main,
                                     leave=False):
@@ -1036,6 +1051,16 @@ def log_sample_tables(wandb_run, step: int, prompts: List[str], samples: Dict[st
         if texts:
             table = wandb.Table(columns=['step', 'prompt', 'sample'], data=[[step, p, s] for p, s in zip(prompts, texts)])
             wandb_run.log({name: table}, step=step)
+
+
+def reward_metrics(chosen_logratios: torch.Tensor, rejected_logratios: torch.Tensor, beta: Union[float, torch.Tensor],
+                   split: str, suffix: str = '') -> Dict[str, torch.Tensor]:
+    """rewards_{split}/{chosen,rejected,margins}{suffix}: the implicit rewards β·(log π − log π_ref) of each pair
+    (shape (N,)) and their differences, with this β."""
+    beta = beta.detach() if torch.is_tensor(beta) else beta
+    return {f'rewards_{split}/chosen{suffix}': beta * chosen_logratios,
+            f'rewards_{split}/rejected{suffix}': beta * rejected_logratios,
+            f'rewards_{split}/margins{suffix}': beta * (chosen_logratios - rejected_logratios)}
 
 
 def extend_metrics(into: Dict[str, List[float]], metrics: Dict[str, List[float]]) -> None:

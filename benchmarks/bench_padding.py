@@ -62,7 +62,7 @@ def time_steps(model_dir: Path, name: str, args, buckets, workdir: Path) -> floa
     import json
     import subprocess
     local = workdir / f'runs-{buckets}'
-    overrides = [f'model.name_or_path={model_dir}', 'model.name=bench', f'datasets=[{name}]', 'loss=dpo',
+    overrides = [f'model.name_or_path={model_dir}', 'model.name=bench', f'datasets=[{name}]', 'loss=dpo', 'loss.beta=0.1',
                  f'batch_size={args.step_batch_size}', f'n_examples={args.step_batch_size * (args.steps + 1)}',
                  'eval_every=1000000', 'do_first_eval=false', f'eval_batch_size={args.step_batch_size}',
                  f'n_eval_examples={args.step_batch_size}', f'max_length={args.max_length}',

@@ -47,8 +47,8 @@ WORDS = ('alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo li
 HUMAN, ASSISTANT = '\n\nHuman: ', '\n\nAssistant:'
 OURS_MODES = {
     'SFT': ['loss=sft'],
-    'DPO': ['loss=dpo'],
-    'β-DPO': ['loss=dpo', 'loss.mode_loss=beta_DPO', 'loss.mode_weight=0.2', 'loss.a=0.6'],
+    'DPO': ['loss=dpo', 'loss.beta=0.1'],
+    'β-DPO': ['loss=dpo', 'loss.beta=0.1', 'loss.mode_loss=beta_DPO', 'loss.mode_weight=0.2', 'loss.a=0.6'],
 }
 
 

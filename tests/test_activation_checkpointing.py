@@ -17,7 +17,7 @@ class GradientRecorder(BasicTrainer):
 
 def two_dpo_steps(tmp_path, checkpointing):
     """(losses, gradients, input_layernorm calls per block) of 2 SGD steps of DPO, batch 8, on the tiny GPT-NeoX."""
-    config = compose_config([*FAST, 'loss=dpo', 'n_examples=16', 'optimizer=SGD', 'lr=0.1',
+    config = compose_config([*FAST, 'loss=dpo', 'loss.beta=0.1', 'n_examples=16', 'optimizer=SGD', 'lr=0.1',
                              f'activation_checkpointing={str(checkpointing).lower()}'], tmp_path)
     parallelism = prepare_run(config)
     policy, reference = build_run_models(config, parallelism)

@@ -79,7 +79,7 @@ def pairs_with_a_test_prompt(scratch: Path, previous_run: Path) -> List[str]:
     rows = [{'prompt': '\n\nHuman: reverse cab\n\nAssistant:', 'chosen': ' bac', 'rejected': ' bc'},
             {'prompt': '\n\nHuman: reverse nhyi\n\nAssistant:', 'chosen': ' iyhn', 'rejected': ' nhyi'}]
     (scratch / 'pairs.jsonl').write_bytes(jsonl(rows))
-    return ['loss=dpo', f'synthetic.train_pairs={scratch}/pairs.jsonl']
+    return ['loss=dpo', 'loss.beta=0.1', f'synthetic.train_pairs={scratch}/pairs.jsonl']
 
 
 def not_a_directory(scratch: Path, previous_run: Path) -> List[str]:
@@ -94,13 +94,19 @@ CASES = [
          'loss.beta=-0.1 must be a positive number (e.g. loss.beta=0.1)', True),
     Case('non-numeric beta', lambda s, p: ['loss=dpo', 'loss.beta=high'], ValueError,
          "loss.beta='high' must be a positive number (e.g. loss.beta=0.1)", True),
-    Case('mode_weight >= 1', lambda s, p: ['loss=dpo', 'loss.mode_loss=beta_DPO', 'loss.mode_weight=1.0'], ValueError,
+    Case('mode_weight >= 1', lambda s, p: ['loss=dpo', 'loss.beta=0.1', 'loss.mode_loss=beta_DPO',
+                                           'loss.mode_weight=1.0'], ValueError,
          'loss.mode_weight=1.0 (ρ, the fraction of pairs the filter drops) must be in [0, 1)', True),
+    Case('no beta', lambda s, p: ['loss=dpo'], ValueError,
+         'missing values for: loss.beta (set them on the command line, e.g. loss.beta=...)', True),
+    Case('FSDP without a block name', lambda s, p: ['trainer=FSDPTrainer', 'model.block_name=null'], ValueError,
+         'model.block_name is null, but trainer=FSDPTrainer (it shards the model block by block) needs the class name '
+         'of a transformer block; set e.g. model.block_name=GPTNeoXLayer', True),
     Case('batch size not divisible', lambda s, p: ['batch_size=6', 'gradient_accumulation_steps=4'], ValueError,
          'batch_size=6 must be divisible by gradient_accumulation_steps (4) × processes (1) = 4', True),
     Case('unknown trainer', lambda s, p: ['trainer=DDPTrainer'], ValueError,
          "trainer='DDPTrainer' is unknown; choose one of BasicTrainer, FSDPTrainer, TensorParallelTrainer", True),
-    Case('unknown loss mode', lambda s, p: ['loss=dpo', 'loss.mode_loss=beta_dpo'], ValueError,
+    Case('unknown loss mode', lambda s, p: ['loss=dpo', 'loss.beta=0.1', 'loss.mode_loss=beta_dpo'], ValueError,
          "loss.mode_loss='beta_dpo' is unknown; use mean (plain DPO) or beta_DPO", True),
     Case('unknown loss', lambda s, p: ['loss=kto'], MissingConfigException,
          "Could not find 'loss/kto'\n\nAvailable options in 'loss':\n\tdpo\n\tipo\n\tsft", True),
@@ -143,8 +149,8 @@ CASES = [
     Case('prompts without Assistant:', lambda s, p: hh_files(
         s / 'd', jsonl([{'chosen': f'\n\nHuman: hi {i}', 'rejected': f'\n\nHuman: hi {i}'} for i in range(8)])),
          ValueError, "test.jsonl: 8 of 8 rows are unusable: 8 no '\\n\\nAssistant:' in chosen (rows 1, 2, 3, 4, 5, ...)"),
-    Case('missing pairs file', lambda s, p: ['loss=dpo', f'synthetic.train_pairs={s}/pairs.jsonl'], ValueError,
-         'pairs.jsonl does not exist; write it with `python sample_pairs.py SFT_RUN_DIR --out', True),
+    Case('missing pairs file', lambda s, p: ['loss=dpo', 'loss.beta=0.1', f'synthetic.train_pairs={s}/pairs.jsonl'],
+         ValueError, 'pairs.jsonl does not exist; write it with `python sample_pairs.py SFT_RUN_DIR --out', True),
     Case('test prompt in the pairs file', pairs_with_a_test_prompt, ValueError,
          'pairs.jsonl row 2: \'\\n\\nHuman: reverse nhyi\\n\\nAssistant:\' is a test prompt of the synthetic task'),
     Case('too few examples for a batch', lambda s, p: hh_files(s / 'd', jsonl(GOOD_ROWS[:5])), ValueError,

@@ -31,7 +31,7 @@ def test_sigkill_during_a_checkpoint_write_leaves_the_previous_one_loadable(tmp_
         assert torch.load(run_dir / 'LATEST' / name, weights_only=True)
     assert torch.load(run_dir / 'LATEST' / 'policy.pt', weights_only=True)['step_idx'] == 16
 
-    dpo = start_run([*FAST, 'loss=dpo', f'model.archive={run_dir}/LATEST/policy.pt'], tmp_path)
+    dpo = start_run([*FAST, 'loss=dpo', 'loss.beta=0.1', f'model.archive={run_dir}/LATEST/policy.pt'], tmp_path)
     archive = torch.load(run_dir / 'LATEST' / 'policy.pt', weights_only=True)['state']
     for key, value in dpo.reference.model.state_dict().items():
         assert torch.equal(value, archive[key]), key

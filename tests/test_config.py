@@ -1,5 +1,6 @@
 """Every config group option composes with Hydra, and validation reports every problem at once."""
 import pytest
+from omegaconf import OmegaConf
 
 from helpers import ROOT, compose_config
 from train import validate_config
@@ -16,13 +17,18 @@ def test_the_original_presets_are_all_there():
 @pytest.mark.parametrize('model', MODELS)
 @pytest.mark.parametrize('loss', LOSSES)
 def test_every_model_and_loss_composes_and_validates(tmp_path, model, loss):
+    """As in the original, a run names itself (exp_name), a DPO-family loss needs loss.beta, and a blank model
+    its name_or_path; the embedded default (tiny) sets its own exp_name. With those given, every pair validates."""
     config = compose_config([f'model={model}', f'loss={loss}'], tmp_path)
-    problems = validate_config(config)
-    if model.startswith('blank_model'):
-        assert len(problems) == 1 and 'model.name_or_path' in problems[0] and 'model.block_name' in problems[0]
-    else:
-        assert problems == []
-        assert config.model.name_or_path and config.model.block_name
+    missing = [key for key, required in (('exp_name', model != 'tiny'), ('loss.beta', loss != 'sft'),
+                                         ('model.name_or_path', model.startswith('blank_model'))) if required]
+    expected = [f'missing values for: {", ".join(missing)} (set them on the command line, e.g. {missing[0]}=...)'] \
+        if missing else []
+    assert validate_config(config) == expected
+    given = {'exp_name': 'x', 'loss.beta': '0.1', 'model.name_or_path': 'gpt2'}
+    config = compose_config([f'model={model}', f'loss={loss}', *(f'{key}={given[key]}' for key in missing)], tmp_path)
+    assert validate_config(config) == []
+    assert config.model.name_or_path and (config.model.block_name or model.startswith('blank_model'))
 
 
 def test_original_config_keys_are_kept(tmp_path):
@@ -36,6 +42,7 @@ def test_original_config_keys_are_kept(tmp_path):
     assert set(config.wandb) == {'enabled', 'entity', 'project'}
     dpo = compose_config(['loss=dpo'], tmp_path).loss
     assert set(dpo) >= {'name', 'beta', 'label_smoothing', 'reference_free', 'mode_loss', 'mode_weight', 'a'}
+    assert OmegaConf.is_missing(dpo, 'beta')  # required, as in the original
 
 
 def test_every_yaml_key_has_a_comment_above_it():

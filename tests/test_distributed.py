@@ -5,7 +5,8 @@ float32; float32 sums in a different order differ by ~1e-7) and the same saved w
 and β-DPO; β-DPO's β and keep mask are identical on both ranks at every step; an SFT checkpoint of
 either kind starts a β-DPO run of the other; an RMSprop run resumed from an FSDP checkpoint continues
 as the uninterrupted BasicTrainer run does; precomputed reference log-probabilities give the losses of
-the split reference model in memory. Runs: BasicTrainer in this process, one FSDP run through
+the split reference model in memory; the FSDP reference computes in its own dtype whatever the policy's mixed
+precision. Runs: BasicTrainer in this process, one FSDP run through
 `python train.py trainer=FSDPTrainer n_cpu_processes=2`, one TensorParallelTrainer run through
 torchrun, and the rest in one 2-process group started here (one start-up for all of them).
 """
@@ -32,7 +33,8 @@ pytestmark = pytest.mark.slow
 # shards is part of the comparison.
 COMMON = [*FAST, 'optimizer=SGD', 'lr=0.01', 'max_grad_norm=10', 'n_examples=32', 'eval_every=16',
           'minimum_log_interval_secs=0', 'n_cpu_processes=2']
-BETA_DPO = ['loss=dpo', 'loss.beta=0.1', 'loss.mode_loss=beta_DPO', 'loss.mode_weight=0.2', 'loss.a=0.6']
+DPO = ['loss=dpo', 'loss.beta=0.1']
+BETA_DPO = [*DPO, 'loss.mode_loss=beta_DPO', 'loss.mode_weight=0.2', 'loss.a=0.6']
 # RMSprop has a state to save and restore; 2 steps, then a resume for a third
 RMSPROP = [*FAST, 'optimizer=RMSprop', 'lr=1e-3', 'eval_every=16', 'minimum_log_interval_secs=0', 'loss=sft']
 
@@ -94,7 +96,7 @@ class RecordingPrecompute:
     then reads the DPO run's file."""
 
     def precompute_reference_logps(self):
-        path = reference_cache_path(self.config, self.tokenizer)
+        path = self.reference_cache_file()
         if self.config.loss.mode_loss == 'mean' and self.is_main:
             path.unlink(missing_ok=True)
         torch.distributed.barrier()
@@ -105,6 +107,7 @@ class RecordingPrecompute:
         record = {'n_before': n_before, 'n_after': len(self.reference.cache), 'n_on_disk': len(load_reference_cache(path)),
                   'reference_freed': reference() is None}
         (self.run_dir / f'precompute_rank{self.rank}.json').write_text(json.dumps(record))
+        (self.run_dir / 'cache_path.txt').write_text(str(path))
 
 
 def sharded_worker(rank, world_size, port, jobs):
@@ -134,13 +137,16 @@ def runs(tmp_path_factory):
     """Run directories by name. BasicTrainer: sft, dpo and beta_dpo (both from sft's archive),
     rmsprop_24. FSDP: fsdp_sft (train.py), fsdp_dpo, fsdp_beta_dpo, fsdp_rmsprop_16 and its resume to 24
     examples. TP: tp_sft (torchrun), tp_dpo, tp_beta_dpo. And basic_beta_dpo_from_fsdp. Each sharded
-    DPO / β-DPO run also as {name}_precomputed, with precompute_ref_log_probs=true."""
+    DPO / β-DPO run also as {name}_precomputed, with precompute_ref_log_probs=true, and BasicTrainer's
+    dpo_precomputed and FSDP's fsdp_dpo_bf16_precomputed (model.fsdp_policy_mp=bfloat16)."""
     tmp = tmp_path_factory.mktemp('distributed')
     found = {}
     found['sft'] = Path(train_basic(tmp, 'sft', [*COMMON, 'loss=sft']))
     archive = f'model.archive={found["sft"]}/LATEST/policy.pt'
-    found['dpo'] = Path(train_basic(tmp, 'dpo', [*COMMON, 'loss=dpo', archive]))
+    found['dpo'] = Path(train_basic(tmp, 'dpo', [*COMMON, *DPO, archive]))
     found['beta_dpo'] = Path(train_basic(tmp, 'beta_dpo', [*COMMON, *BETA_DPO, archive]))
+    found['dpo_precomputed'] = Path(train_basic(tmp, 'dpo_precomputed', [*COMMON, *DPO, archive,
+                                                                          'precompute_ref_log_probs=true']))
     found['rmsprop_24'] = Path(train_basic(tmp, 'rmsprop', [*RMSPROP, 'n_examples=24']))
     llama = [f'model.name_or_path={save_tiny_llama(tmp / "llama")}', 'model.tokenizer_name_or_path=embedded:tiny',
              'model.block_name=LlamaDecoderLayer', 'loss=sft', 'n_examples=16']
@@ -163,24 +169,27 @@ def runs(tmp_path_factory):
 
     fsdp_rmsprop = tmp / 'fsdp_rmsprop_run'
     jobs = [([*COMMON, *extra, f'trainer={trainer}', f'exp_name={name}'], tmp) for name, trainer, extra in [
-        ('fsdp_dpo', 'FSDPTrainer', ['loss=dpo', archive]),
+        ('fsdp_dpo', 'FSDPTrainer', [*DPO, archive]),
         ('fsdp_beta_dpo', 'FSDPTrainer', [*BETA_DPO, archive]),
-        ('tp_dpo', 'TensorParallelTrainer', ['loss=dpo', archive]),
+        ('tp_dpo', 'TensorParallelTrainer', [*DPO, archive]),
         ('tp_beta_dpo', 'TensorParallelTrainer', [*BETA_DPO, archive]),
-        ('fsdp_dpo_checkpointed', 'FSDPTrainer', ['loss=dpo', archive, 'activation_checkpointing=true']),
+        ('fsdp_dpo_checkpointed', 'FSDPTrainer', [*DPO, archive, 'activation_checkpointing=true']),
         ('fsdp_sft_bf16', 'FSDPTrainer', ['loss=sft', 'model.fsdp_policy_mp=bfloat16']),
         ('fsdp_llama_sft', 'FSDPTrainer', llama),
         ('tp_llama_sft', 'TensorParallelTrainer', [*llama, 'activation_checkpointing=true']),
-        ('fsdp_dpo_precomputed', 'FSDPTrainer', ['loss=dpo', archive, 'precompute_ref_log_probs=true']),
+        ('fsdp_dpo_precomputed', 'FSDPTrainer', [*DPO, archive, 'precompute_ref_log_probs=true']),
         ('fsdp_beta_dpo_precomputed', 'FSDPTrainer', [*BETA_DPO, archive, 'precompute_ref_log_probs=true']),
-        ('tp_dpo_precomputed', 'TensorParallelTrainer', ['loss=dpo', archive, 'precompute_ref_log_probs=true']),
-        ('tp_beta_dpo_precomputed', 'TensorParallelTrainer', [*BETA_DPO, archive, 'precompute_ref_log_probs=true'])]]
+        ('tp_dpo_precomputed', 'TensorParallelTrainer', [*DPO, archive, 'precompute_ref_log_probs=true']),
+        ('tp_beta_dpo_precomputed', 'TensorParallelTrainer', [*BETA_DPO, archive, 'precompute_ref_log_probs=true']),
+        # after fsdp_beta_dpo_precomputed, which reads the file of fsdp_dpo_precomputed that this one replaces
+        ('fsdp_dpo_bf16_precomputed', 'FSDPTrainer', [*DPO, archive, 'model.fsdp_policy_mp=bfloat16',
+                                                      'precompute_ref_log_probs=true'])]]
     jobs += [([*RMSPROP, 'trainer=FSDPTrainer', 'n_examples=16', f'local_run_dir={fsdp_rmsprop}'], tmp),
              ([*RMSPROP, 'trainer=FSDPTrainer', 'n_examples=24', f'resume_from={fsdp_rmsprop}'], tmp)]
     mp.spawn(sharded_worker, args=(2, get_open_port(), jobs), nprocs=2, join=True)
     for name in ('fsdp_dpo', 'fsdp_beta_dpo', 'tp_dpo', 'tp_beta_dpo', 'fsdp_dpo_checkpointed', 'fsdp_sft_bf16',
                  'fsdp_llama_sft', 'tp_llama_sft', 'fsdp_dpo_precomputed', 'fsdp_beta_dpo_precomputed',
-                 'tp_dpo_precomputed', 'tp_beta_dpo_precomputed'):
+                 'tp_dpo_precomputed', 'tp_beta_dpo_precomputed', 'fsdp_dpo_bf16_precomputed'):
         found[name] = next(tmp.glob(f'*/{name}_*'))
     found['fsdp_rmsprop_24'] = fsdp_rmsprop
     return found
@@ -308,3 +317,23 @@ def test_precomputed_reference_gives_the_in_memory_losses(runs, trainer, loss):
     if loss == 'beta_dpo':  # the same β at every step as with the reference model in memory
         assert [m['record_train/beta_used'] for m in read_metrics(precomputed)] == pytest.approx(
             [m['record_train/beta_used'] for m in read_metrics(in_memory)], rel=1e-4)
+
+
+def test_fsdp_reference_computes_in_its_own_dtype_not_the_policy_mixed_precision(runs):
+    """model.fsdp_policy_mp=bfloat16 under FSDP (2 processes): the reference, wrapped without mixed precision,
+    gives BasicTrainer's float32 log-probabilities for all 40 pairs (within 1e-5 relative; summed log-probs of
+    −73 to −22 nats). Wrapped in the policy's bfloat16, as before the fix, they were off by up to 0.019 nats
+    (mean 0.0068, 5e-4 relative; measured with the bug restored), as much as the margins themselves at the
+    first steps. Its cache file is not BasicTrainer's (trainer and processes are part of the key) but is the
+    float32 FSDP run's (model.fsdp_policy_mp is not: it never touches the reference)."""
+    from omegaconf import OmegaConf
+    from models import load_tokenizer
+    basic_config = OmegaConf.load(runs['dpo_precomputed'] / 'config.yaml')
+    basic = load_reference_cache(reference_cache_path(basic_config, load_tokenizer(basic_config), 1, 'cpu'))
+    fsdp_path = (runs['fsdp_dpo_bf16_precomputed'] / 'cache_path.txt').read_text()
+    fsdp = load_reference_cache(Path(fsdp_path))
+    assert len(basic) == len(fsdp) == 40 and basic.keys() == fsdp.keys()
+    for key, values in basic.items():
+        assert fsdp[key] == pytest.approx(values, rel=1e-5), key
+    assert fsdp_path == (runs['fsdp_dpo_precomputed'] / 'cache_path.txt').read_text()
+    assert fsdp_path != str(reference_cache_path(basic_config, load_tokenizer(basic_config), 1, 'cpu'))

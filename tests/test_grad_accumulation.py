@@ -32,7 +32,8 @@ def one_step(tmp_path, overrides, accumulation, perturb=False):
     return metrics, update, trainer
 
 
-@pytest.mark.parametrize('loss', [['loss=sft'], ['loss=dpo'], ['loss=ipo'], ['loss=dpo', 'loss.label_smoothing=0.2']])
+@pytest.mark.parametrize('loss', [['loss=sft'], ['loss=dpo', 'loss.beta=0.1'], ['loss=ipo', 'loss.beta=0.1'],
+                                  ['loss=dpo', 'loss.beta=0.1', 'loss.label_smoothing=0.2']])
 def test_batch_of_8_equals_8_accumulated_microbatches(tmp_path, loss):
     whole, whole_params, _ = one_step(tmp_path / 'a', loss, accumulation=1, perturb=True)
     accumulated, accumulated_params, _ = one_step(tmp_path / 'b', loss, accumulation=8, perturb=True)
@@ -48,7 +49,7 @@ def test_beta_dpo_statistics_are_per_microbatch_by_design(tmp_path):
     """One microbatch of 8: k = ⌊8·0.8⌋ = 6 pairs kept, μ and σ updated once.
     Eight microbatches of 1: k = max(1, ⌊0.8⌋) = 1 each, so every pair is kept, and μ, σ are updated
     8 times, σ from single margins (std 0): σ stays 0 and μ is an 8-step EMA. The loss differs."""
-    beta_dpo = ['loss=dpo', 'loss.mode_loss=beta_DPO', 'loss.mode_weight=0.2', 'loss.a=0.6']
+    beta_dpo = ['loss=dpo', 'loss.beta=0.1', 'loss.mode_loss=beta_DPO', 'loss.mode_weight=0.2', 'loss.a=0.6']
     whole, whole_params, whole_trainer = one_step(tmp_path / 'a', beta_dpo, accumulation=1, perturb=True)
     accumulated, accumulated_params, accumulated_trainer = one_step(tmp_path / 'b', beta_dpo, accumulation=8,
                                                                     perturb=True)
@@ -94,7 +95,7 @@ def test_beta_dpo_step_scope_4x2_equals_1x8(tmp_path, level):
     """loss.beta_dpo_scope=step: 4 accumulated microbatches of 2 pairs decide β-DPO once over the 8 pairs of the
     step, from margins computed without gradients first. One decision, k = ⌊8·0.75⌋ = 6 kept, the same β (per
     pair at beta_level=instance), kept set, statistics, loss and SGD update as one microbatch of 8."""
-    beta_dpo = ['loss=dpo', 'loss.mode_loss=beta_DPO', 'loss.mode_weight=0.25', 'loss.a=0.6',
+    beta_dpo = ['loss=dpo', 'loss.beta=0.1', 'loss.mode_loss=beta_DPO', 'loss.mode_weight=0.25', 'loss.a=0.6',
                 'loss.beta_dpo_scope=step', f'loss.beta_level={level}']
     whole, whole_update, whole_trainer = one_recorded_step(tmp_path / 'a', beta_dpo, accumulation=1)
     accumulated, accumulated_update, accumulated_trainer = one_recorded_step(tmp_path / 'b', beta_dpo, accumulation=4)

@@ -11,7 +11,7 @@ from train import build_run_models, prepare_run
 from reference_cache import load_reference_cache, reference_cache_path
 from trainers import BasicTrainer
 
-DPO = [*FAST, 'loss=dpo', 'n_examples=24', 'optimizer=SGD', 'lr=0.1']
+DPO = [*FAST, 'loss=dpo', 'loss.beta=0.1', 'n_examples=24', 'optimizer=SGD', 'lr=0.1']
 
 
 def make_trainer(tmp_path, overrides):
@@ -53,28 +53,32 @@ def test_precomputed_reference_gives_the_same_losses_and_frees_the_model(tmp_pat
     capsys.readouterr()
     again.precompute_reference_logps()
     assert 'of 32 pairs (0 computed now)' in capsys.readouterr().out
-    assert load_reference_cache(reference_cache_path(again.config, again.tokenizer)) == cached.reference.cache
+    assert load_reference_cache(again.reference_cache_file()) == cached.reference.cache
 
 
-def test_cache_key_changes_with_archive_data_and_lengths(tmp_path):
-    """The cache file changes with model.archive (and when the archive is rewritten), the data (datasets,
-    the synthetic task's options) and the length settings; it stays for what does not change the
-    reference's values (seed, n_examples, lr, the loss)."""
+def test_cache_key_changes_with_what_changes_the_values(tmp_path):
+    """The cache file changes with model.archive (and when the archive is rewritten), the data (datasets, the
+    synthetic task's options), the length settings, the precision (reference dtype, TF32, the head's chunking)
+    and the layout (trainer, processes, device type); it stays for what does not change the reference's values:
+    seed, n_examples, lr, the loss, and model.fsdp_policy_mp (the policy's compute dtype only)."""
     archive = tmp_path / 'policy.pt'
     archive.write_bytes(b'weights one')
 
-    def path(*overrides):
-        config = compose_config([*DPO, *overrides], tmp_path)
-        from models import load_tokenizer
-        return reference_cache_path(config, load_tokenizer(config))
+    from models import load_tokenizer
+    tokenizer = load_tokenizer(compose_config(DPO, tmp_path))  # the same for every variant below
+
+    def path(*overrides, world_size=1, device_type='cpu'):
+        return reference_cache_path(compose_config([*DPO, *overrides], tmp_path), tokenizer, world_size, device_type)
 
     base = path()
-    assert path('seed=3', 'n_examples=64', 'lr=0.5', 'loss.beta=0.3', 'loss.mode_loss=beta_DPO') == base
+    assert path('seed=3', 'n_examples=64', 'lr=0.5', 'loss.beta=0.3', 'loss.mode_loss=beta_DPO',
+                'model.fsdp_policy_mp=bfloat16') == base
     with_archive = path(f'model.archive={archive}')
     assert with_archive != base
     archive.write_bytes(b'weights two, longer')
     assert path(f'model.archive={archive}') != with_archive
-    assert path('synthetic.n_train=65') != base
-    assert path('max_length=80') != base
-    assert path('max_prompt_length=32') != base
-    assert path('model.reference_dtype=bfloat16') != base
+    changed = [path('synthetic.n_train=65'), path('max_length=80'), path('max_prompt_length=32'),
+               path('model.reference_dtype=bfloat16'), path('allow_tf32=false'), path('logps_chunk_size=null'),
+               path('trainer=FSDPTrainer', world_size=2), path('trainer=TensorParallelTrainer', world_size=2),
+               path('trainer=FSDPTrainer', world_size=4), path(device_type='cuda')]
+    assert len({base, *changed}) == 1 + len(changed)

@@ -263,16 +263,16 @@ def test_ipo_instance_betas_are_bounded_too():
 
 def test_defaults_compose_and_are_the_originals(tmp_path):
     """loss=dpo composes with every switch at the original's behaviour; loss=ipo bounds β to [0.5, 2]·β0."""
-    dpo = compose_config(['loss=dpo'], tmp_path).loss
+    dpo = compose_config(['loss=dpo', 'loss.beta=0.1'], tmp_path).loss
     assert (dpo.loss_type, dpo.average_log_prob, dpo.rpo_alpha, dpo.momentum, dpo.m0, dpo.beta_level, dpo.filter,
             list(dpo.beta_range), dpo.beta_dpo_scope) == ('sigmoid', False, 0, 0.9, None, 'batch', 'gaussian',
                                                           [0, None], 'microbatch')
-    ipo = compose_config(['loss=ipo'], tmp_path).loss
+    ipo = compose_config(['loss=ipo', 'loss.beta=0.1'], tmp_path).loss
     assert ipo.loss_type == 'ipo' and list(ipo.beta_range) == [0.5, 2.0]
     import train
-    switches = ['loss=dpo', 'loss.mode_loss=beta_DPO', 'loss.loss_type=hinge', 'loss.average_log_prob=true',
-                'loss.rpo_alpha=0.5', 'loss.momentum=1.0', 'loss.m0=0.25', 'loss.beta_level=instance',
-                'loss.filter=tail', 'loss.beta_range=[0.5,null]', 'loss.beta_dpo_scope=step']
+    switches = ['loss=dpo', 'loss.beta=0.1', 'loss.mode_loss=beta_DPO', 'loss.loss_type=hinge',
+                'loss.average_log_prob=true', 'loss.rpo_alpha=0.5', 'loss.momentum=1.0', 'loss.m0=0.25',
+                'loss.beta_level=instance', 'loss.filter=tail', 'loss.beta_range=[0.5,null]', 'loss.beta_dpo_scope=step']
     assert train.validate_config(compose_config([*FAST, *switches], tmp_path)) == []
 
 
@@ -295,7 +295,7 @@ BAD_SWITCHES = [
 @pytest.mark.parametrize('overrides, message', BAD_SWITCHES, ids=[' '.join(o) for o, _ in BAD_SWITCHES])
 def test_bad_switch_is_named_and_nothing_is_written(tmp_path, overrides, message):
     import train
-    config = compose_config([*FAST, *overrides], tmp_path)
+    config = compose_config([*FAST, *overrides, 'loss.beta=0.1'], tmp_path)
     with pytest.raises(ValueError) as info:
         train.prepare_run(config)
     assert message in str(info.value), str(info.value)
@@ -305,7 +305,7 @@ def test_bad_switch_is_named_and_nothing_is_written(tmp_path, overrides, message
 def test_every_bad_switch_is_reported_at_once(tmp_path):
     import train
     problems = train.validate_config(compose_config(
-        [*FAST, 'loss=dpo', 'loss.momentum=-0.1', 'loss.filter=both', 'loss.m0=high'], tmp_path))
+        [*FAST, 'loss=dpo', 'loss.beta=0.1', 'loss.momentum=-0.1', 'loss.filter=both', 'loss.m0=high'], tmp_path))
     assert [p.split('=')[0] for p in problems] == ['loss.momentum', 'loss.m0', 'loss.filter']
 
 
@@ -315,7 +315,8 @@ def first_step(tmp_path, overrides):
     """(metrics of the first training step, its batch's (8,) chosen log-probabilities before the step, the
     batch) of the embedded model, policy = reference."""
     from helpers import start_run
-    trainer = start_run([*FAST, 'loss=dpo', 'n_examples=8', 'optimizer=SGD', 'lr=0.1', *overrides], tmp_path)
+    trainer = start_run([*FAST, 'loss=dpo', 'loss.beta=0.1', 'n_examples=8', 'optimizer=SGD', 'lr=0.1', *overrides],
+                        tmp_path)
     batch = next(iter(trainer.train_batches()))
     with torch.no_grad():
         chosen_logps, _ = trainer.concatenated_forward(trainer.policy, batch)

@@ -9,8 +9,9 @@ from helpers import run_dir_from_output, run_train
 
 pytestmark = pytest.mark.slow
 
-SMALL = ['wandb.enabled=false', 'sample_during_eval=false', 'n_examples=4', 'batch_size=2', 'eval_batch_size=2',
-         'n_eval_examples=2', 'max_length=64', 'max_prompt_length=32', 'warmup_steps=0', 'eval_every=1000']
+SMALL = ['exp_name=smollm2', 'wandb.enabled=false', 'sample_during_eval=false', 'n_examples=4', 'batch_size=2',
+         'eval_batch_size=2', 'n_eval_examples=2', 'max_length=64', 'max_prompt_length=32', 'warmup_steps=0',
+         'eval_every=1000']
 
 
 @pytest.fixture(scope='module')

@@ -127,7 +127,7 @@ def test_sft_run_to_its_own_pairs_to_dpo(tmp_path):
     sample_pairs.main([str(sft_dir), '--out', str(tmp_path / 'again.jsonl'), '--samples', '2', '--seed', '1'])
     assert (tmp_path / 'again.jsonl').read_text() == out.read_text()
 
-    output = run_train([*common, 'loss=dpo', 'exp_name=dpo', f'synthetic.train_pairs={out}',
+    output = run_train([*common, 'loss=dpo', 'loss.beta=0.1', 'exp_name=dpo', f'synthetic.train_pairs={out}',
                         f'model.archive={sft_dir}/LATEST/policy.pt'], cwd=tmp_path).stdout
     assert f'pairs from {out}): {len({r["prompt"] for r in rows})} prompts' in output
     dpo_dir = run_dir_from_output(output)
