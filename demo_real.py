@@ -163,10 +163,32 @@ class Outcome:
 @dataclass
 class Job:
     """A command that may run once the jobs named in `after` have finished; `command` builds its arguments from
-    their results (a training run's directory is known only once it has started)."""
+    their results (a training run's directory is known only once it has started). A job with an `output` file is
+    not run again when that file exists beside a record (OUTPUT.done.json) of the same command: a later part of the
+    sweep reuses the pairs sampled for the same seed and condition, and the base model's evaluation."""
     name: str
     command: Callable[[Dict[str, 'Finished']], List[str]]
     after: Tuple[str, ...] = ()
+    output: Optional[Path] = None
+
+    def record_path(self) -> Optional[Path]:
+        return None if self.output is None else self.output.with_name(self.output.name + '.done.json')
+
+    def reused(self, command: List[str]) -> Optional['Finished']:
+        """The recorded result of an earlier run of the same command, if its output is still there."""
+        record = self.record_path()
+        if record is None or not (record.is_file() and self.output.is_file()):
+            return None
+        saved = json.loads(record.read_text())
+        if saved['command'] != command[1:]:
+            return None
+        return Finished(self, command, saved['log_text'], saved['wall_s'])
+
+    def save_record(self, finished: 'Finished') -> None:
+        from checkpoints import atomic_write_text
+        if self.record_path() is not None:
+            atomic_write_text(self.record_path(), json.dumps(
+                {'command': finished.command[1:], 'log_text': finished.log_text, 'wall_s': finished.wall_s}))
 
 
 @dataclass
@@ -179,7 +201,8 @@ class Finished:
 
 def run_jobs(jobs: Sequence[Job], out: Path, parallel: int, threads: int) -> Dict[str, Finished]:
     """Run `jobs` (in list order as their prerequisites allow), at most `parallel` at a time, each command's output
-    in out/logs/NAME.log, `threads` torch threads each; RuntimeError with the end of the log of the first that fails (the others are stopped)."""
+    in out/logs/NAME.log, `threads` torch threads each (a job whose output is recorded is reused, see Job);
+    RuntimeError with the end of the log of the first that fails (the others are stopped)."""
     pending, running, done = list(jobs), {}, {}
     try:
         while pending or running:
@@ -188,14 +211,22 @@ def run_jobs(jobs: Sequence[Job], out: Path, parallel: int, threads: int) -> Dic
                     break
                 pending.remove(job)
                 command = job.command(done)
+                reused = job.reused(command)
+                if reused is not None:
+                    done[job.name] = reused
+                    print(f'{job.name}: reused {job.output} (same command, {reused.wall_s:.0f} s then)', flush=True)
+                    continue
                 running[job.name] = (job, demo.Process(command, out / 'logs' / f'{job.name}.log', threads, job.name))
             if not running:
-                raise RuntimeError(f'jobs {[j.name for j in pending]} wait for jobs that never run')
+                if pending and not any(all(a in done for a in j.after) for j in pending):
+                    raise RuntimeError(f'jobs {[j.name for j in pending]} wait for jobs that never run')
+                continue
             time.sleep(0.5)
             for name, (job, process) in list(running.items()):
                 if process.process.poll() is not None:
                     del running[name]
                     done[name] = Finished(job, process.command, process.wait(), process.wall_s)
+                    job.save_record(done[name])
                     print(f'{name}: done in {process.wall_s:.0f} s', flush=True)
     finally:
         for _, process in running.values():
@@ -264,10 +295,12 @@ def plan(args, sizes: Sizes, out: Path, base: str) -> List[Job]:
         for condition in args.conditions:
             jobs.append(Job(f'pairs_{condition}_seed{seed}', lambda done, condition=condition, seed=seed: [
                 sys.executable, 'sample_pairs.py', *pair_args(base, task_dir, sizes, CONDITIONS[condition], seed,
-                                                              pairs_file(out, condition, seed, task_dir, sizes))]))
+                                                              pairs_file(out, condition, seed, task_dir, sizes))],
+                output=out / 'pairs' / f'{condition}_seed{seed}' / 'train.jsonl'))
         jobs.append(Job(f'eval_base_seed{seed}', lambda done, seed=seed: [
             sys.executable, 'evaluate.py', *evaluate_args(base, None, task_dir, sizes, seed,
-                                                          out / 'evals' / f'base_seed{seed}', local_dir)]))
+                                                          out / 'evals' / f'base_seed{seed}', local_dir)],
+            output=out / 'evals' / f'base_seed{seed}' / 'results.json'))
         for condition in args.conditions:
             for spec in run_specs(args, condition, seed):
                 jobs.append(Job(spec.name, lambda done, spec=spec: [

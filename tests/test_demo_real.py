@@ -80,3 +80,25 @@ def test_quick_experiment_end_to_end(smollm2_local_dirs, tmp_path):
     assert '| clean | β-DPO, β = 0.1 | 1 |' in report and '- clean, β = 0.1, seed 0: β-DPO − DPO' in report
     for name in ('frontier.png', 'beta.png', 'loss.png'):
         assert (out / name).read_bytes()[:8] == PNG_MAGIC
+
+
+def test_jobs_run_after_their_inputs_and_recorded_outputs_are_reused(tmp_path):
+    """b runs after a and reads what a wrote; a second run_jobs with the same command for a reuses its recorded
+    output (a is not run again: its file keeps the first run's text), a changed command runs again; a failing job
+    stops the rest with the end of its log."""
+    import sys
+    from demo_real import Job, run_jobs
+    made = tmp_path / 'a.txt'
+
+    def write(text):
+        return lambda done: [sys.executable, '-c', f'open({str(made)!r}, "a").write({text!r}); print("wrote {text}")']
+    jobs = [Job('b', lambda done: [sys.executable, '-c', f'print(open({str(made)!r}).read())'], after=('a',)),
+            Job('a', write('first'), output=made)]
+    done = run_jobs(jobs, tmp_path, parallel=2, threads=1)
+    assert done['b'].log_text.strip() == 'first' and done['a'].log_text.strip() == 'wrote first'
+    again = run_jobs(jobs, tmp_path, parallel=2, threads=1)
+    assert made.read_text() == 'first' and again['a'].log_text == done['a'].log_text
+    changed = run_jobs([Job('a', write('second'), output=made)], tmp_path, parallel=1, threads=1)
+    assert made.read_text() == 'firstsecond' and changed['a'].log_text.strip() == 'wrote second'
+    with pytest.raises(RuntimeError, match=r"c failed with exit code 3.*\n.*boom"):
+        run_jobs([Job('c', lambda done: [sys.executable, '-c', 'print("boom"); raise SystemExit(3)'])], tmp_path, 1, 1)
