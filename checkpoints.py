@@ -16,13 +16,14 @@ renamed into place, so a process killed at any moment (SIGKILL, preemption, powe
 old file or the new one.
 """
 import contextlib
+import errno
 import json
 import os
 import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Tuple, Union
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -39,16 +40,102 @@ def fsync_dir(path: Union[str, Path]) -> None:
         os.close(fd)
 
 
+class DiskFullError(OSError):
+    """A write failed for lack of space (ENOSPC) or quota (EDQUOT); the message names the directory, the space
+    needed and the space free, and says what was kept."""
+
+    def __init__(self, message: str):
+        super().__init__(errno.ENOSPC, message)
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
+def disk_full_cause(error: BaseException) -> Optional[BaseException]:
+    """The exception in `error`'s chain that says the disk or the quota is full, if any.
+
+    torch.save into a file object reports it as `RuntimeError: [enforce fail at inline_container.cc]` with the
+    OSError chained; safetensors as a SafetensorError whose text ends `(os error 28)`.
+    """
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return error
+        if any(text in str(error) for text in ('No space left on device', 'Disk quota exceeded', 'os error 28')):
+            return error
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def human_bytes(n: float) -> str:
+    for unit in ('bytes', 'KB', 'MB', 'GB', 'TB'):
+        if n < 1000 or unit == 'TB':
+            return f'{n:.0f} {unit}' if unit == 'bytes' else f'{n:.1f} {unit}'
+        n /= 1000
+
+
+def size_on_disk(path: Path) -> int:
+    """Bytes of the file `path`, or of every file under the directory `path` (0 if absent)."""
+    if path.is_file():
+        return path.stat().st_size
+    return sum(f.stat().st_size for f in path.rglob('*') if f.is_file()) if path.is_dir() else 0
+
+
+def free_bytes(path: Path) -> int:
+    """Free space on the file system that holds `path` (or its nearest existing ancestor)."""
+    path = Path(path).absolute()
+    while not path.exists():
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
 @contextlib.contextmanager
-def atomic_path(final: Union[str, Path], directory: bool = False) -> Iterator[Path]:
+def explained_if_disk_full(target: Path, needed_bytes: Optional[int] = None,
+                           written: Callable[[], int] = lambda: 0) -> Iterator[None]:
+    """Turn a full disk inside into a DiskFullError naming the directory of `target`, the space needed
+    (`needed_bytes`, the caller's estimate, else more than `written()`, the bytes written before the disk filled)
+    and the space free now. The project's one place that recognises a full disk (atomic_path, metrics.jsonl, LATEST)."""
+    try:
+        yield
+    except DiskFullError:
+        raise
+    except Exception as e:
+        cause = disk_full_cause(e)
+        if cause is None:
+            raise
+        needed = (f'needs about {human_bytes(needed_bytes)}' if needed_bytes else
+                  f'needs more than the {human_bytes(written())} written before the disk filled' if written() else
+                  'needs more space')
+        raise DiskFullError(
+            f'No space left in {target.parent}: writing {target.name} {needed}, and {human_bytes(free_bytes(target.parent))} '
+            f'is free there now ({type(cause).__name__}: {str(cause).splitlines()[0][:120]}). {target} was left as it '
+            f'was (the previous version, or absent).') from None
+
+
+@contextlib.contextmanager
+def atomic_path(final: Union[str, Path], directory: bool = False, needed_bytes: Optional[int] = None,
+                replace: bool = True) -> Iterator[Path]:
     """Yield a temporary path beside `final` to write into; on success, flush it to disk and rename it to `final`.
 
     directory=True yields a new empty directory (a checkpoint), else a file path. `final` then either does
     not exist or is complete: a process killed at any moment never leaves a half-written file or
     checkpoint under the final name, and a previous `final` is replaced only once the new one is complete.
-    On an exception inside, the temporary path is removed and `final` is untouched.
+    On an exception inside, the temporary path is removed and `final` is untouched; a full disk becomes a
+    DiskFullError (`explained_if_disk_full`; `needed_bytes`: the caller's estimate of the size). replace=False
+    (directories only, for caches whose content is decided by their name): if another process renamed its
+    `final` into place first, that one is kept and this one discarded, so a reader of `final` never sees it
+    vanish between the two renames of a replacement.
     """
     final = Path(final)
+    written = [0]
+    with explained_if_disk_full(final, needed_bytes, lambda: written[0]):
+        with _atomic_path(final, directory, replace, written) as tmp:
+            yield tmp
+
+
+@contextlib.contextmanager
+def _atomic_path(final: Path, directory: bool, replace: bool, written: List[int]) -> Iterator[Path]:
     final.parent.mkdir(parents=True, exist_ok=True)
     prefix = f'.{final.name}.tmp-'
     if directory:
@@ -68,7 +155,14 @@ def atomic_path(final: Union[str, Path], directory: bool = False) -> Iterator[Pa
                     os.fsync(fh.fileno())
         if directory:
             fsync_dir(tmp)
-        if directory and final.exists():
+        if directory and not replace:
+            try:
+                os.rename(tmp, final)  # fails if another process put a complete `final` in place first
+            except OSError:
+                if not final.is_dir():
+                    raise
+                shutil.rmtree(tmp, ignore_errors=True)
+        elif directory and final.exists():
             old = final.with_name(f'.{final.name}.old-{os.getpid()}')
             os.replace(final, old)
             os.replace(tmp, final)
@@ -77,6 +171,7 @@ def atomic_path(final: Union[str, Path], directory: bool = False) -> Iterator[Pa
             os.replace(tmp, final)
         fsync_dir(final.parent)
     except BaseException:
+        written[0] = size_on_disk(tmp)
         if tmp.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)
         else:
@@ -86,14 +181,33 @@ def atomic_path(final: Union[str, Path], directory: bool = False) -> Iterator[Pa
 
 def atomic_write_text(path: Union[str, Path], text: str) -> None:
     """Write `text` to `path` atomically (`atomic_path`)."""
-    with atomic_path(path) as tmp:
+    with atomic_path(path, needed_bytes=len(text.encode())) as tmp:
         tmp.write_text(text)
 
 
-def save_atomically(state: Any, path: Union[str, Path]) -> None:
-    """torch.save `state` to `path` atomically (`atomic_path`): a killed run leaves no partial cache."""
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+def torch_save(state: Any, path: Union[str, Path]) -> None:
+    """torch.save into a Python file object: its writes raise OSError(ENOSPC) on a full disk, which torch chains
+    to its own error (torch.save to a path name reports only `basic_ios::clear: iostream error`)."""
+    with open(path, 'wb') as f:
+        torch.save(state, f)
+
+
+def tensor_bytes(state: Any) -> int:
+    """Bytes of the tensors in a (nested) state: about what torch.save of it writes."""
+    if isinstance(state, torch.Tensor):
+        return state.numel() * state.element_size()
+    if isinstance(state, dict):
+        return sum(tensor_bytes(v) for v in state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(tensor_bytes(v) for v in state)
+    return 0
+
+
+def save_atomically(state: Any, path: Union[str, Path], needed_bytes: Optional[int] = None) -> None:
+    """torch.save `state` to `path` atomically (`atomic_path`): a killed run leaves no partial cache. needed_bytes:
+    about the size of the file, for the message on a full disk (default: the bytes of the tensors in `state`)."""
+    with atomic_path(path, needed_bytes=needed_bytes or tensor_bytes(state) or None) as tmp:
+        torch_save(state, tmp)
 
 
 def point_latest_to(run_dir: Union[str, Path], step_dir_name: str) -> None:
@@ -106,12 +220,28 @@ def point_latest_to(run_dir: Union[str, Path], step_dir_name: str) -> None:
     tmp = run_dir / f'.LATEST.tmp-{os.getpid()}'
     if tmp.is_symlink() or tmp.exists():
         tmp.unlink()
-    os.symlink(step_dir_name, tmp)
+    with explained_if_disk_full(run_dir / 'LATEST'):
+        os.symlink(step_dir_name, tmp)
     latest = run_dir / 'LATEST'
     if latest.is_dir() and not latest.is_symlink():  # a LATEST directory from an older layout
         shutil.rmtree(latest)
     os.replace(tmp, latest)
     fsync_dir(run_dir)
+
+
+def kept_checkpoint(run_dir: Union[str, Path]) -> str:
+    """What a run that stops now leaves to continue from (for the message that stops it)."""
+    latest = Path(run_dir) / 'LATEST'
+    return (f'The last checkpoint, {latest.resolve()}, is intact' if latest.exists()
+            else f'No checkpoint was written yet to {run_dir}')
+
+
+def how_to_continue(run_dir: Union[str, Path]) -> str:
+    """`kept_checkpoint`, then the command that continues from it (or: start again)."""
+    if (Path(run_dir) / 'LATEST').exists():
+        return (f'{kept_checkpoint(run_dir)}; continue with:  python train.py <the same arguments> '
+                f'resume_from={run_dir}')
+    return f'{kept_checkpoint(run_dir)}; start the run again'
 
 
 def remove_incomplete_checkpoints(run_dir: Union[str, Path]) -> List[Path]:
@@ -168,6 +298,14 @@ def load_checkpoint_file(path: Union[str, Path], what: str = 'checkpoint') -> di
                              f're-save it as a plain state dict. Detail: {text}') from None
         raise ValueError(f'{what} {path} could not be read ({type(e).__name__}: {text}); it is truncated or not a '
                          f'torch checkpoint. Use an earlier checkpoint (step-N/) of the same run.') from None
+
+
+def unreadable_because(error: Exception) -> str:
+    """Why torch.load (weights_only=True) or a check after it refused a cache file, in one line. torch's own text for
+    a pickle it refuses goes on to advise weights_only=False, which a damaged or planted cache must never get."""
+    if 'Weights only load failed' in str(error) or 'Unsupported global' in str(error):
+        return f'{type(error).__name__}: not only tensors and plain containers, so nothing in it was run'
+    return f'{type(error).__name__}: {(str(error).strip().splitlines() or [""])[0][:200]}'
 
 
 def load_state_dict_checked(model: torch.nn.Module, state: Dict[str, torch.Tensor], source: str) -> None:
@@ -248,8 +386,17 @@ def truncate_metrics_log(path: Path, up_to_example: int) -> None:
     if not path.exists():
         return
     kept = [line for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line).get('counters/examples', 0) <= up_to_example]
+            if parsed(line) is not None and parsed(line).get('counters/examples', 0) <= up_to_example]
     atomic_write_text(path, ''.join(line + '\n' for line in kept))
+
+
+def parsed(line: str) -> Optional[dict]:
+    """A metrics.jsonl line as a dict; None for a blank line or one cut short (a kill or a full disk mid-write)."""
+    try:
+        value = json.loads(line)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
 
 
 def optimizer_state_by_index(state: Dict, names: List[str]) -> Dict:
@@ -284,7 +431,8 @@ def with_own_implementation(optimizer: torch.optim.Optimizer, state: Dict) -> Di
 RESUMABLE_CHANGES = ('resume_from', 'local_run_dir', 'local_dirs', 'exp_name', 'n_epochs', 'n_examples', 'wandb',
                      'debug', 'minimum_log_interval_secs', 'sample_during_eval', 'n_eval_model_samples',
                      'n_eval_examples', 'eval_batch_size', 'eval_every', 'do_first_eval', 'on_nonfinite', 'fsdp_port',
-                     'n_cpu_processes', 'trainer', 'activation_checkpointing', 'model.fsdp_policy_mp', 'hydra')
+                     'n_cpu_processes', 'trainer', 'activation_checkpointing', 'model.fsdp_policy_mp', 'hydra',
+                     'precompute_save_every_secs', 'collective_timeout_secs', 'trust_remote_code')
 
 
 def resume_changes(config: DictConfig, saved_config_path: Path) -> List[str]:
@@ -330,11 +478,12 @@ def save_checkpoint(run_dir: Union[str, Path], step: int, metrics: Dict, policy:
     run_dir = Path(run_dir)
     step_name = f'step-{step}'
     wrap = lambda state: {'step_idx': step, 'state': state, 'metrics': metrics}
-    with atomic_path(run_dir / step_name, directory=True) as tmp:
-        torch.save({**wrap(policy), **({'lora': lora} if lora is not None else {})}, tmp / 'policy.pt')
-        torch.save(wrap(optimizer), tmp / 'optimizer.pt')
-        torch.save(wrap(scheduler), tmp / 'scheduler.pt')
-        torch.save(trainer_state, tmp / 'trainer_state.pt')
+    needed = tensor_bytes([policy, optimizer, scheduler, trainer_state])
+    with atomic_path(run_dir / step_name, directory=True, needed_bytes=needed) as tmp:
+        torch_save({**wrap(policy), **({'lora': lora} if lora is not None else {})}, tmp / 'policy.pt')
+        torch_save(wrap(optimizer), tmp / 'optimizer.pt')
+        torch_save(wrap(scheduler), tmp / 'scheduler.pt')
+        torch_save(trainer_state, tmp / 'trainer_state.pt')
         (tmp / 'beta_dpo_stats.json').write_text(json.dumps(trainer_state['margin_stats']) + '\n')
     point_latest_to(run_dir, step_name)
     return run_dir / step_name
@@ -356,9 +505,22 @@ def clean_run_dir_for_resume(run_dir: Path, example_counter: int) -> None:
 
 
 def append_metrics(run_dir: Path, split: str, metrics: Dict[str, Any]) -> None:
-    """One line {'split': ..., **metrics} appended to RUN_DIR/metrics.jsonl."""
-    with open(run_dir / 'metrics.jsonl', 'a') as f:
-        f.write(json.dumps({'split': split, **metrics}) + '\n')
+    """One line {'split': ..., **metrics} appended to RUN_DIR/metrics.jsonl (whole, or not at all on a full disk)."""
+    path = run_dir / 'metrics.jsonl'
+    line = json.dumps({'split': split, **metrics}) + '\n'
+    data = memoryview(line.encode())
+    with explained_if_disk_full(path, len(data)):
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+        try:
+            start = os.lseek(fd, 0, os.SEEK_END)
+            try:
+                while data:
+                    data = data[os.write(fd, data):]
+            except OSError:
+                os.ftruncate(fd, start)  # no half line for a resumed run to read
+                raise
+        finally:
+            os.close(fd)
 
 
 def export_hf_model(model: torch.nn.Module, state: Dict[str, torch.Tensor], tokenizer, output_dir: Path,

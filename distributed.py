@@ -11,10 +11,12 @@ here with torch.multiprocessing.spawn, or by torchrun, whose environment gives t
 rank's part, so one machine never holds a full copy per process.
 """
 import contextlib
+import datetime
 import os
+import signal
 import socket
 from dataclasses import dataclass
-from typing import Callable, Dict, List, NamedTuple, Optional
+from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -23,6 +25,7 @@ from omegaconf import DictConfig
 from torch.distributed.tensor import DTensor, Replicate
 from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel
 
+from checkpoints import how_to_continue
 from utils import get_block_modules, rank0_print
 
 
@@ -81,19 +84,70 @@ def launch(config: DictConfig, parallelism: Parallelism, worker: Callable[[DictC
         _worker_in_group(None, None, None, config, worker)
         return
     import torch.multiprocessing as mp
+    from torch.multiprocessing.spawn import ProcessException
     port = config.fsdp_port or get_open_port()
     rank0_print(f'starting {parallelism.n_processes} processes ({parallelism.trainer})')
-    mp.spawn(_worker_in_group, args=(parallelism.n_processes, port, config, worker), nprocs=parallelism.n_processes,
-             join=True)
+    context = mp.spawn(_worker_in_group, args=(parallelism.n_processes, port, config, worker),
+                       nprocs=parallelism.n_processes, join=False)
+    try:
+        # join() returns when all processes have finished, or stops the others as soon as one fails (SIGTERM,
+        # then SIGKILL after 30 s) and raises for the first failure it saw
+        while not context.join():
+            pass
+    except ProcessException as e:
+        died = killed_process(context.processes, e)
+        if died is None:
+            raise
+        rank, signal_name = died
+        raise ProcessDiedError(
+            f'rank {rank} (pid {context.processes[rank].pid}) was killed by {signal_name}; the other processes of '
+            f'the run were stopped. {how_to_continue(config.local_run_dir)}') from None
+
+
+class ProcessDiedError(RuntimeError):
+    """A process of a distributed run died or stopped answering; the message names it where that is known."""
+
+
+def killed_process(processes, error: Exception) -> Optional[Tuple[int, str]]:
+    """(rank, signal name) of the process that a signal other than the launcher's own SIGTERM ended, if any.
+
+    torch's join reports the first failure it saw, which may be a survivor's error about the lost connection
+    rather than the process that was killed (by the kernel's OOM killer, a scheduler, a user).
+    """
+    if getattr(error, 'signal_name', None) not in (None, 'SIGTERM'):
+        return error.error_index, error.signal_name
+    for rank, process in enumerate(processes):
+        code = process.exitcode
+        if code is not None and code < 0 and code != -signal.SIGTERM:
+            return rank, signal.Signals(-code).name
+    return None
 
 
 def _worker_in_group(rank: Optional[int], world_size: Optional[int], port: Optional[int], config: DictConfig,
                      worker) -> None:
-    setup = init_distributed(rank, world_size, port)
+    setup = init_distributed(rank, world_size, port, config.collective_timeout_secs)
+    # which process is which rank: to inspect a stuck one (py-spy dump --pid), or to read a launcher's report
+    print(f'rank {setup.rank} of {setup.world_size}: pid {os.getpid()} on {socket.gethostname()}', flush=True)
     try:
         worker(config, setup)
+    except RuntimeError as e:
+        if not lost_peer(e) or isinstance(e, ProcessDiedError):
+            raise
+        who = f'rank {1 - setup.rank}' if setup.world_size == 2 else 'another process'
+        raise ProcessDiedError(
+            f'rank {setup.rank}: {who} of this run died or stopped answering ({str(e).splitlines()[0][:300]}); '
+            f"the launcher's report names the process that failed first. {how_to_continue(config.local_run_dir)}") \
+            from None
     finally:
         dist.destroy_process_group()
+
+
+def lost_peer(error: BaseException) -> bool:
+    """Whether a collective failed because another process is gone (its connections closed) or silent (timeout)."""
+    text = str(error)
+    return isinstance(error, dist.DistError) or any(
+        s in text for s in ('Connection closed by peer', 'Connection reset by peer', 'Broken pipe', 'Timed out'))
+
 
 
 def any_process(flag: bool, device: torch.device) -> bool:
@@ -133,14 +187,16 @@ def launched_by_torchrun() -> bool:
 
 
 def init_distributed(rank: Optional[int] = None, world_size: Optional[int] = None,
-                     port: Optional[int] = None) -> DistributedSetup:
+                     port: Optional[int] = None, timeout_secs: Optional[float] = None) -> DistributedSetup:
     """Join the process group: the one place that decides rank, world size, device and backend.
 
     Under torchrun the ranks come from its environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
     MASTER_PORT); otherwise train.py spawned `world_size` processes on this machine and passes `rank`
     and the rendezvous `port`. GPUs: nccl, one GPU per process (cuda:LOCAL_RANK). CPU: gloo, and the
     machine's cores are divided among its processes (two processes on two cores each with two
-    threads run several times slower than with one). Returns the existing setup if already joined.
+    threads run several times slower than with one). timeout_secs (collective_timeout_secs): how long a
+    collective waits for the other processes before it fails; None keeps PyTorch's default. Returns the existing
+    setup if already joined.
     """
     if launched_by_torchrun():
         rank, world_size = int(os.environ['RANK']), int(os.environ['WORLD_SIZE'])
@@ -163,6 +219,8 @@ def init_distributed(rank: Optional[int] = None, world_size: Optional[int] = Non
         backend = 'gloo'
     if not dist.is_initialized():
         extra = {'device_id': device} if device.type == 'cuda' else {}
+        if timeout_secs is not None:
+            extra['timeout'] = datetime.timedelta(seconds=timeout_secs)
         dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size, **extra)
     return DistributedSetup(dist.get_rank(), dist.get_world_size(), local_rank, device)
 

@@ -32,7 +32,7 @@ import torch.nn as nn
 import tqdm
 
 from checkpoints import atomic_write_text
-from models import load_tokenizer, materialize_model
+from models import check_model_directory, load_tokenizer, materialize_model
 from preference_datasets import encode_texts, load_source
 from utils import get_local_dir
 
@@ -115,6 +115,8 @@ def load_model(source: str, device: Optional[str] = None, dtype: str = 'float32'
     if kind == 'run':
         model, tokenizer = _load_run(Path(source).expanduser(), dtype)
     else:
+        if kind == 'hf':
+            check_model_directory(Path(source).expanduser())
         # a .gguf file is converted once (and cached), embedded:NAME built once, a Hub id with a GGUF copy falls
         # back to it offline: models.materialize_model, as train.py loads them
         path = materialize_model(str(Path(source).expanduser()) if kind != 'hub' else source, cache_dir)

@@ -13,8 +13,11 @@ or a `.gguf` file (section "GGUF"), such as the 4-bit SmolLM2-135M-Instruct that
     path = materialize_model('HuggingFaceTB/SmolLM2-135M-Instruct', '.cache/alice')
     # the Hub id when the Hub answers (full precision); otherwise .cache/alice/gguf_models/SmolLM2-...-<key>/
 """
+import contextlib
 import functools
 import json
+import os
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -22,7 +25,7 @@ from typing import List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from checkpoints import atomic_path, load_checkpoint_file, load_state_dict_checked
 from distributed import DistributedSetup, Parallelism
@@ -101,12 +104,13 @@ def materialize_embedded_model(name_or_path: str, cache_root: Union[str, Path]) 
                                      tie_word_embeddings=False, attention_dropout=0.0, hidden_dropout=0.0),
                               **EMBEDDED_MODELS[name]})
     target = Path(cache_root) / 'embedded_models' / f'{name}-{fingerprint(config.to_dict(), len(tokenizer))}'
-    if (target / 'config.json').exists():
+    if cached_model_usable(target, 'the embedded model cache'):
         return str(target)
     with torch.random.fork_rng(devices=[]):  # seed 0 for these weights, without touching the caller's RNG
         torch.manual_seed(0)
         model = GPTNeoXForCausalLM(config)
-    with atomic_path(target, directory=True) as tmp:
+    # replace=False: two runs started together both build it; the first complete one stays, the other is dropped
+    with atomic_path(target, directory=True, replace=False) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     return str(target)
@@ -134,6 +138,22 @@ HUB_TIMEOUT_S = 5.0
 # Bump when the converted directory's contents change meaning; old conversions are then rebuilt.
 GGUF_CONVERSION_VERSION = 1
 GGUF_MAGIC = b'GGUF'
+
+
+def cached_model_usable(target: Path, what: str) -> bool:
+    """Whether the model directory a cache holds at `target` can be loaded (model_file_problems); a damaged one (cut
+    short by a full disk, a killed copy, a bad sector) is reported and set aside, so the caller builds it again."""
+    if not target.is_dir():
+        return False
+    problems = model_file_problems(target, what)
+    if not problems:
+        return True
+    rank0_print(f'{target}: damaged cache ({"; ".join(problems)}); rebuilding it')
+    set_aside = target.with_name(f'.{target.name}.damaged-{os.getpid()}')
+    with contextlib.suppress(FileNotFoundError):  # another run may have set it aside first
+        os.rename(target, set_aside)
+    shutil.rmtree(set_aside, ignore_errors=True)
+    return False
 
 
 def materialize_model(name_or_path: str, cache_root: Union[str, Path]) -> str:
@@ -192,12 +212,13 @@ def converted_gguf_dir(gguf_path: Union[str, Path], cache_root: Union[str, Path]
         raise ValueError(f'model.name_or_path: the GGUF file {gguf_path} does not exist'
                          + ('; run `make smollm2` to fetch it' if gguf_path.resolve() == SMOLLM2_GGUF else ''))
     target = gguf_cache_dir(gguf_path, cache_root)
-    if (target / 'config.json').is_file():
+    if cached_model_usable(target, 'the converted model cache'):
         return str(target)
     start = time.time()
     rank0_print(f'converting {gguf_path} to a float32 Hugging Face model in {target} (once) ...')
     model, tokenizer = load_gguf(gguf_path)
-    with atomic_path(target, directory=True) as tmp:
+    # replace=False: of two runs converting it at once, the first complete conversion stays
+    with atomic_path(target, directory=True, replace=False) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         stat = gguf_path.stat()
@@ -280,21 +301,136 @@ def disable_dropout(model: torch.nn.Module) -> None:
             setattr(config, name, 0.0)
 
 
+# Files one of which every tokenizer directory holds (transformers' fast, BPE, WordPiece and SentencePiece formats)
+TOKENIZER_FILES = ('tokenizer.json', 'tokenizer_config.json', 'vocab.json', 'vocab.txt', 'merges.txt',
+                   'tokenizer.model', 'spiece.model', 'sentencepiece.bpe.model', 'tekken.json')
+
+
+def local_directory(name_or_path: Optional[str]) -> Optional[Path]:
+    """`name_or_path` as a directory on this machine, or None (a Hub id, an embedded model, unset)."""
+    if not name_or_path or str(name_or_path).startswith(EMBEDDED_PREFIX):
+        return None
+    path = Path(str(name_or_path)).expanduser()
+    return path if path.is_dir() else None
+
+
+def model_file_problems(directory: Path, where: str) -> List[str]:
+    """What is wrong with the files of a Hugging Face model directory that from_pretrained would only report deep in a
+    parser, without naming the file: config.json that is not JSON, safetensors files that are truncated or damaged."""
+    problems = []
+    config_file = directory / 'config.json'
+    if not config_file.is_file():
+        problems.append(f'{where} {directory} has no config.json; pass a directory written by save_pretrained')
+    elif read_json(config_file) is None:
+        problems.append(f'{config_file} is not valid JSON; copy or save the model again')
+    for weights in sorted(directory.glob('*.safetensors')):
+        problem = safetensors_problem(weights)
+        if problem:
+            problems.append(problem)
+    return problems
+
+
+def read_json(path: Path) -> Optional[dict]:
+    """The JSON object in `path`, or None if it is absent or not a JSON object."""
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def safetensors_problem(path: Path) -> Optional[str]:
+    """None if `path` is a readable safetensors file (its header parses and covers the whole file), else why not.
+
+    safetensors checks this when it opens the file (the weights are memory-mapped, not read), but its error names
+    no file: `SafetensorError: Error while deserializing header: incomplete metadata, file not fully covered`.
+    """
+    from safetensors import safe_open
+    try:
+        with safe_open(str(path), framework='pt') as f:
+            f.keys()
+    except Exception as e:
+        reason = (str(e).splitlines() or [type(e).__name__])[0][:200]
+        return (f'{path} is not a readable safetensors file ({reason}): it is truncated or damaged; download or save '
+                f'the model again')
+    return None
+
+
+def model_directory_problems(name_or_path: Optional[str], tokenizer_name_or_path: Optional[str],
+                             trust_remote_code: bool, model_key: str = 'model.name_or_path') -> List[str]:
+    """Everything wrong with local model and tokenizer directories, found before anything is loaded: damaged files,
+    no tokenizer, and code a directory asks to run (config.json's or tokenizer_config.json's `auto_map`), which is
+    refused unless trust_remote_code=true. Hub ids are checked by transformers itself, which runs no code from
+    them either while trust_remote_code is false. model_key: the option that named the model, for the messages."""
+    problems = []
+    model_dir = local_directory(name_or_path)
+    tokenizer_key = 'model.tokenizer_name_or_path' if tokenizer_name_or_path else model_key
+    tokenizer_dir = local_directory(tokenizer_name_or_path or name_or_path)
+    if model_dir is not None:
+        problems += model_file_problems(model_dir, model_key)
+    for key, directory, file_name in ((model_key, model_dir, 'config.json'),
+                                      (tokenizer_key, tokenizer_dir, 'tokenizer_config.json')):
+        auto_map = (read_json(directory / file_name) or {}).get('auto_map') if directory is not None else None
+        if auto_map and not trust_remote_code:
+            names = sorted(auto_map) if isinstance(auto_map, dict) else list(auto_map)
+            advice = ('If you trust that code, set trust_remote_code=true' if model_key == 'model.name_or_path'
+                      else 'Only train.py runs it, with trust_remote_code=true')
+            problems.append(f'{key}={directory}: its {file_name} asks to run Python code from the directory (auto_map: '
+                            f'{", ".join(map(str, names))}), which is refused. {advice}; otherwise use a model that '
+                            f'transformers supports itself')
+    if tokenizer_dir is not None and not any((tokenizer_dir / f).is_file() for f in TOKENIZER_FILES):
+        problems.append(f'{tokenizer_key}={tokenizer_dir} holds no tokenizer files (none of {", ".join(TOKENIZER_FILES)}); '
+                        + ('set model.tokenizer_name_or_path to the tokenizer the model was trained with (a Hub id or a '
+                           'directory written by save_pretrained)' if model_key == 'model.name_or_path' else
+                           'save the tokenizer into it too (tokenizer.save_pretrained)'))
+    return list(dict.fromkeys(problems))
+
+
+def check_model_directory(path: Union[str, Path]) -> None:
+    """ValueError naming every problem of model_directory_problems for a model directory given by path alone
+    (generation.load_model: evaluate.py, sample_pairs.py), where trust_remote_code is never set."""
+    problems = model_directory_problems(str(path), None, trust_remote_code=False, model_key='model')
+    if problems:
+        raise ValueError(f'{path} cannot be loaded:\n  - ' + '\n  - '.join(problems))
+
+
+def trusts_remote_code(config: DictConfig) -> bool:
+    """config.trust_remote_code; false for the config.yaml of a run written before the key existed (sample_pairs.py
+    reads those)."""
+    return OmegaConf.select(config, 'trust_remote_code', default=False) is True
+
+
+def refuse_bad_model_directories(config: DictConfig) -> None:
+    """ValueError naming every problem of model_directory_problems (build_model and load_tokenizer call it, so
+    scripts other than train.py, which already validated them, are covered too)."""
+    problems = model_directory_problems(config.model.name_or_path, config.model.tokenizer_name_or_path,
+                                        trusts_remote_code(config))
+    if problems:
+        raise ValueError('the model cannot be loaded:\n  - ' + '\n  - '.join(problems))
+
+
 def build_model(config: DictConfig, dtype_name: str, device_map: Optional[str], empty: bool = False) -> nn.Module:
     """AutoModelForCausalLM.from_pretrained of config.model.name_or_path (Hub id, directory, .gguf file or embedded:NAME).
 
     empty: the same model on the meta device, without weights and without memory (see build_models).
     """
     import transformers
+    refuse_bad_model_directories(config)
     path = materialize_model(config.model.name_or_path, get_local_dir(config.local_dirs))
+    # trust_remote_code is passed explicitly, so no code from the model directory or Hub repository runs unless
+    # the config says so
+    trust = trusts_remote_code(config)
     if empty:
-        model_config = transformers.AutoConfig.from_pretrained(path, cache_dir=get_local_dir(config.local_dirs))
+        model_config = transformers.AutoConfig.from_pretrained(path, cache_dir=get_local_dir(config.local_dirs),
+                                                               trust_remote_code=trust)
         with torch.device('meta'):
-            model = transformers.AutoModelForCausalLM.from_config(model_config, dtype=getattr(torch, dtype_name))
+            model = transformers.AutoModelForCausalLM.from_config(model_config, dtype=getattr(torch, dtype_name),
+                                                                  trust_remote_code=trust)
     else:
         kwargs = {'device_map': device_map} if device_map else {}
         model = transformers.AutoModelForCausalLM.from_pretrained(
-            path, cache_dir=get_local_dir(config.local_dirs), dtype=getattr(torch, dtype_name), **kwargs)
+            path, cache_dir=get_local_dir(config.local_dirs), dtype=getattr(torch, dtype_name), trust_remote_code=trust,
+            **kwargs)
     disable_dropout(model)
     return model
 
@@ -389,9 +525,11 @@ def check_tokenizer_fits(config: DictConfig, model: nn.Module) -> int:
 def load_tokenizer(config: DictConfig):
     """The tokenizer of config.model (a Hub id, a directory, a .gguf file or an embedded model); pad = EOS if unset."""
     import transformers
+    refuse_bad_model_directories(config)
     name = config.model.tokenizer_name_or_path or config.model.name_or_path
     path = materialize_model(name, get_local_dir(config.local_dirs))
-    tokenizer = transformers.AutoTokenizer.from_pretrained(path, cache_dir=get_local_dir(config.local_dirs))
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path, cache_dir=get_local_dir(config.local_dirs),
+                                                           trust_remote_code=trusts_remote_code(config))
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token_id = tokenizer.eos_token_id
     return tokenizer

@@ -56,7 +56,7 @@ import numpy as np
 import torch
 import tqdm
 
-from checkpoints import save_atomically
+from checkpoints import DiskFullError, save_atomically, unreadable_because
 from synthetic_task import (describe_synthetic, synthetic_gold_answer, synthetic_options, synthetic_pair,
                             synthetic_prompts)
 from utils import ASSISTANT, HUMAN, file_identity, fingerprint
@@ -928,8 +928,26 @@ class TokenizedSplit:
             raise ValueError(f"cache version {state.get('version')}, expected {CACHE_VERSION}")
         ragged = {name: Ragged(state[f'{name}.values'].numpy(), state[f'{name}.offsets'].numpy())
                   for name in ('prompt_ids', 'chosen_ids', 'rejected_ids')}
-        return cls(state['prompts'], state['responses'], state['group_offsets'].numpy(), state['chosen_response'].numpy(),
-                   state['rejected_response'].numpy(), **ragged)
+        split = cls(state['prompts'], state['responses'], state['group_offsets'].numpy(),
+                    state['chosen_response'].numpy(), state['rejected_response'].numpy(), **ragged)
+        split.check()
+        return split
+
+    def check(self) -> None:
+        """ValueError unless every index and offset points inside its array (a cache read back whole but wrong)."""
+        n = self.n_examples
+        def monotone(offsets, length, total, what):
+            if len(offsets) != length + 1 or offsets[0] != 0 or offsets[-1] != total or (np.diff(offsets) < 0).any():
+                raise ValueError(f'{what} offsets do not fit their {length} entries and {total} values')
+        monotone(self.group_offsets, len(self.prompts), n, 'prompt group')
+        for name in ('prompt_ids', 'chosen_ids', 'rejected_ids'):
+            ragged = getattr(self, name)
+            length = 0 if name == 'rejected_ids' and len(ragged.offsets) == 1 else n
+            monotone(ragged.offsets, length, len(ragged.values), name)
+        responses = np.concatenate([self.chosen_response, self.rejected_response])
+        if len(self.rejected_response) != n or (responses < -1).any() or (responses >= len(self.responses)).any() \
+                or (self.chosen_response < 0).any():
+            raise ValueError(f'response indices outside the {len(self.responses)} responses')
 
 
 def tokenize_split(data: PreferenceData, tokenizer, truncation_mode: str, max_length: int, max_prompt_length: int,
@@ -1020,12 +1038,14 @@ def load_tokenized(name: str, tokenizer, split: str = 'train', max_length: int =
                 print(f'{name} ({split}): {tokenized.n_examples} tokenized examples from the cache {path}')
             return tokenized
         except Exception as e:  # any damage (truncated, garbage, old layout) means: rebuild it
-            reason = (str(e).strip().splitlines() or [''])[0][:200]
-            warnings.warn(f'{path}: unreadable tokenization cache ({type(e).__name__}: {reason}); rebuilding it', DataWarning)
+            warnings.warn(f'{path}: unreadable tokenization cache ({unreadable_because(e)}); rebuilding it', DataWarning)
     loaded, source = load_source(name, split, silent, cache_dir, tokenizer, dataset_options)
     tokenized = tokenize_split(loaded.data, tokenizer, source.truncation_mode, max_length, max_prompt_length,
                                sft_mode, loaded.chat_rendered, silent)
-    save_atomically(tokenized.state_dict(), path)
+    try:
+        save_atomically(tokenized.state_dict(), path)
+    except DiskFullError as e:  # the run goes on; only the next run's head start is lost
+        warnings.warn(f'{e}\nContinuing without caching {name} ({split}): a later run tokenizes it again.', DataWarning)
     return tokenized
 
 

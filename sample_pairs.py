@@ -8,6 +8,8 @@ answer against the model's own mistakes.
     # any prompts, any judge: 4 samples per prompt, the best against the worst (iterative, on-policy DPO)
     python sample_pairs.py SFT_RUN_DIR --judge reward:/path/to/reward_model --datasets hh --samples 4 --out pairs.jsonl
     python sample_pairs.py SFT_RUN_DIR --judge sentiment --datasets prompts.jsonl --pairs random --out pairs.jsonl
+    # the β-DPO paper's mixture: half the pairs of low reward gap, 20% of the labels flipped
+    python sample_pairs.py MODEL --judge sentiment --datasets sentiment_data --low-gap-fraction 0.5 --flip-fraction 0.2 ...
     python train.py loss=dpo loss.beta=0.1 datasets=[pairs.jsonl] model.archive=SFT_RUN_DIR/LATEST/policy.pt ...
 
 With --judge (gold, sentiment, reward:PATH, llm:PATH, api:MODEL; see judges.py) the model (a run directory, a
@@ -15,10 +17,17 @@ Hugging Face directory, a .gguf file) answers the first --n-prompts prompts of -
 --samples times at --temperature. A scorer scores each sample; a pairwise judge compares every two samples of a
 prompt in both orders and a sample's score is its number of wins. Each prompt gives one pair: with --pairs
 best-worst (default) its best-scored sample against its worst, with --pairs random two samples drawn at random,
-the better one chosen; a prompt whose two samples score the same (or are the same text) gives none. Rows are
-{"prompt", "chosen", "rejected", "score_chosen", "score_rejected", "score_gap", "dataset"}, in the generic format
-train.py reads as datasets=[FILE] (prompts from a chat template as message lists, so training renders them the
-same way).
+the better one chosen; a prompt whose two samples score the same (or are the same text) gives none.
+
+The mixture of pair qualities the β-DPO paper studies (Wu et al. 2024, Sec. 3: pairs of low and high reward gap,
+and flipped labels): with --low-gap-fraction F each prompt's pair is, with probability F, its two samples of
+closest score (the smallest non-zero gap: a low-gap pair, "gap_kind": "low"), else its best against its worst (a
+high-gap pair); --flip-fraction E swaps chosen and rejected of a fraction E of the pairs ("flipped": true, label
+noise). The two draws come from generators of their own, one draw per prompt whether or not it gives a pair, so
+the same seed with another E flips pairs of the same samples and changes nothing else. Rows are {"prompt",
+"chosen", "rejected", "score_chosen", "score_rejected", "score_gap" (chosen minus rejected: negative when flipped),
+"flipped", "dataset"} (and "gap_kind"), in the generic format train.py reads as datasets=[FILE] (prompts from a
+chat template as message lists, so training renders them the same way).
 
 Without --judge, on a run with datasets=[synthetic]:
 
@@ -123,7 +132,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help='sampled answers per prompt (without --judge: besides the greedy one)')
     parser.add_argument('--temperature', type=float, default=1.0)
     parser.add_argument('--flip-fraction', type=float, default=None,
-                        help="without --judge: fraction of pairs flipped (default: the run's synthetic.flip_fraction)")
+                        help="fraction of pairs flipped (default: with --judge 0, without it the run's "
+                             "synthetic.flip_fraction)")
     parser.add_argument('--batch-size', type=int, default=None,
                         help='prompts per generate call (default: 256 without --judge, 16 with it: answers there are longer)')
     parser.add_argument('--seed', type=int, default=0)
@@ -133,6 +143,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument('--split', default='train', choices=('train', 'test'), help='with --judge: the split')
     parser.add_argument('--pairs', default='best-worst', choices=('best-worst', 'random'),
                         help='with --judge: best against worst of the samples, or two at random (the better chosen)')
+    parser.add_argument('--low-gap-fraction', type=float, default=None,
+                        help='with --judge: each prompt gives, with this probability, its two closest-scored samples '
+                             '(a low-gap pair), else its best against its worst (default: off, --pairs decides)')
     parser.add_argument('--max-new-tokens', type=int, default=256, help='with --judge: most tokens per answer')
     parser.add_argument('--max-prompt-length', type=int, default=256, help='with --judge: a longer prompt keeps its end')
     parser.add_argument('--judge-batch-size', type=int, default=8, help='verdicts or reward-model rows per batch')
@@ -148,8 +161,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         parser.error(f'--samples={args.samples}: a pair needs at least 2 samples per prompt')
     if not args.temperature > 0:
         parser.error(f'--temperature={args.temperature} must be positive')
-    if args.flip_fraction is not None and not 0 <= args.flip_fraction <= 1:
-        parser.error(f'--flip-fraction={args.flip_fraction} must be in [0, 1]')
+    for name in ('flip_fraction', 'low_gap_fraction'):
+        value = getattr(args, name)
+        if value is not None and not 0 <= value <= 1:
+            parser.error(f'--{name.replace("_", "-")}={value} must be in [0, 1]')
+    if args.low_gap_fraction is not None and (args.judge is None or args.pairs == 'random'):
+        parser.error('--low-gap-fraction mixes the closest and the farthest pair of each prompt\'s judged samples: it '
+                     'needs --judge and the default --pairs best-worst')
     if args.judge is not None:
         from judges import judge_problems
         problems = judge_problems(args.judge)
@@ -231,6 +249,42 @@ def choose_pair(scores: Sequence[Optional[float]], texts: Sequence[str],
     return best, worst
 
 
+def closest_pair(scores: Sequence[float], texts: Sequence[str]) -> Optional[tuple]:
+    """(better index, worse index) of the two samples whose scores differ least but do differ (different texts; the
+    first such two in order on ties): a low-gap pair. None when no two samples differ in score."""
+    candidates = [(abs(scores[i] - scores[j]), i, j) for i in range(len(scores)) for j in range(i + 1, len(scores))
+                  if scores[i] != scores[j] and texts[i] != texts[j]]
+    if not candidates:
+        return None
+    _, i, j = min(candidates)
+    return (i, j) if scores[i] > scores[j] else (j, i)
+
+
+def mixture_choices(n_prompts: int, seed: int, low_gap_fraction: Optional[float],
+                    flip_fraction: float) -> List[tuple]:
+    """(low gap?, flipped?) of each prompt, from two generators of their own seeded by `seed`, one draw each per
+    prompt: changing one fraction leaves the other's choices as they were. low gap is None without a mixture."""
+    gap_rng, flip_rng = random.Random(f'{seed}-gap'), random.Random(f'{seed}-flip')
+    return [(None if low_gap_fraction is None else gap_rng.random() < low_gap_fraction,
+             flip_rng.random() < flip_fraction) for _ in range(n_prompts)]
+
+
+def describe_judged(rows: Sequence[Dict], n_prompts: int, judge: str) -> str:
+    """'120 pairs from 128 prompts (8 without a preference), mean score gap 0.61 (sentiment); low gap 49% (mean
+    gap 0.08), high gap 51% (mean gap 1.12); 20% flipped'."""
+    gaps = [abs(r['score_gap']) for r in rows]
+    text = (f'{len(rows)} pairs from {n_prompts} prompts ({n_prompts - len(rows)} without a preference), mean score '
+            f'gap {sum(gaps) / max(1, len(gaps)):.4g} ({judge})')
+    if rows and 'gap_kind' in rows[0]:
+        kinds = []
+        for kind in ('low', 'high'):
+            kind_gaps = [abs(r['score_gap']) for r in rows if r['gap_kind'] == kind]
+            kinds.append(f'{kind} gap {100 * len(kind_gaps) / len(rows):.0f}% (mean gap '
+                         f'{sum(kind_gaps) / max(1, len(kind_gaps)):.3g})')
+        text += '; ' + ', '.join(kinds)
+    return text + f'; {100 * sum(r["flipped"] for r in rows) / max(1, len(rows)):.0f}% flipped'
+
+
 def judged_pairs(args: argparse.Namespace) -> None:
     """Pairs of the model's own samples ranked by --judge, for any prompts (the module docstring's first part)."""
     from generation import encode_prompts, generate, load_model, load_prompts, load_tokenizer_of, model_kind
@@ -258,15 +312,16 @@ def judged_pairs(args: argparse.Namespace) -> None:
     rng = random.Random(args.seed)
     pairs = [rng.sample(range(len(t)), 2) if args.pairs == 'random' else None for t in texts]
     scores = sample_scores(judge, [p.text for p in prompts], texts, pairs)
+    choices = mixture_choices(len(prompts), args.seed, args.low_gap_fraction, args.flip_fraction or 0.0)
     rows = []
-    for prompt, prompt_texts, prompt_scores, pair in zip(prompts, texts, scores, pairs):
-        chosen = choose_pair(prompt_scores, prompt_texts, pair)
+    for prompt, prompt_texts, prompt_scores, pair, (low_gap, flipped) in zip(prompts, texts, scores, pairs, choices):
+        chosen = closest_pair(prompt_scores, prompt_texts) if low_gap else choose_pair(prompt_scores, prompt_texts, pair)
         if chosen is not None:
-            rows.append(pair_row(prompt, prompt_texts, prompt_scores, *chosen, messages.get(prompt.dataset), tokenizer))
+            row = pair_row(prompt, prompt_texts, prompt_scores, *(chosen[::-1] if flipped else chosen),
+                           messages.get(prompt.dataset), tokenizer)
+            rows.append({**row, 'flipped': flipped, **({} if low_gap is None else {'gap_kind': 'low' if low_gap else 'high'})})
     atomic_write_text(args.out, ''.join(json.dumps(r, ensure_ascii=False) + '\n' for r in rows))
-    gaps = [r['score_gap'] for r in rows]
-    print(f'{args.out}: {len(rows)} pairs from {len(prompts)} prompts ({len(prompts) - len(rows)} without a '
-          f'preference), mean score gap {sum(gaps) / max(1, len(gaps)):.4g} ({args.judge})')
+    print(f'{args.out}: {describe_judged(rows, len(prompts), args.judge)}')
 
 
 def pair_row(prompt, texts: Sequence[str], scores: Sequence[float], best: int, worst: int,

@@ -25,11 +25,14 @@
     torchrun --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint HOST:PORT \
         train.py trainer=FSDPTrainer ...
 """
+import contextlib
 import functools
 import inspect
 import math
 import os
 import socket
+import threading
+import urllib.parse
 from pathlib import Path
 from typing import Callable, List, Optional
 
@@ -40,10 +43,10 @@ import torch.nn as nn
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 import trainers
-from checkpoints import removed_if_unused, resume_changes
+from checkpoints import atomic_write_text, flat_items, removed_if_unused, resume_changes
 from distributed import DistributedSetup, Parallelism, decide_parallelism, init_distributed, launch
 from lora import lora_enabled
-from models import build_models, materialize_in_turn
+from models import build_models, materialize_in_turn, model_directory_problems
 from trainers import LossMode
 from utils import DummyWandb, get_local_dir, get_local_run_dir, rank0_print
 
@@ -88,17 +91,21 @@ def validate_config(config: DictConfig) -> List[str]:
         problems.append(str(e))
         parallelism = None
     for check in (check_parallelism, check_optimization, check_batches, check_data_and_dirs, check_loss,
-                  check_loss_switches, check_model, check_lora, check_paths):
+                  check_loss_switches, check_model, check_lora, check_paths, check_no_secrets):
         # a missing key is reported once, in the line above, not again as an invalid value ('loss.beta=None ...')
         problems += [problem for problem in check(get, parallelism) if problem.split('=', 1)[0] not in missing]
     return problems
 
 
 def check_parallelism(get: Callable, parallelism: Optional[Parallelism]) -> List[str]:
+    problems = []
     if parallelism is not None and parallelism.tensor_parallel and get('compile_policy'):
-        return ['compile_policy=true does not work with trainer=TensorParallelTrainer (torch 2.13 fails to trace the '
-                'split model\'s backward pass); use compile_policy=false or trainer=FSDPTrainer']
-    return []
+        problems.append('compile_policy=true does not work with trainer=TensorParallelTrainer (torch 2.13 fails to trace '
+                        'the split model\'s backward pass); use compile_policy=false or trainer=FSDPTrainer')
+    timeout = get('collective_timeout_secs')
+    if timeout is not None and not (is_number(timeout) and timeout > 0):
+        problems.append(f'collective_timeout_secs={timeout!r} must be a positive number of seconds, or null')
+    return problems
 
 
 def check_optimization(get: Callable, parallelism: Optional[Parallelism]) -> List[str]:
@@ -114,6 +121,8 @@ def check_optimization(get: Callable, parallelism: Optional[Parallelism]) -> Lis
     autocast = get('policy_autocast')
     if autocast is not None and not is_dtype(autocast):
         problems.append(f'policy_autocast={autocast!r} is not a torch dtype (bfloat16, float16) or null')
+    if not (is_number(get('precompute_save_every_secs')) and get('precompute_save_every_secs') >= 0):
+        problems.append(f'precompute_save_every_secs={get("precompute_save_every_secs")!r} must be a number of seconds ≥ 0')
     chunk_size = get('logps_chunk_size')
     if chunk_size is not None and not (isinstance(chunk_size, int) and chunk_size > 0):
         problems.append(f'logps_chunk_size={chunk_size!r} must be a positive integer (e.g. 1024) or null')
@@ -243,6 +252,10 @@ def check_model(get: Callable, parallelism: Optional[Parallelism]) -> List[str]:
         if needs:
             problems.append(f'model.block_name is null, but {needs} needs the class name of a transformer block; set '
                             f'e.g. model.block_name=GPTNeoXLayer (Pythia), LlamaDecoderLayer or GPT2Block')
+    trust = get('trust_remote_code')
+    if not isinstance(trust, bool):
+        problems.append(f'trust_remote_code={trust!r} must be true or false')
+    problems += model_directory_problems(get('model.name_or_path'), get('model.tokenizer_name_or_path'), trust is True)
     return problems
 
 
@@ -285,6 +298,25 @@ def check_paths(get: Callable, parallelism: Optional[Parallelism]) -> List[str]:
     return problems
 
 
+def check_no_secrets(get: Callable, parallelism: Optional[Parallelism]) -> List[str]:
+    """Secrets (WANDB_API_KEY, the judge endpoint's OPENAI_API_KEY, HF_TOKEN, ...) are read from the environment
+    only: a config value that holds one (say, through ${oc.env:...}) would be written to config.yaml, the logs and
+    wandb, so it is refused."""
+    secrets = {name: value for name, value in os.environ.items()
+               if any(word in name.upper() for word in SECRET_NAME_PARTS) and len(value) >= 8}
+    problems = []
+    for key in flat_items(OmegaConf.to_container(get(''), resolve=False)):
+        value = str(get(key))
+        problems += [f'{key} holds the value of the environment variable {name}, a secret, which would be written to '
+                     f'config.yaml, the logs and wandb; secrets are read from the environment only, so remove it from '
+                     f'the config' for name, secret in secrets.items() if secret in value]
+    return problems
+
+
+# An environment variable whose name contains one of these holds a secret (check_no_secrets).
+SECRET_NAME_PARTS = ('API_KEY', 'TOKEN', 'SECRET', 'PASSWORD')
+
+
 def first_existing_or_last(local_dirs: List[str]) -> Path:
     """The directory under which get_local_dir puts the run and the caches (not created here)."""
     return Path(next((d for d in local_dirs if os.path.exists(d)), local_dirs[-1]))
@@ -306,10 +338,14 @@ def init_wandb(config: DictConfig, rank: int):
     wandb_dir = get_local_dir(config.local_dirs)
     os.makedirs(wandb_dir, exist_ok=True)
     mode = os.environ.get('WANDB_MODE')
+    offline_note = (f'logging offline under {wandb_dir}/wandb; upload later with `wandb sync '
+                    f'{wandb_dir}/wandb/offline-run-*` (wandb.enabled=false turns this off)')
     if mode is None and not wandb_logged_in():
         mode = 'offline'
-        print(f'wandb: no login found, logging offline under {wandb_dir}/wandb; upload later with '
-              f'`wandb sync {wandb_dir}/wandb/offline-run-*` (or run `wandb login`; wandb.enabled=false turns this off)')
+        print(f'wandb: no login found (run `wandb login`), {offline_note}')
+    elif mode is None and not reachable(wandb.setup().settings.base_url, WANDB_PROBE_SECS):
+        mode = 'offline'
+        print(f'wandb: cannot reach {wandb.setup().settings.base_url} within {WANDB_PROBE_SECS} s, {offline_note}')
     try:
         return wandb.init(entity=config.wandb.entity, project=config.wandb.project, name=config.exp_name,
                           config=OmegaConf.to_container(config, resolve=True), dir=wandb_dir, mode=mode,
@@ -317,6 +353,27 @@ def init_wandb(config: DictConfig, rank: int):
     except Exception as e:
         print(f'wandb could not start ({type(e).__name__}: {e}); continuing without wandb')
         return DummyWandb()
+
+
+# An online wandb.init without a network retries for its init_timeout (60 s here) before it gives up; a server
+# that does not answer a plain connection within this many seconds sends the run offline at once instead.
+WANDB_PROBE_SECS = 5
+
+
+def reachable(url: str, timeout: float) -> bool:
+    """Whether a TCP connection to `url`'s host and port opens within `timeout` seconds, name lookup included (run in
+    a thread: the lookup itself has no timeout)."""
+    parsed = urllib.parse.urlparse(url)
+    address = (parsed.hostname, parsed.port or (443 if parsed.scheme == 'https' else 80))
+    opened = []
+
+    def connect():
+        with contextlib.suppress(OSError), socket.create_connection(address, timeout=timeout):
+            opened.append(True)
+    thread = threading.Thread(target=connect, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return bool(opened)
 
 
 def wandb_logged_in() -> bool:
@@ -381,7 +438,7 @@ def prepare_run(config: DictConfig) -> Parallelism:
         raise ValueError('invalid config:\n  - ' + '\n  - '.join(problems))
     parallelism = decide_parallelism(config)
     if parallelism.launcher == 'torchrun':
-        init_distributed()
+        init_distributed(timeout_secs=config.collective_timeout_secs)
     if config.resume_from is not None:
         config.local_run_dir = str(Path(config.resume_from).resolve())
     share_run_dir(config)
@@ -401,9 +458,7 @@ def prepare_run(config: DictConfig) -> Parallelism:
         dist.barrier()  # every rank has read the resumed run's config.yaml before rank 0 rewrites it
         if dist.get_rank() != 0:
             return parallelism
-    os.makedirs(config.local_run_dir, exist_ok=True)
-    with open(os.path.join(config.local_run_dir, 'config.yaml'), 'w') as f:
-        OmegaConf.save(config, f)
+    atomic_write_text(Path(config.local_run_dir) / 'config.yaml', OmegaConf.to_yaml(config))
     return parallelism
 
 

@@ -47,8 +47,9 @@ import torch.nn.functional as F
 import tqdm
 from omegaconf import DictConfig
 
-from checkpoints import (append_metrics, clean_run_dir_for_resume, export_hf_model, load_training_state,
-                         optimizer_state_by_index, optimizer_state_by_name, save_checkpoint, with_own_implementation)
+from checkpoints import (DiskFullError, append_metrics, clean_run_dir_for_resume, export_hf_model, how_to_continue,
+                         kept_checkpoint, load_training_state, optimizer_state_by_index, optimizer_state_by_name,
+                         save_checkpoint, with_own_implementation)
 from distributed import (all_gather_if_needed, any_process, barrier, clip_grad_norm, fsdp_split, full_state_dict_options,
                          split_and_load, tensor_parallel_split)
 from logps import forward_logps
@@ -576,12 +577,9 @@ class BasicTrainer:
             self.skipped_batches += 1
             rank0_print(f'Skipping {where}: non-finite {what} ({self.skipped_batches} skipped so far)')
             return
-        latest = self.run_dir / 'LATEST'
-        kept = (f'The last checkpoint, {latest.resolve()}, is intact' if latest.exists()
-                else f'No checkpoint was written yet to {self.run_dir}')
         raise NonFiniteLossError(
-            f'Non-finite {what} at {where}. {kept}. Lower lr, check the data of this batch, or pass '
-            f'on_nonfinite=skip to skip such batches.')
+            f'Non-finite {what} at {where}. {kept_checkpoint(self.run_dir)}. Lower lr, check the data of this batch, '
+            f'or pass on_nonfinite=skip to skip such batches.')
 
     # ----- forward passes -----------------------------------------------------------------------------
 
@@ -597,7 +595,7 @@ class BasicTrainer:
     def precompute_reference_logps(self) -> None:
         """The reference pass of precompute_ref_log_probs (reference_cache.ReferenceLogps.precompute). Collective."""
         self.reference.precompute(self.reference_pass_batches(), self.reference_cache_file(), self.local, self.gather,
-                                  self.is_main)
+                                  self.is_main, self.config.precompute_save_every_secs)
 
     def reference_cache_file(self) -> Path:
         """The file of precompute_ref_log_probs for this model, data, precision and trainer layout."""
@@ -919,10 +917,14 @@ class BasicTrainer:
         policy_state = self.policy_state_dict(trainable_only=self.lora)
         optimizer_state = self.optimizer_state_dict()
         if self.is_main:
-            step_dir = save_checkpoint(self.run_dir, self.example_counter, metrics or {}, policy=policy_state,
-                                       optimizer=optimizer_state, scheduler=self.scheduler.state_dict(),
-                                       trainer_state=self.trainer_state(),
-                                       lora=archive_info(self.policy, self.config) if self.lora else None)
+            try:
+                step_dir = save_checkpoint(self.run_dir, self.example_counter, metrics or {}, policy=policy_state,
+                                           optimizer=optimizer_state, scheduler=self.scheduler.state_dict(),
+                                           trainer_state=self.trainer_state(),
+                                           lora=archive_info(self.policy, self.config) if self.lora else None)
+            except DiskFullError as e:
+                raise DiskFullError(f'{e}\nFree some space there (or move the run to a larger disk). '
+                                    f'{how_to_continue(self.run_dir)}') from None
             rank0_print(f'saved checkpoint {step_dir}')
         barrier()
 
@@ -1017,6 +1019,11 @@ class ShardedTrainer(BasicTrainer):
     def load_optimizer_state_dict(self, state: Dict) -> None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
         state = with_own_implementation(self.optimizer, state)
+        if not state['state']:
+            # A stateless optimizer (SGD without momentum): only the hyperparameters, which every rank has whole.
+            # set_optimizer_state_dict fails on it (torch 2.13: AssertionError 'Expected device to be set').
+            self.optimizer.load_state_dict(state)
+            return
         set_optimizer_state_dict(self.policy, self.optimizer, optimizer_state_by_name(state, self.trainable_names),
                                  options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
 

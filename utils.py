@@ -7,6 +7,7 @@
 import datetime
 import getpass
 import hashlib
+import itertools
 import json
 import os
 import signal
@@ -41,12 +42,19 @@ def get_local_dir(prefixes_to_resolve: List[str]) -> str:
 
 
 def get_local_run_dir(exp_name: str, local_dirs: List[str]) -> str:
-    """A new run directory `<local dir>/<exp_name>_<timestamp>` (created)."""
+    """A new run directory `<local dir>/<exp_name>_<timestamp>` (created; never one another run created, even one
+    started in the same microsecond: that one gets a suffix -2, -3, ...)."""
     now = datetime.datetime.now()
     timestamp = now.strftime('%Y-%m-%d_%H-%M-%S_%f')
     try:
-        run_dir = os.path.join(get_local_dir(local_dirs), f'{exp_name}_{timestamp}')
-        os.makedirs(run_dir, exist_ok=True)
+        run_dir = base = os.path.join(get_local_dir(local_dirs), f'{exp_name}_{timestamp}')
+        os.makedirs(os.path.dirname(base), exist_ok=True)
+        for n in itertools.count(2):
+            try:
+                os.mkdir(run_dir)
+                break
+            except FileExistsError:
+                run_dir = f'{base}-{n}'
     except OSError as e:
         raise ValueError(f'local_dirs={list(local_dirs)}: cannot create the run directory under {e.filename} '
                          f'({e.strerror}); set local_dirs=[a directory you can write to]') from None

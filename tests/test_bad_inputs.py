@@ -7,7 +7,6 @@ cache. After each row every one of those files is byte-identical with the same m
 row refused by validation leaves no new file at all, a later one at most the new run's config.yaml
 (and the tokenization cache of data that was fine).
 """
-import gzip
 import hashlib
 import json
 import os
@@ -88,6 +87,56 @@ def not_a_directory(scratch: Path, previous_run: Path) -> List[str]:
     return [f'local_dirs=[{scratch}/a_file/runs]']
 
 
+def model_directory(scratch: Path, previous_run: Path, tokenizer: bool = True) -> Path:
+    """A copy of the embedded tiny model's directory (config.json, model.safetensors, and the tokenizer files)."""
+    import shutil
+    source = Path(materialize_embedded_model('embedded:tiny', previous_run.parent))
+    target = scratch / 'model'
+    target.mkdir()
+    for f in source.iterdir():
+        if tokenizer or not f.name.startswith('tokenizer'):
+            shutil.copy(f, target / f.name)
+    return target
+
+
+def blank_model(directory: Path) -> List[str]:
+    return ['model=blank_model', f'model.name_or_path={directory}', 'model.block_name=GPTNeoXLayer', 'exp_name=blank']
+
+
+# Python that a model directory asks transformers to import; it would leave the marker `pwned` if it ever ran.
+CUSTOM_CODE = """open({marker!r}, 'w').write('this code ran')
+from transformers import GPTNeoXForCausalLM, PreTrainedTokenizerFast
+class CustomForCausalLM(GPTNeoXForCausalLM):
+    pass
+class CustomTokenizer(PreTrainedTokenizerFast):
+    pass
+"""
+
+
+def asks_to_run_code(scratch: Path, previous_run: Path, file_name: str = 'config.json') -> List[str]:
+    """A model directory whose config.json (or tokenizer_config.json) names code in the directory (auto_map)."""
+    directory = model_directory(scratch, previous_run)
+    (directory / 'custom.py').write_text(CUSTOM_CODE.format(marker=str(scratch / 'pwned')))
+    settings = json.loads((directory / file_name).read_text())
+    settings['auto_map'] = ({'AutoModelForCausalLM': 'custom.CustomForCausalLM'} if file_name == 'config.json'
+                            else {'AutoTokenizer': [None, 'custom.CustomTokenizer']})
+    (directory / file_name).write_text(json.dumps(settings))
+    return blank_model(directory)
+
+
+def damaged_weights(scratch: Path, previous_run: Path, damage: Callable[[bytes], bytes]) -> List[str]:
+    directory = model_directory(scratch, previous_run)
+    weights = directory / 'model.safetensors'
+    weights.write_bytes(damage(weights.read_bytes()))
+    return blank_model(directory)
+
+
+def config_not_json(scratch: Path, previous_run: Path) -> List[str]:
+    directory = model_directory(scratch, previous_run)
+    (directory / 'config.json').write_text('{"model_type": "gpt_neox", ')
+    return blank_model(directory)
+
+
 CASES = [
     # --- config values -------------------------------------------------------------------------------
     Case('negative beta', lambda s, p: ['loss=dpo', 'loss.beta=-0.1'], ValueError,
@@ -134,6 +183,31 @@ CASES = [
     Case('resume with other settings', lambda s, p: [f'resume_from={p}', 'lr=0.5', 'seed=3'], ValueError,
          'the run was started with different settings, so it cannot continue exactly:\n'
          '  - lr: was 0.003, now 0.5\n  - seed: was 0, now 3', True),
+    Case('non-positive collective timeout', lambda s, p: ['collective_timeout_secs=0'], ValueError,
+         'collective_timeout_secs=0 must be a positive number of seconds, or null', True),
+    Case('negative precompute save interval', lambda s, p: ['precompute_save_every_secs=-1'], ValueError,
+         'precompute_save_every_secs=-1 must be a number of seconds ≥ 0', True),
+    Case('trust_remote_code not a boolean', lambda s, p: ['trust_remote_code=maybe'], ValueError,
+         "trust_remote_code='maybe' must be true or false", True),
+    # --- model directories ---------------------------------------------------------------------------
+    Case('model directory without a tokenizer', lambda s, p: blank_model(model_directory(s, p, tokenizer=False)),
+         ValueError, '/model holds no tokenizer files (none of tokenizer.json, tokenizer_config.json, vocab.json, '
+         'vocab.txt, merges.txt, tokenizer.model, spiece.model, sentencepiece.bpe.model, tekken.json); set '
+         'model.tokenizer_name_or_path to the tokenizer the model was trained with', True),
+    Case('model directory asking to run its code', asks_to_run_code, ValueError,
+         '/model: its config.json asks to run Python code from the directory (auto_map: AutoModelForCausalLM), which '
+         'is refused. If you trust that code, set trust_remote_code=true', True),
+    Case('tokenizer asking to run its code', lambda s, p: asks_to_run_code(s, p, 'tokenizer_config.json'), ValueError,
+         '/model: its tokenizer_config.json asks to run Python code from the directory (auto_map: AutoTokenizer), '
+         'which is refused.', True),
+    Case('truncated safetensors', lambda s, p: damaged_weights(s, p, lambda data: data[:len(data) // 2]), ValueError,
+         '/model/model.safetensors is not a readable safetensors file (Error while deserializing header: incomplete '
+         'metadata, file not fully covered): it is truncated or damaged; download or save the model again', True),
+    Case('garbage safetensors', lambda s, p: damaged_weights(s, p, lambda data: b'\xff' * 4096), ValueError,
+         '/model/model.safetensors is not a readable safetensors file (Error while deserializing header: header too '
+         'large): it is truncated or damaged', True),
+    Case('config.json not JSON', config_not_json, ValueError,
+         '/model/config.json is not valid JSON; copy or save the model again', True),
     # --- tokenizer -----------------------------------------------------------------------------------
     Case('tokenizer larger than the vocabulary', bigger_tokenizer, ValueError,
          'has 357 tokens but the model embedded:tiny embeds only 320: they do not belong together'),
@@ -238,3 +312,26 @@ def test_a_run_refused_after_validation_leaves_no_run_directory(earlier_run, tmp
     assert f'removed the run directory {run_dir}' in result.stdout and not run_dir.exists()
     assert all(snapshot(root).get(path) == state for path, state in original.items())
     assert not any('refused' in path for path in snapshot(root))
+
+
+@pytest.mark.slow
+def test_trust_remote_code_true_lets_the_directory_code_run(earlier_run, tmp_path):
+    """The control of 'model directory asking to run its code': with trust_remote_code=true the same directory
+    passes validation and its code runs when the model is built (in a child process whose HF_HOME, where
+    transformers copies such code, is a scratch directory)."""
+    import subprocess
+    import sys
+    from helpers import ROOT
+    overrides = [*FAST, *asks_to_run_code(tmp_path, earlier_run[1]), 'trust_remote_code=true']
+    script = ('import sys; sys.path[:0] = [sys.argv[1], sys.argv[1] + "/tests"]\n'
+              'import train, models, helpers\n'
+              'config = helpers.compose_config(sys.argv[3:], sys.argv[2])\n'
+              'assert train.validate_config(config) == [], train.validate_config(config)\n'
+              'print(type(models.build_model(config, "float32", None)).__name__)\n')
+    result = subprocess.run([sys.executable, '-c', script, str(ROOT), str(tmp_path / 'local'), *overrides],
+                            capture_output=True, text=True,
+                            env={**os.environ, 'HF_HOME': str(tmp_path / 'hf_home'), 'HF_HUB_OFFLINE': '1'},
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1] == 'CustomForCausalLM'
+    assert (tmp_path / 'pwned').read_text() == 'this code ran'

@@ -186,12 +186,17 @@ def runs(tmp_path_factory):
                                                       'precompute_ref_log_probs=true'])]]
     jobs += [([*RMSPROP, 'trainer=FSDPTrainer', 'n_examples=16', f'local_run_dir={fsdp_rmsprop}'], tmp),
              ([*RMSPROP, 'trainer=FSDPTrainer', 'n_examples=24', f'resume_from={fsdp_rmsprop}'], tmp)]
+    # plain SGD keeps no optimizer state at all: its resume takes another path (ShardedTrainer.load_optimizer_state_dict)
+    fsdp_sgd = tmp / 'fsdp_sgd_run'
+    jobs += [([*COMMON, 'loss=sft', 'trainer=FSDPTrainer', 'n_examples=16', f'local_run_dir={fsdp_sgd}'], tmp),
+             ([*COMMON, 'loss=sft', 'trainer=FSDPTrainer', f'resume_from={fsdp_sgd}'], tmp)]
     mp.spawn(sharded_worker, args=(2, get_open_port(), jobs), nprocs=2, join=True)
     for name in ('fsdp_dpo', 'fsdp_beta_dpo', 'tp_dpo', 'tp_beta_dpo', 'fsdp_dpo_checkpointed', 'fsdp_sft_bf16',
                  'fsdp_llama_sft', 'tp_llama_sft', 'fsdp_dpo_precomputed', 'fsdp_beta_dpo_precomputed',
                  'tp_dpo_precomputed', 'tp_beta_dpo_precomputed', 'fsdp_dpo_bf16_precomputed'):
         found[name] = next(tmp.glob(f'*/{name}_*'))
     found['fsdp_rmsprop_24'] = fsdp_rmsprop
+    found['fsdp_sgd_resumed'] = fsdp_sgd
     return found
 
 
@@ -250,6 +255,13 @@ def test_fsdp_sft_archive_starts_a_basic_beta_dpo_run(runs):
     assert losses == pytest.approx(train_losses(runs['beta_dpo']), rel=1e-4)
     archive = torch.load(runs['fsdp_sft'] / 'LATEST' / 'policy.pt', weights_only=True)
     assert set(archive) == {'step_idx', 'state', 'metrics'} and archive['step_idx'] == 32
+
+
+def test_a_stateless_optimizer_resumes_under_fsdp(runs):
+    """SGD without momentum has no optimizer state; an FSDP run resumed from its step-16 checkpoint (which torch 2.13's
+    set_optimizer_state_dict fails on: 'Expected device to be set') continues as the uninterrupted BasicTrainer run."""
+    assert train_losses(runs['fsdp_sgd_resumed']) == pytest.approx(train_losses(runs['sft']), rel=1e-4)
+    assert len(train_losses(runs['sft'])) == 4
 
 
 def test_fsdp_resume_continues_like_an_uninterrupted_run(runs):

