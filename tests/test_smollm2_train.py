@@ -11,7 +11,7 @@ pytestmark = pytest.mark.slow
 
 SMALL = ['exp_name=smollm2', 'wandb.enabled=false', 'sample_during_eval=false', 'n_examples=4', 'batch_size=2',
          'eval_batch_size=2', 'n_eval_examples=2', 'max_length=64', 'max_prompt_length=32', 'warmup_steps=0',
-         'eval_every=1000']
+         'eval_every=1000', 'minimum_log_interval_secs=0']
 
 
 @pytest.fixture(scope='module')
