@@ -167,8 +167,12 @@ def runs(tmp_path_factory):
     found['tp_sft'] = run_dir_from_output(result.stdout)
     found['tp_sft_stdout'] = result.stdout
 
-    fsdp_rmsprop = tmp / 'fsdp_rmsprop_run'
-    jobs = [([*COMMON, *extra, f'trainer={trainer}', f'exp_name={name}'], tmp) for name, trainer, extra in [
+    # Each run in a directory named exactly after it: under the default timestamped names (NAME_DATE_TIME) a
+    # lookup by prefix is ambiguous (fsdp_dpo_* also matches fsdp_dpo_checkpointed_*, fsdp_dpo_precomputed_* and
+    # fsdp_dpo_bf16_precomputed_*), and which one a glob returned first depended on the file system's order of
+    # the timestamps: about 1 full run in 4 compared the bfloat16 run's losses (first 0.693203, not ln 2) as
+    # fsdp_dpo's and failed, and others silently compared a precomputed run with itself.
+    sharded_runs = [  # (name, trainer, overrides)
         ('fsdp_dpo', 'FSDPTrainer', [*DPO, archive]),
         ('fsdp_beta_dpo', 'FSDPTrainer', [*BETA_DPO, archive]),
         ('tp_dpo', 'TensorParallelTrainer', [*DPO, archive]),
@@ -183,7 +187,10 @@ def runs(tmp_path_factory):
         ('tp_beta_dpo_precomputed', 'TensorParallelTrainer', [*BETA_DPO, archive, 'precompute_ref_log_probs=true']),
         # after fsdp_beta_dpo_precomputed, which reads the file of fsdp_dpo_precomputed that this one replaces
         ('fsdp_dpo_bf16_precomputed', 'FSDPTrainer', [*DPO, archive, 'model.fsdp_policy_mp=bfloat16',
-                                                      'precompute_ref_log_probs=true'])]]
+                                                      'precompute_ref_log_probs=true'])]
+    jobs = [([*COMMON, *extra, f'trainer={trainer}', f'exp_name={name}', f'local_run_dir={tmp / "sharded" / name}'],
+             tmp) for name, trainer, extra in sharded_runs]
+    fsdp_rmsprop = tmp / 'fsdp_rmsprop_run'
     jobs += [([*RMSPROP, 'trainer=FSDPTrainer', 'n_examples=16', f'local_run_dir={fsdp_rmsprop}'], tmp),
              ([*RMSPROP, 'trainer=FSDPTrainer', 'n_examples=24', f'resume_from={fsdp_rmsprop}'], tmp)]
     # plain SGD keeps no optimizer state at all: its resume takes another path (ShardedTrainer.load_optimizer_state_dict)
@@ -191,10 +198,8 @@ def runs(tmp_path_factory):
     jobs += [([*COMMON, 'loss=sft', 'trainer=FSDPTrainer', 'n_examples=16', f'local_run_dir={fsdp_sgd}'], tmp),
              ([*COMMON, 'loss=sft', 'trainer=FSDPTrainer', f'resume_from={fsdp_sgd}'], tmp)]
     mp.spawn(sharded_worker, args=(2, get_open_port(), jobs), nprocs=2, join=True)
-    for name in ('fsdp_dpo', 'fsdp_beta_dpo', 'tp_dpo', 'tp_beta_dpo', 'fsdp_dpo_checkpointed', 'fsdp_sft_bf16',
-                 'fsdp_llama_sft', 'tp_llama_sft', 'fsdp_dpo_precomputed', 'fsdp_beta_dpo_precomputed',
-                 'tp_dpo_precomputed', 'tp_beta_dpo_precomputed', 'fsdp_dpo_bf16_precomputed'):
-        found[name] = next(tmp.glob(f'*/{name}_*'))
+    for name, _, _ in sharded_runs:
+        found[name] = tmp / 'sharded' / name
     found['fsdp_rmsprop_24'] = fsdp_rmsprop
     found['fsdp_sgd_resumed'] = fsdp_sgd
     return found
