@@ -473,18 +473,22 @@ def save_checkpoint(run_dir: Union[str, Path], step: int, metrics: Dict, policy:
     `model.archive=RUN_DIR/LATEST/policy.pt` starts a DPO run from any trainer's SFT. A LoRA run's policy.pt
     holds the adapter tensors only, and `lora` (lora.archive_info: r, α, the base model and archive) under
     'lora'. trainer_state.pt holds the counters, β-DPO's statistics and the RNG states; beta_dpo_stats.json
-    the statistics, readable.
+    the statistics, readable. DiskFullError (nothing written, the earlier checkpoints intact) says how to continue.
     """
     run_dir = Path(run_dir)
     step_name = f'step-{step}'
     wrap = lambda state: {'step_idx': step, 'state': state, 'metrics': metrics}
     needed = tensor_bytes([policy, optimizer, scheduler, trainer_state])
-    with atomic_path(run_dir / step_name, directory=True, needed_bytes=needed) as tmp:
-        torch_save({**wrap(policy), **({'lora': lora} if lora is not None else {})}, tmp / 'policy.pt')
-        torch_save(wrap(optimizer), tmp / 'optimizer.pt')
-        torch_save(wrap(scheduler), tmp / 'scheduler.pt')
-        torch_save(trainer_state, tmp / 'trainer_state.pt')
-        (tmp / 'beta_dpo_stats.json').write_text(json.dumps(trainer_state['margin_stats']) + '\n')
+    try:
+        with atomic_path(run_dir / step_name, directory=True, needed_bytes=needed) as tmp:
+            torch_save({**wrap(policy), **({'lora': lora} if lora is not None else {})}, tmp / 'policy.pt')
+            torch_save(wrap(optimizer), tmp / 'optimizer.pt')
+            torch_save(wrap(scheduler), tmp / 'scheduler.pt')
+            torch_save(trainer_state, tmp / 'trainer_state.pt')
+            (tmp / 'beta_dpo_stats.json').write_text(json.dumps(trainer_state['margin_stats']) + '\n')
+    except DiskFullError as e:
+        raise DiskFullError(f'{e}\nFree some space there (or move the run to a larger disk). '
+                            f'{how_to_continue(run_dir)}') from None
     point_latest_to(run_dir, step_name)
     return run_dir / step_name
 

@@ -32,9 +32,10 @@ import torch.nn as nn
 import tqdm
 
 from checkpoints import atomic_write_text
+from distributed import all_gather_if_needed
 from models import check_model_directory, load_tokenizer, materialize_model
 from preference_datasets import encode_texts, load_source
-from utils import get_local_dir
+from utils import DummyWandb, get_local_dir, pad_to_length
 
 # Where the embedded model and the Hugging Face cache go when the source does not say (train.py's default).
 DEFAULT_LOCAL_DIRS = ('/scr-ssd', '/scr', '.cache')
@@ -370,3 +371,28 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
 if __name__ == '__main__':
     main()
+
+
+# ----- samples during training (BasicTrainer.log_samples) ------------------------------------------
+
+@torch.no_grad()
+def generate_texts(model: nn.Module, tokenizer, batch: Dict, max_length: int, do_sample: bool, dp_rank: int,
+                   dp_size: int) -> List[str]:
+    """Decoded continuations (prompt included) of a local batch's prompts, gathered from all data-parallel ranks."""
+    output = model.generate(batch['prompt_input_ids'], attention_mask=batch['prompt_attention_mask'],
+                            max_length=max_length, do_sample=do_sample, pad_token_id=tokenizer.pad_token_id,
+                            # sharded models: every rank runs each step until all ranks are done
+                            synced_gpus=dp_size > 1)
+    output = pad_to_length(output, max_length, tokenizer.pad_token_id)
+    return tokenizer.batch_decode(all_gather_if_needed(output, dp_rank, dp_size), skip_special_tokens=True)
+
+
+def log_sample_tables(wandb_run, step: int, prompts: List[str], samples: Dict[str, List[str]]) -> None:
+    """One wandb table (step, prompt, sample) per non-empty list of `samples`; nothing without wandb."""
+    if isinstance(wandb_run, DummyWandb):
+        return
+    import wandb
+    for name, texts in samples.items():
+        if texts:
+            table = wandb.Table(columns=['step', 'prompt', 'sample'], data=[[step, p, s] for p, s in zip(prompts, texts)])
+            wandb_run.log({name: table}, step=step)

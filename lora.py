@@ -30,6 +30,8 @@ import torch
 import torch.nn as nn
 from omegaconf import DictConfig
 
+from checkpoints import export_hf_model
+
 # The name peft gives the one adapter of a run (in the policy's state-dict keys: `lora_A.default.weight`).
 ADAPTER_NAME = 'default'
 
@@ -188,3 +190,12 @@ def archive_chain_error(path: Path, base_archive: Optional[str]) -> Optional[str
         return (f'model.archive={path} is a LoRA adapter trained on top of {base_archive}, which no longer exists; '
                 f'restore that file, or pass the LoRA run\'s merged hf_model/ as model.name_or_path instead')
     return None
+
+
+def export_lora_policy(policy: nn.Module, state: Dict[str, torch.Tensor], config: DictConfig, tokenizer,
+                       output_dir: Path) -> None:
+    """A LoRA run's export (checkpoints.export_hf_model): the merged model (W + (α/r)·B·A, loadable without peft),
+    and the adapter alone in PEFT's format in output_dir/adapter/. state: the policy's full state dict."""
+    merged = merged_state_dict(state, archive_info(policy, config))
+    adapter = peft_adapter_files(policy, trainable_state(policy, state))
+    export_hf_model(policy.get_base_model(), merged, tokenizer, output_dir, adapter=adapter)

@@ -47,6 +47,7 @@ from checkpoints import atomic_write_text, flat_items, removed_if_unused, resume
 from distributed import DistributedSetup, Parallelism, decide_parallelism, init_distributed, launch
 from lora import lora_enabled
 from models import build_models, materialize_in_turn, model_directory_problems
+from optimization import LR_SCHEDULES
 from trainers import LossMode
 from utils import DummyWandb, get_local_dir, get_local_run_dir, rank0_print
 
@@ -126,9 +127,9 @@ def check_optimization(get: Callable, parallelism: Optional[Parallelism]) -> Lis
     chunk_size = get('logps_chunk_size')
     if chunk_size is not None and not (isinstance(chunk_size, int) and chunk_size > 0):
         problems.append(f'logps_chunk_size={chunk_size!r} must be a positive integer (e.g. 1024) or null')
-    if get('lr_scheduler') not in trainers.LR_SCHEDULES:
+    if get('lr_scheduler') not in LR_SCHEDULES:
         problems.append(f'lr_scheduler={get("lr_scheduler")!r} is unknown; choose one of '
-                        f'{", ".join(trainers.LR_SCHEDULES)}')
+                        f'{", ".join(LR_SCHEDULES)}')
     weight_decay, optimizer_class = get('weight_decay'), getattr(torch.optim, str(optimizer), None)
     if weight_decay is not None and not (is_number(weight_decay) and weight_decay >= 0):
         problems.append(f'weight_decay={weight_decay!r} must be a number ≥ 0, or null for the optimizer\'s default')

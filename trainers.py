@@ -31,7 +31,6 @@ References:
         (length-normalised log-probabilities).
 """
 import contextlib
-import inspect
 import json
 import math
 import random
@@ -47,15 +46,17 @@ import torch.nn.functional as F
 import tqdm
 from omegaconf import DictConfig
 
-from checkpoints import (DiskFullError, append_metrics, clean_run_dir_for_resume, export_hf_model, how_to_continue,
+from checkpoints import (append_metrics, clean_run_dir_for_resume, export_hf_model,
                          kept_checkpoint, load_training_state, optimizer_state_by_index, optimizer_state_by_name,
                          save_checkpoint, with_own_implementation)
 from distributed import (all_gather_if_needed, any_process, barrier, clip_grad_norm, fsdp_split, full_state_dict_options,
                          split_and_load, tensor_parallel_split)
+from generation import generate_texts, log_sample_tables
 from logps import forward_logps
-from lora import adapters_disabled, archive_info, lora_enabled, merged_state_dict, peft_adapter_files, trainable_state
+from lora import adapters_disabled, archive_info, export_lora_policy, lora_enabled, trainable_state
 from models import first_device, load_tokenizer, unwrap
-from preference_datasets import dataset_options, get_batch_iterator, load_tokenized, padding_fraction
+from optimization import build_optimizer, load_scheduler_state, total_training_steps
+from preference_datasets import dataset_options, get_batch_iterator, padding_fraction
 from reference_cache import ReferenceLogps, reference_cache_path
 from synthetic_task import synthetic_gold_accuracy
 from utils import (DummyWandb, StopRequest, formatted_dict, get_local_dir, pad_to_length, rank0_print,
@@ -73,7 +74,6 @@ LOSS_TYPES = ('sigmoid', 'hinge', 'ipo')        # loss.loss_type
 BETA_LEVELS = ('batch', 'instance')             # loss.beta_level
 FILTERS = ('gaussian', 'tail', 'head', 'none')  # loss.filter
 BETA_DPO_SCOPES = ('microbatch', 'step')        # loss.beta_dpo_scope
-LR_SCHEDULES = ('constant', 'cosine', 'linear')  # lr_scheduler (config/config.yaml), after the warmup
 
 
 def preference_loss(policy_chosen_logps: torch.Tensor,
@@ -856,32 +856,12 @@ class BasicTrainer:
     # ----- optimization -------------------------------------------------------------------------------
 
     def setup_optimization(self) -> None:
-        """The optimizer named by config.optimizer (with config.weight_decay) and the lr schedule (`LRSchedule`)."""
-        optimizer_class = getattr(torch.optim, self.config.optimizer)
-        params = [p for p in self.policy.parameters() if p.requires_grad]
-        kwargs = {'fused': True} if fused_optimizer_applies(optimizer_class, params) else {}
-        if self.config.weight_decay is not None:
-            kwargs['weight_decay'] = self.config.weight_decay
-        self.optimizer = optimizer_class(params, lr=self.config.lr, **kwargs)
-        schedule = self.config.lr_scheduler
-        total_steps = None if schedule == 'constant' else self.total_steps()
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lr_lambda=LRSchedule(schedule, self.config.warmup_steps, total_steps))
+        """The optimizer and lr schedule of config (optimization.build_optimizer), over the trained parameters."""
+        self.optimizer, self.scheduler = build_optimizer(
+            [p for p in self.policy.parameters() if p.requires_grad], self.config, self.total_steps)
 
     def total_steps(self) -> int:
-        """Optimizer steps of the whole run, as get_batch_iterator counts them: n_epochs over the training
-        data (each epoch's last partial batch dropped) or ⌈n_examples / batch_size⌉, whichever ends first."""
-        batch_size = self.config.batch_size
-        kwargs = self.data_kwargs
-        per_epoch = sum(load_tokenized(name, kwargs['tokenizer'], 'train', kwargs['max_length'],
-                                       kwargs['max_prompt_length'], kwargs['sft_mode'], True, kwargs['cache_dir'],
-                                       kwargs['dataset_options']).n_examples for name in kwargs['names']) // batch_size
-        candidates = []
-        if self.config.n_epochs is not None:
-            candidates.append(self.config.n_epochs * per_epoch)
-        if self.config.n_examples is not None:
-            candidates.append(-(-self.config.n_examples // batch_size))
-        return max(1, min(candidates))
+        return total_training_steps(self.config, self.data_kwargs)
 
     def clip_gradient(self) -> float:
         """Clip the policy's gradients to max_grad_norm; returns the norm before clipping."""
@@ -917,14 +897,10 @@ class BasicTrainer:
         policy_state = self.policy_state_dict(trainable_only=self.lora)
         optimizer_state = self.optimizer_state_dict()
         if self.is_main:
-            try:
-                step_dir = save_checkpoint(self.run_dir, self.example_counter, metrics or {}, policy=policy_state,
-                                           optimizer=optimizer_state, scheduler=self.scheduler.state_dict(),
-                                           trainer_state=self.trainer_state(),
-                                           lora=archive_info(self.policy, self.config) if self.lora else None)
-            except DiskFullError as e:
-                raise DiskFullError(f'{e}\nFree some space there (or move the run to a larger disk). '
-                                    f'{how_to_continue(self.run_dir)}') from None
+            step_dir = save_checkpoint(self.run_dir, self.example_counter, metrics or {}, policy=policy_state,
+                                       optimizer=optimizer_state, scheduler=self.scheduler.state_dict(),
+                                       trainer_state=self.trainer_state(),
+                                       lora=archive_info(self.policy, self.config) if self.lora else None)
             rank0_print(f'saved checkpoint {step_dir}')
         barrier()
 
@@ -935,13 +911,7 @@ class BasicTrainer:
         """
         saved = load_training_state(checkpoint_dir)
         self.load_optimizer_state_dict(saved.optimizer)
-        configured = dict(vars(self.scheduler.lr_lambdas[0]))
-        self.scheduler.load_state_dict(saved.scheduler)
-        schedule = vars(self.scheduler.lr_lambdas[0])
-        if schedule != configured:  # train.resume_changes refuses the settings that change it; the data may have
-            raise ValueError(f'resume_from: the checkpoint\'s lr schedule {schedule} differs from this run\'s '
-                             f'{configured} (did the training data change?); start a new run from '
-                             f'{checkpoint_dir}/policy.pt')
+        load_scheduler_state(self.scheduler, saved.scheduler, checkpoint_dir)
         state = saved.trainer_state
         self.example_counter = state['example_counter']
         self.batch_counter = state['batch_counter']
@@ -964,9 +934,7 @@ class BasicTrainer:
             return
         state = self.policy_state_dict()
         if self.is_main and self.lora:
-            merged = merged_state_dict(state, archive_info(self.policy, self.config))
-            adapter = peft_adapter_files(self.policy, trainable_state(self.policy, state))
-            export_hf_model(self.policy.get_base_model(), merged, self.tokenizer, output_dir, adapter=adapter)
+            export_lora_policy(self.policy, state, self.config, self.tokenizer, output_dir)
         elif self.is_main:
             export_hf_model(unwrap(self.policy), state, self.tokenizer, output_dir)
         rank0_print(f'exported the policy in Hugging Face format to {output_dir}')
@@ -1056,29 +1024,6 @@ class TensorParallelTrainer(ShardedTrainer):
         return tensor_parallel_split(model, self.config, self.world_size, self.device, reference)
 
 
-@torch.no_grad()
-def generate_texts(model: nn.Module, tokenizer, batch: Dict, max_length: int, do_sample: bool, dp_rank: int,
-                   dp_size: int) -> List[str]:
-    """Decoded continuations (prompt included) of a local batch's prompts, gathered from all data-parallel ranks."""
-    output = model.generate(batch['prompt_input_ids'], attention_mask=batch['prompt_attention_mask'],
-                            max_length=max_length, do_sample=do_sample, pad_token_id=tokenizer.pad_token_id,
-                            # sharded models: every rank runs each step until all ranks are done
-                            synced_gpus=dp_size > 1)
-    output = pad_to_length(output, max_length, tokenizer.pad_token_id)
-    return tokenizer.batch_decode(all_gather_if_needed(output, dp_rank, dp_size), skip_special_tokens=True)
-
-
-def log_sample_tables(wandb_run, step: int, prompts: List[str], samples: Dict[str, List[str]]) -> None:
-    """One wandb table (step, prompt, sample) per non-empty list of `samples`; nothing without wandb."""
-    if isinstance(wandb_run, DummyWandb):
-        return
-    import wandb
-    for name, texts in samples.items():
-        if texts:
-            table = wandb.Table(columns=['step', 'prompt', 'sample'], data=[[step, p, s] for p, s in zip(prompts, texts)])
-            wandb_run.log({name: table}, step=step)
-
-
 def reward_metrics(chosen_logratios: torch.Tensor, rejected_logratios: torch.Tensor, beta: Union[float, torch.Tensor],
                    split: str, suffix: str = '') -> Dict[str, torch.Tensor]:
     """rewards_{split}/{chosen,rejected,margins}{suffix}: the implicit rewards β·(log π − log π_ref) of each pair
@@ -1098,42 +1043,3 @@ def extend_metrics(into: Dict[str, List[float]], metrics: Dict[str, List[float]]
 def mean_metrics(metrics: Dict[str, List[float]]) -> Dict[str, float]:
     """The mean of each list."""
     return {key: sum(values) / len(values) for key, values in metrics.items()}
-
-
-class LRSchedule:
-    """The learning-rate factor of optimizer step t, LambdaLR's lr_lambda. LambdaLR saves a callable object's
-    attributes in its state dict, so scheduler.pt carries the schedule and a resume restores it.
-
-    Every schedule starts with the original's linear warmup, min(1, (t + 1)/(warmup_steps + 1)); after it
-        constant: 1 (the original)
-        cosine: ½·(1 + cos(π·p)),  linear: 1 − p,  p = (t − warmup_steps)/(total_steps − warmup_steps) in [0, 1]
-    as transformers' get_cosine_schedule_with_warmup / get_linear_schedule_with_warmup after their warmup: the
-    factor is 1 at the end of the warmup and falls to 0 at total_steps.
-    """
-
-    def __init__(self, name: str, warmup_steps: int, total_steps: Optional[int] = None):
-        if name not in LR_SCHEDULES or (name != 'constant' and total_steps is None):
-            raise ValueError(f'lr_scheduler={name!r}: choose one of {", ".join(LR_SCHEDULES)} (decays need total_steps)')
-        self.name = name
-        self.warmup_steps = warmup_steps
-        self.total_steps = total_steps
-
-    def __call__(self, step: int) -> float:
-        if self.name == 'constant' or step < self.warmup_steps:
-            return min(1.0, (step + 1) / (self.warmup_steps + 1))
-        progress = min(1.0, (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps))
-        if self.name == 'cosine':
-            return 0.5 * (1.0 + math.cos(math.pi * progress))
-        return 1.0 - progress
-
-
-def fused_optimizer_applies(optimizer_class: type, params: List[torch.Tensor]) -> bool:
-    """Whether to ask `optimizer_class` for its fused kernel (one pass over each parameter instead of
-    one per elementwise op: on a 2-core CPU, AdamW over 14M parameters takes 0.06 s instead of 0.56 s).
-
-    PyTorch has fused Adam, AdamW, SGD and Adagrad for CPU and CUDA tensors; sharded (DTensor)
-    parameters keep the default multi-tensor path, which every trainer supports.
-    """
-    accepts_fused = 'fused' in inspect.signature(optimizer_class).parameters
-    plain = all(type(p) is nn.Parameter and p.device.type in ('cpu', 'cuda') and p.is_floating_point() for p in params)
-    return accepts_fused and plain and len(params) > 0

@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 
 from checkpoints import with_own_implementation
-from trainers import fused_optimizer_applies
+from optimization import fused_optimizer_applies
 
 
 def params():
@@ -53,7 +53,7 @@ def test_lr_schedules_worked_by_hand():
     """warmup_steps = 2, total_steps = 6. The warmup (all schedules) is the original's (t + 1)/3 = 1/3, 2/3; then
     constant 1; cosine ½(1 + cos(π·p)) with p = (t − 2)/4: t = 2 → 1, t = 3 → 0.853553, t = 4 → 0.5, t = 6 → 0;
     linear 1 − p: 1, 0.75, 0.5, 0.25, 0; past the end the decays stay at 0."""
-    from trainers import LRSchedule
+    from optimization import LRSchedule
     steps = range(8)
     assert [LRSchedule('constant', 2)(t) for t in steps] == pytest.approx([1 / 3, 2 / 3, 1, 1, 1, 1, 1, 1])
     assert [LRSchedule('cosine', 2, 6)(t) for t in steps] == pytest.approx(
