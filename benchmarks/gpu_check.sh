@@ -7,7 +7,8 @@
 #   2. benchmarks/gpu_mfu.py: a Pythia-1.4B-shaped DPO step's time and model FLOPs utilisation, both trainers.
 # Usage: bash benchmarks/gpu_check.sh [OUT]   (OUT default /tmp/gpu_check; PYTHON default .venv/bin/python;
 #        HH: an hh-rlhf harmless-base .jsonl.gz, default ../shared/data/hh-rlhf/harmless-base-test.jsonl.gz)
-# Exit status 0 only if every check passed; OUT/summary.json holds the figures.
+# Exit status 0 only if every check passed; OUT/summary.json holds the figures. CPU=1 runs the same steps on CPU (FSDP:
+# 2 gloo processes) and gpu_mfu.py --cpu: a check of this script, not of a GPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=$(realpath -m "${1:-/tmp/gpu_check}")
@@ -15,7 +16,9 @@ PY=${PYTHON:-.venv/bin/python}
 mkdir -p "$OUT"
 export HF_HUB_OFFLINE=1 WANDB_MODE=disabled PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 
-$PY -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else "gpu_check.sh: no CUDA GPU visible")'
+if [ "${CPU:-0}" != 1 ]; then
+  $PY -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else "gpu_check.sh: no CUDA GPU visible (CPU=1: check the script on CPU)")'
+fi
 $PY -c 'import torch; print(torch.__version__, torch.version.cuda, [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())])'
 test -f .cache/models/SmolLM2-135M-Instruct.Q4_1.gguf || { echo 'gpu_check.sh: run `make smollm2` first'; exit 2; }
 
@@ -52,7 +55,7 @@ for name, run_dir in runs.items():
 sys.exit('\n'.join(failed) or None)
 EOF
 
-$PY benchmarks/gpu_mfu.py --out "$OUT/mfu"
+$PY benchmarks/gpu_mfu.py --out "$OUT/mfu" $([ "${CPU:-0}" = 1 ] && echo --cpu)
 $PY -c 'import json, sys; out = sys.argv[1]; json.dump({"smollm2": json.load(open(f"{out}/smollm2.json")),
     "mfu": json.load(open(f"{out}/mfu/mfu.json"))}, open(f"{out}/summary.json", "w"), indent=1)' "$OUT"
 echo "gpu_check.sh: every check passed; figures in $OUT/summary.json"

@@ -112,7 +112,7 @@ def measure(run_dir: Path, n_params: int, peak: float, shape: dict, args) -> dic
     step_s = sorted(times)[len(times) // 2]
     return {'run_dir': str(run_dir), 'losses': losses, 'median_step_s': step_s, 'pairs_per_s': args.batch_size / step_s,
             'tflop_per_step': flops / 1e12, 'mfu': flops / step_s / (peak * 1e12),
-            'finite': all(math.isfinite(x) for x in losses), 'first_loss_is_ln2': abs(losses[0] - math.log(2)) < 1e-3}
+            'finite': all(math.isfinite(x) for x in losses)}
 
 
 def main() -> None:
@@ -148,8 +148,10 @@ def main() -> None:
               f'losses {[round(x, 4) for x in r["losses"]]}', flush=True)
     (out / 'mfu.json').write_text(json.dumps({'gpu': name, 'peak_tflops': peak, 'n_params': n_params,
                                               'batch_size': args.batch_size, 'results': results}, indent=1))
-    if not all(r['finite'] and r['first_loss_is_ln2'] for r in results.values()):
-        raise SystemExit('a loss was not finite, or a first DPO loss was not ln 2: see mfu.json')
+    # No ln 2 check here: under BasicTrainer the policy computes under autocast and the bfloat16 reference without
+    # it, so their first log-probabilities differ slightly (gpu_check.sh checks ln 2 with matching precisions).
+    if not all(r['finite'] for r in results.values()):
+        raise SystemExit('a loss was not finite: see mfu.json')
 
 
 if __name__ == '__main__':
