@@ -37,7 +37,7 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, NamedTuple, Optional, Tuple, Union
+from typing import Dict, Iterator, List, NamedTuple, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -52,11 +52,11 @@ from distributed import (all_gather_if_needed, any_process, barrier, clip_grad_n
                          split_and_load, tensor_parallel_split)
 from generation import draw_samples, generate_texts, log_sample_tables, print_samples
 from logps import concatenated_logps, forward_logps
-from lora import adapters_disabled, archive_info, export_lora_policy, lora_enabled, trainable_state
+from lora import archive_info, export_lora_policy, lora_enabled, trainable_state
 from models import first_device, load_tokenizer, unwrap
 from optimization import build_optimizer, load_scheduler_state, total_training_steps
 from preference_datasets import get_batch_iterator, padding_fraction, batch_iterator_kwargs
-from reference_cache import ReferenceLogps, reference_cache_path
+from reference_cache import ReferenceLogps, reference_cache_path, reference_pass_batches
 from synthetic_task import gold_eval_accuracy
 from utils import DummyWandb, StopRequest, formatted_dict, rank0_print, slice_and_move_batch_for_device
 
@@ -411,11 +411,8 @@ class BasicTrainer:
             # nn.Module.compile compiles in place: the class and the state dict's keys stay as they are.
             self.policy.compile()
         self.lora = lora_enabled(config)
-        if self.lora and self.mode.uses_reference_model:
-            # The reference is the policy with its adapters off (the weights the run started from): no second model.
-            self.reference = ReferenceLogps(self.policy, self.concatenated_forward, switch=adapters_disabled)
-        else:
-            self.reference = ReferenceLogps(reference_model, self.concatenated_forward)
+        self.reference = ReferenceLogps.of_run(self.policy, reference_model, self.concatenated_forward,
+                                               lora=self.lora and self.mode.uses_reference_model)
         self.tokenizer = load_tokenizer(config)
         self.margin_stats = (MarginStats(self.device) if self.mode.sft else
                              MarginStats(self.device, momentum=config.loss.momentum, m0=config.loss.m0))
@@ -576,13 +573,9 @@ class BasicTrainer:
         """The file of precompute_ref_log_probs for this model, data, precision and trainer layout."""
         return reference_cache_path(self.config, self.tokenizer, self.world_size, self.device.type)
 
-    def reference_pass_batches(self):
-        """The batches of the reference pass, before the data-parallel split: each training batch's
-        gradient_accumulation_steps microbatches, as train_step slices them (so the pass never runs a
-        larger forward than training does), then the evaluation batches."""
-        for batch in self.train_batches():
-            yield from self.microbatches(batch)
-        yield from self.eval_batches
+    def reference_pass_batches(self) -> Iterator[Dict]:
+        """The batches of the reference pass (reference_cache.reference_pass_batches), whole over ranks."""
+        return reference_pass_batches(self.train_batches(), self.microbatches, self.eval_batches)
 
     def policy_autocast(self):
         """torch.autocast in policy_autocast's dtype on a GPU; nothing elsewhere (CPU autocast is slower)."""
