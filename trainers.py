@@ -382,7 +382,8 @@ class BasicTrainer:
 
     With several GPUs the model is split across them (models.build_models loads it with device_map='balanced'):
     N times the memory, no parallel compute. The trainer keeps the loop, the step, the loss and its metrics, and
-    evaluation; the reference log-probabilities come from `reference_cache.ReferenceLogps`, checkpoint files
+    evaluation; the reference log-probabilities come from `reference_cache.ReferenceLogps`, the policy's from
+    `logps`, samples from `generation`, the synthetic task's gold score from `synthetic_task`, checkpoint files
     from `checkpoints`. Subclasses change how the model is placed and how state is gathered, through small
     hooks: `checkpoint_activations`, `clip_gradient`, `policy_state_dict`, `optimizer_state_dict`,
     `load_optimizer_state_dict`.
