@@ -25,7 +25,7 @@ import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Sequence
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -35,7 +35,7 @@ from checkpoints import atomic_write_text
 from distributed import all_gather_if_needed
 from models import check_model_directory, load_tokenizer, materialize_model
 from preference_datasets import encode_texts, load_source
-from utils import DummyWandb, get_local_dir, pad_to_length
+from utils import DummyWandb, get_local_dir, pad_to_length, rank0_print
 
 # Where the embedded model and the Hugging Face cache go when the source does not say (train.py's default).
 DEFAULT_LOCAL_DIRS = ('/scr-ssd', '/scr', '.cache')
@@ -385,6 +385,30 @@ def generate_texts(model: nn.Module, tokenizer, batch: Dict, max_length: int, do
                             synced_gpus=dp_size > 1)
     output = pad_to_length(output, max_length, tokenizer.pad_token_id)
     return tokenizer.batch_decode(all_gather_if_needed(output, dp_rank, dp_size), skip_special_tokens=True)
+
+
+def draw_samples(batches: Sequence[Dict], samplers: Dict[str, Callable[[Dict], List[str]]], seed: int
+                 ) -> Tuple[List[str], Dict[str, List[str]]]:
+    """The prompts of `batches` and, under each name of `samplers`, that sampler's texts for them, batch by batch
+    in the samplers' order: sampler(batch) -> one decoded text per prompt (`generate_texts`).
+
+    Sampling draws from the global RNG; it is forked and seeded with `seed` here, so samples drawn during
+    evaluation depend only on the seed and the step, and never shift the training stream.
+    """
+    prompts, samples = [], {name: [] for name in samplers}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for batch in batches:
+            prompts.extend(batch['prompt'])
+            for name, sample in samplers.items():
+                samples[name].extend(sample(batch))
+    return prompts, samples
+
+
+def print_samples(samples: Dict[str, List[str]]) -> None:
+    """The first 4 texts of each list of `samples` (name 'policy_samples' -> 'policy samples:'), on rank 0."""
+    for name, texts in samples.items():
+        rank0_print(f'{name.replace("_", " ")}:\n' + json.dumps(texts[:4], indent=2))
 
 
 def log_sample_tables(wandb_run, step: int, prompts: List[str], samples: Dict[str, List[str]]) -> None:

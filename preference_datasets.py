@@ -59,7 +59,7 @@ import tqdm
 from checkpoints import DiskFullError, save_atomically, unreadable_because
 from synthetic_task import (describe_synthetic, synthetic_gold_answer, synthetic_options, synthetic_pair,
                             synthetic_prompts)
-from utils import ASSISTANT, HUMAN, file_identity, fingerprint
+from utils import ASSISTANT, HUMAN, file_identity, fingerprint, get_local_dir
 
 PreferenceData = Dict[str, Dict[str, Union[List[str], List[Tuple[int, int]], str]]]
 
@@ -1198,3 +1198,11 @@ def dataset_options(config) -> Dict:
     from omegaconf import OmegaConf
     options = {'render_hh_with_chat_template': True} if config.render_hh_with_chat_template else {}
     return {**options, **({'synthetic': OmegaConf.to_container(config.synthetic, resolve=True)} if 'synthetic' in config else {})}
+
+
+def batch_iterator_kwargs(config, tokenizer, sft_mode: bool, silent: bool) -> Dict:
+    """The arguments of `get_batch_iterator` that a run's config fixes for every split (data sets, lengths, data
+    options, cache directory): a trainer adds split, batch_size, seed and n_epochs / n_examples."""
+    return dict(names=list(config.datasets), tokenizer=tokenizer, shuffle=True, max_length=config.max_length,
+                max_prompt_length=config.max_prompt_length, sft_mode=sft_mode, silent=silent,
+                cache_dir=get_local_dir(config.local_dirs), dataset_options=dataset_options(config))

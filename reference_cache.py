@@ -3,8 +3,10 @@
     from reference_cache import ReferenceLogps
     reference = ReferenceLogps(reference_model, forward)      # forward(model, batch) -> (chosen, rejected)
     reference = ReferenceLogps(policy, forward, switch=adapters_disabled)   # LoRA: the policy, adapters off
+    reference = ReferenceLogps.of_run(policy, reference_model, forward, lora=True)   # one of the two above
     chosen, rejected = reference(batch)                        # no gradient
-    reference.precompute(batches, path, gather)                # one pass, cached on disk; the model is freed
+    batches = reference_pass_batches(train_batches, microbatches, eval_batches)   # what the pass computes
+    reference.precompute(batches, path, local, gather, is_main)   # one pass, cached on disk; the model is freed
 
 With precompute_ref_log_probs=true the trainer calls `precompute` before training: the reference's
 log-probabilities of every training and evaluation pair are computed once, saved under
@@ -20,7 +22,7 @@ import contextlib
 import math
 import time
 from pathlib import Path
-from typing import Callable, ContextManager, Dict, Iterable, List, Optional, Tuple
+from typing import Callable, ContextManager, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -29,7 +31,7 @@ import tqdm
 from omegaconf import DictConfig
 
 from checkpoints import DiskFullError, save_atomically, unreadable_because
-from lora import lora_enabled
+from lora import adapters_disabled, lora_enabled
 from models import archive_identity, model_identity
 from preference_datasets import data_identity, dataset_options, tokenizer_identity
 from utils import fingerprint, get_local_dir, rank0_print
@@ -72,6 +74,16 @@ def reference_cache_path(config: DictConfig, tokenizer, world_size: int, device_
         [data_identity(name, split, dataset_options(config)) for name in config.datasets for split in ('train', 'test')],
         dataset_options(config), *(['average_log_prob'] if config.loss.average_log_prob else []))
     return Path(local_dir) / 'beta_dpo' / 'reference_logps' / f'{key}.pt'
+
+
+def reference_pass_batches(train_batches: Iterable[Dict], microbatches: Callable[[Dict], List[Dict]],
+                           eval_batches: Iterable[Dict]) -> Iterator[Dict]:
+    """The batches of the reference pass, before the data-parallel split: each training batch cut into its
+    gradient_accumulation_steps microbatches as the training step cuts it (`microbatches`), so the pass never
+    runs a larger forward than training does, then the evaluation batches."""
+    for batch in train_batches:
+        yield from microbatches(batch)
+    yield from eval_batches
 
 
 def load_reference_cache(path: Path, quiet: bool = False) -> Dict[str, List[float]]:
@@ -129,6 +141,15 @@ class ReferenceLogps:
             model.eval()
         # pair key -> [chosen, rejected], once precompute ran
         self.cache: Optional[Dict[str, List[float]]] = None
+
+    @classmethod
+    def of_run(cls, policy: nn.Module, reference_model: Optional[nn.Module], forward: Callable,
+               lora: bool) -> 'ReferenceLogps':
+        """A run's reference: with `lora` the policy with its adapters off (the weights the run started from: no
+        second model), else `reference_model` (None for SFT)."""
+        if lora:
+            return cls(policy, forward, switch=adapters_disabled)
+        return cls(reference_model, forward)
 
     def active(self) -> ContextManager:
         """The context inside which `self.model` computes as the reference (e.g. to sample from it)."""

@@ -1,8 +1,9 @@
 """The generated task with a gold answer that code checks (datasets=[synthetic]), and its gold checker.
 
     python train.py datasets=[synthetic]          # the embedded default's data
-    from synthetic_task import synthetic_gold_accuracy, synthetic_prompts
+    from synthetic_task import gold_eval_accuracy, synthetic_gold_accuracy, synthetic_prompts
     synthetic_gold_accuracy(prompts, completions)  # fraction answered exactly right
+    gold_eval_accuracy(test_batches, greedy)       # the same, greedy(batch) -> prompt + answer texts (gold_eval/accuracy)
 
 A prompt asks for one operation on a word of 3–6 random letters, in the HH format:
     '\\n\\nHuman: reverse cab\\n\\nAssistant:'  ->  ' bac'
@@ -24,7 +25,7 @@ generated training pairs; the test split stays the generated one (preference_dat
 import random
 import string
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 from utils import ASSISTANT, HUMAN
 
@@ -99,6 +100,22 @@ def synthetic_gold_accuracy(prompts: Sequence[str], completions: Sequence[Option
         raise ValueError(f'{len(prompts)} prompts but {len(completions)} completions')
     correct = sum(c is not None and c.strip() == synthetic_gold_answer(p) for p, c in zip(prompts, completions))
     return correct / len(prompts) if prompts else 0.0
+
+
+def gold_eval_accuracy(batches: Iterable[Dict], generate: Callable[[Dict], List[str]]) -> float:
+    """The fraction of the prompts of `batches` that `generate` answers exactly right (`synthetic_gold_accuracy`):
+    the trainer's gold_eval/accuracy.
+
+    generate(batch) -> the decoded prompt + continuation of each of the batch's prompts (EOS and padding are
+    skipped special tokens); a text that does not start with its prompt has no answer and counts as wrong.
+    """
+    prompts, completions = [], []
+    for batch in batches:
+        texts = generate(batch)
+        prompts.extend(batch['prompt'])
+        completions.extend(text[len(prompt):] if text.startswith(prompt) else None
+                           for prompt, text in zip(batch['prompt'], texts))
+    return synthetic_gold_accuracy(prompts, completions)
 
 
 def edit_distance(a: str, b: str) -> int:

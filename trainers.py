@@ -31,14 +31,13 @@ References:
         (length-normalised log-probabilities).
 """
 import contextlib
-import json
 import math
 import random
 import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, NamedTuple, Optional, Tuple, Union
+from typing import Dict, Iterator, List, NamedTuple, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -51,16 +50,15 @@ from checkpoints import (append_metrics, clean_run_dir_for_resume, export_hf_mod
                          save_checkpoint, with_own_implementation)
 from distributed import (all_gather_if_needed, any_process, barrier, clip_grad_norm, fsdp_split, full_state_dict_options,
                          split_and_load, tensor_parallel_split)
-from generation import generate_texts, log_sample_tables
-from logps import forward_logps
-from lora import adapters_disabled, archive_info, export_lora_policy, lora_enabled, trainable_state
+from generation import draw_samples, generate_texts, log_sample_tables, print_samples
+from logps import concatenated_logps, forward_logps
+from lora import archive_info, export_lora_policy, lora_enabled, trainable_state
 from models import first_device, load_tokenizer, unwrap
 from optimization import build_optimizer, load_scheduler_state, total_training_steps
-from preference_datasets import dataset_options, get_batch_iterator, padding_fraction
-from reference_cache import ReferenceLogps, reference_cache_path
-from synthetic_task import synthetic_gold_accuracy
-from utils import (DummyWandb, StopRequest, formatted_dict, get_local_dir, pad_to_length, rank0_print,
-                   slice_and_move_batch_for_device)
+from preference_datasets import get_batch_iterator, padding_fraction, batch_iterator_kwargs
+from reference_cache import ReferenceLogps, reference_cache_path, reference_pass_batches
+from synthetic_task import gold_eval_accuracy
+from utils import DummyWandb, StopRequest, formatted_dict, rank0_print, slice_and_move_batch_for_device
 
 # β-DPO keeps β above this floor so a batch of very negative margins cannot flip the sign of the
 # loss (the reference implementation clamps at the same value).
@@ -338,21 +336,6 @@ class MarginStats:
         self.std.fill_(float(state['std']))
 
 
-def concatenated_inputs(batch: Dict[str, Union[List, torch.Tensor]]) -> Dict[str, torch.Tensor]:
-    """Chosen and rejected tensors stacked into one batch of 2·B rows (chosen first), padded alike.
-
-    One forward pass over both halves is faster than two, and under FSDP it gathers each shard once.
-    """
-    max_length = max(batch['chosen_input_ids'].shape[1], batch['rejected_input_ids'].shape[1])
-    concatenated = {}
-    for suffix, pad_value in (('input_ids', 0), ('attention_mask', 0), ('labels', -100)):
-        concatenated[f'concatenated_{suffix}'] = torch.cat([
-            pad_to_length(batch[f'chosen_{suffix}'], max_length, pad_value),
-            pad_to_length(batch[f'rejected_{suffix}'], max_length, pad_value),
-        ], dim=0)
-    return concatenated
-
-
 @dataclass(frozen=True)
 class LossMode:
     """What the configured loss needs, derived once from config.loss (as torchtune's `is_reference_free`)."""
@@ -399,7 +382,8 @@ class BasicTrainer:
 
     With several GPUs the model is split across them (models.build_models loads it with device_map='balanced'):
     N times the memory, no parallel compute. The trainer keeps the loop, the step, the loss and its metrics, and
-    evaluation; the reference log-probabilities come from `reference_cache.ReferenceLogps`, checkpoint files
+    evaluation; the reference log-probabilities come from `reference_cache.ReferenceLogps`, the policy's from
+    `logps`, samples from `generation`, the synthetic task's gold score from `synthetic_task`, checkpoint files
     from `checkpoints`. Subclasses change how the model is placed and how state is gathered, through small
     hooks: `checkpoint_activations`, `clip_gradient`, `policy_state_dict`, `optimizer_state_dict`,
     `load_optimizer_state_dict`.
@@ -428,11 +412,8 @@ class BasicTrainer:
             # nn.Module.compile compiles in place: the class and the state dict's keys stay as they are.
             self.policy.compile()
         self.lora = lora_enabled(config)
-        if self.lora and self.mode.uses_reference_model:
-            # The reference is the policy with its adapters off (the weights the run started from): no second model.
-            self.reference = ReferenceLogps(self.policy, self.concatenated_forward, switch=adapters_disabled)
-        else:
-            self.reference = ReferenceLogps(reference_model, self.concatenated_forward)
+        self.reference = ReferenceLogps.of_run(self.policy, reference_model, self.concatenated_forward,
+                                               lora=self.lora and self.mode.uses_reference_model)
         self.tokenizer = load_tokenizer(config)
         self.margin_stats = (MarginStats(self.device) if self.mode.sft else
                              MarginStats(self.device, momentum=config.loss.momentum, m0=config.loss.m0))
@@ -447,10 +428,7 @@ class BasicTrainer:
         self.skipped_batches = 0
         self.last_eval_example = None
 
-        self.data_kwargs = dict(
-            names=list(config.datasets), tokenizer=self.tokenizer, shuffle=True, max_length=config.max_length,
-            max_prompt_length=config.max_prompt_length, sft_mode=self.mode.sft, silent=not self.is_main,
-            cache_dir=get_local_dir(config.local_dirs), dataset_options=dataset_options(config))
+        self.data_kwargs = batch_iterator_kwargs(config, self.tokenizer, sft_mode=self.mode.sft, silent=not self.is_main)
         self.eval_batches = list(get_batch_iterator(**self.data_kwargs, split='test', n_examples=config.n_eval_examples,
                                                     batch_size=config.eval_batch_size, seed=seed))
         rank0_print(f'Loaded {len(self.eval_batches)} eval batches of size {config.eval_batch_size}')
@@ -585,12 +563,7 @@ class BasicTrainer:
 
     def concatenated_forward(self, model: nn.Module, batch: Dict) -> Tuple[torch.Tensor, torch.Tensor]:
         """Log-probabilities of the chosen and rejected responses from one forward pass over both."""
-        concatenated = concatenated_inputs(batch)
-        all_logps = forward_logps(model, concatenated['concatenated_input_ids'], concatenated['concatenated_attention_mask'],
-                                  concatenated['concatenated_labels'], self.config.logps_chunk_size,
-                                  self.mode.average_log_prob)
-        n = batch['chosen_input_ids'].shape[0]
-        return all_logps[:n], all_logps[n:]
+        return concatenated_logps(model, batch, self.config.logps_chunk_size, self.mode.average_log_prob)
 
     def precompute_reference_logps(self) -> None:
         """The reference pass of precompute_ref_log_probs (reference_cache.ReferenceLogps.precompute). Collective."""
@@ -601,13 +574,9 @@ class BasicTrainer:
         """The file of precompute_ref_log_probs for this model, data, precision and trainer layout."""
         return reference_cache_path(self.config, self.tokenizer, self.world_size, self.device.type)
 
-    def reference_pass_batches(self):
-        """The batches of the reference pass, before the data-parallel split: each training batch's
-        gradient_accumulation_steps microbatches, as train_step slices them (so the pass never runs a
-        larger forward than training does), then the evaluation batches."""
-        for batch in self.train_batches():
-            yield from self.microbatches(batch)
-        yield from self.eval_batches
+    def reference_pass_batches(self) -> Iterator[Dict]:
+        """The batches of the reference pass (reference_cache.reference_pass_batches), whole over ranks."""
+        return reference_pass_batches(self.train_batches(), self.microbatches, self.eval_batches)
 
     def policy_autocast(self):
         """torch.autocast in policy_autocast's dtype on a GPU; nothing elsewhere (CPU autocast is slower)."""
@@ -784,7 +753,8 @@ class BasicTrainer:
         return 'synthetic' in self.config.datasets and self.config.synthetic.n_gold_eval > 0
 
     def gold_eval(self) -> Dict[str, float]:
-        """{'gold_eval/accuracy': fraction of held-out synthetic prompts answered exactly right}.
+        """{'gold_eval/accuracy': fraction of held-out synthetic prompts answered exactly right}
+        (synthetic_task.gold_eval_accuracy).
 
         Greedy generation from the policy on the first `synthetic.n_gold_eval` test prompts (in the
         split's order, so every evaluation and every run scores the same prompts; rounded up to whole
@@ -795,35 +765,24 @@ class BasicTrainer:
                                         'sft_mode': True, 'silent': True},
                                      split='test', n_epochs=1, n_examples=self.config.synthetic.n_gold_eval,
                                      batch_size=self.config.eval_batch_size, seed=self.seed)
-        prompts, completions = [], []
-        for batch in batches:
-            texts = self.generate(self.policy, self.local(batch), do_sample=False)
-            prompts.extend(batch['prompt'])
-            # generate() decodes prompt + continuation; EOS and padding are skipped special tokens
-            completions.extend(text[len(prompt):] if text.startswith(prompt) else None
-                               for prompt, text in zip(batch['prompt'], texts))
-        return {'gold_eval/accuracy': synthetic_gold_accuracy(prompts, completions)}
+        return {'gold_eval/accuracy': gold_eval_accuracy(
+            batches, lambda batch: self.generate(self.policy, self.local(batch), do_sample=False))}
 
     def log_samples(self) -> None:
-        """Sample from the policy (and the reference) on the first eval prompts and print / log them."""
+        """Sample from the policy (and the reference) on the first eval prompts and print / log them
+        (generation.draw_samples, seeded by the step)."""
+        def reference_samples(batch: Dict) -> List[str]:
+            with self.reference.active():
+                return self.generate(self.reference.model, self.local(batch))
+
+        samplers = {'policy_samples': lambda batch: self.generate(self.policy, self.local(batch))}
+        if self.reference.model is not None:
+            samplers['reference_samples'] = reference_samples
         n_batches = max(1, self.config.n_eval_model_samples // self.config.eval_batch_size)
-        policy_samples, reference_samples, prompts = [], [], []
-        # Sampling draws from the global RNG; fork it so evaluation never changes the training stream.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.seed + self.example_counter)
-            for eval_batch in self.eval_batches[:n_batches]:
-                local_batch = self.local(eval_batch)
-                prompts.extend(eval_batch['prompt'])
-                policy_samples.extend(self.generate(self.policy, local_batch))
-                if self.reference.model is not None:
-                    with self.reference.active():
-                        reference_samples.extend(self.generate(self.reference.model, local_batch))
-        rank0_print('policy samples:\n' + json.dumps(policy_samples[:4], indent=2))
-        if reference_samples:
-            rank0_print('reference samples:\n' + json.dumps(reference_samples[:4], indent=2))
+        prompts, samples = draw_samples(self.eval_batches[:n_batches], samplers, self.seed + self.example_counter)
+        print_samples(samples)
         if self.is_main:
-            log_sample_tables(self.wandb, self.example_counter, prompts,
-                              {'policy_samples': policy_samples, 'reference_samples': reference_samples})
+            log_sample_tables(self.wandb, self.example_counter, prompts, samples)
 
     def generate(self, model: nn.Module, batch: Dict, do_sample: bool = True) -> List[str]:
         """Decoded continuations (prompt included) of the batch's prompts, gathered from all ranks."""
