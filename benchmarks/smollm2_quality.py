@@ -25,7 +25,6 @@ itself is not measured here; with the Hub, response_logps of AutoModelForCausalL
 import argparse
 import json
 import math
-import os
 import sys
 import tempfile
 import time
