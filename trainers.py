@@ -55,7 +55,7 @@ from logps import concatenated_logps, forward_logps
 from lora import archive_info, export_lora_policy, lora_enabled, trainable_state
 from models import first_device, load_tokenizer, unwrap
 from optimization import build_optimizer, load_scheduler_state, total_training_steps
-from preference_datasets import get_batch_iterator, padding_fraction, batch_iterator_kwargs
+from preference_datasets import batch_iterator_kwargs, get_batch_iterator, padding_fraction
 from reference_cache import ReferenceLogps, reference_cache_path, reference_pass_batches
 from synthetic_task import gold_eval_accuracy
 from utils import DummyWandb, StopRequest, formatted_dict, rank0_print, slice_and_move_batch_for_device
