@@ -186,3 +186,12 @@ def smollm2_local_dirs(tmp_path_factory, smollm2_gguf):
     from utils import get_local_dir
     root = tmp_path_factory.mktemp('smollm2')
     return root, Path(materialize_model(str(smollm2_gguf), get_local_dir([str(root)])))
+
+
+@pytest.fixture(scope='session')
+def ultrafeedback_messages(tmp_path_factory):
+    """A directory whose train/test.jsonl.gz are the UltraFeedback slice in its conversational form."""
+    directory = tmp_path_factory.mktemp('uf')
+    for split in ('train', 'test'):
+        (directory / f'{split}.jsonl.gz').symlink_to(shared('ultrafeedback', f'{split}.messages.jsonl.gz'))
+    return directory

@@ -101,3 +101,15 @@ def train_in_process(overrides, tmp_path) -> Path:
     policy, reference_model = train.build_run_models(config, parallelism)
     train.run_trainer(config, parallelism, policy, reference_model)
     return Path(config.local_run_dir)
+
+
+def save_tiny_llama(directory):
+    """A 2-layer Llama with tied input/output embeddings, 4 query and 2 key/value heads, random weights; its directory."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         tie_word_embeddings=True, bos_token_id=256, eos_token_id=256, pad_token_id=256)
+    LlamaForCausalLM(config).save_pretrained(directory)
+    return directory

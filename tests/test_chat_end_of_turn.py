@@ -4,7 +4,6 @@ import warnings
 
 import numpy as np
 import pytest
-from conftest import shared
 
 import preference_datasets as pd
 
@@ -16,14 +15,6 @@ def smollm2_tokenizer(smollm2_local_dirs):
     from transformers import AutoTokenizer
     return AutoTokenizer.from_pretrained(smollm2_local_dirs[1])
 
-
-@pytest.fixture(scope='module')
-def ultrafeedback_messages(tmp_path_factory):
-    """A directory whose train/test.jsonl.gz are the UltraFeedback slice in its conversational form."""
-    directory = tmp_path_factory.mktemp('uf')
-    for split in ('train', 'test'):
-        (directory / f'{split}.jsonl.gz').symlink_to(shared('ultrafeedback', f'{split}.messages.jsonl.gz'))
-    return directory
 
 
 def tokenized(name, tokenizer, split, tmp_path, sft_mode=False, **options):

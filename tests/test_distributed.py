@@ -22,7 +22,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from helpers import FAST, ROOT, compose_config, run_dir_from_output, run_train
+from helpers import FAST, ROOT, compose_config, run_dir_from_output, run_train, save_tiny_llama
 from distributed import get_open_port, init_distributed
 from reference_cache import load_reference_cache, reference_cache_path
 from train import build_run_models, prepare_run, run_trainer
@@ -37,17 +37,6 @@ DPO = ['loss=dpo', 'loss.beta=0.1']
 BETA_DPO = [*DPO, 'loss.mode_loss=beta_DPO', 'loss.mode_weight=0.2', 'loss.a=0.6']
 # RMSprop has a state to save and restore; 2 steps, then a resume for a third
 RMSPROP = [*FAST, 'optimizer=RMSprop', 'lr=1e-3', 'eval_every=16', 'minimum_log_interval_secs=0', 'loss=sft']
-
-
-def save_tiny_llama(directory):
-    """A 2-layer Llama with tied input/output embeddings, 4 query and 2 key/value heads, random weights."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         tie_word_embeddings=True, bos_token_id=256, eos_token_id=256, pad_token_id=256)
-    LlamaForCausalLM(config).save_pretrained(directory)
-    return directory
 
 
 def read_metrics(run_dir, split='train'):

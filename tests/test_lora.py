@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from helpers import FAST, compose_config, start_run
+from helpers import FAST, compose_config, save_tiny_llama, start_run
 from lora import default_target_modules
 from models import build_model
 from train import validate_config
@@ -19,15 +19,9 @@ LORA = [*FAST, 'lora.r=4', 'lora.alpha=8', 'optimizer=SGD', 'lr=0.5', 'n_example
 DPO = ['loss=dpo', 'loss.beta=0.1']
 
 
-def save_tiny_llama(directory):
-    """A 2-layer Llama with tied input/output embeddings, 4 query and 2 key/value heads, random weights."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         tie_word_embeddings=True, bos_token_id=256, eos_token_id=256, pad_token_id=256)
-    LlamaForCausalLM(config).save_pretrained(directory)
-    return ['model.block_name=LlamaDecoderLayer', f'model.name_or_path={directory}',
+def tiny_llama(directory):
+    """The overrides of helpers.save_tiny_llama's model."""
+    return ['model.block_name=LlamaDecoderLayer', f'model.name_or_path={save_tiny_llama(directory)}',
             'model.tokenizer_name_or_path=embedded:tiny']
 
 
@@ -41,7 +35,7 @@ def save_tiny_gpt2(directory):
     return ['model.block_name=GPT2Block', f'model.name_or_path={directory}', 'model.tokenizer_name_or_path=embedded:tiny']
 
 
-ARCHITECTURES = {'gpt-neox': lambda directory: [], 'llama': save_tiny_llama, 'gpt2': save_tiny_gpt2}
+ARCHITECTURES = {'gpt-neox': lambda directory: [], 'llama': tiny_llama, 'gpt2': save_tiny_gpt2}
 
 
 @pytest.mark.parametrize('architecture, expected', [

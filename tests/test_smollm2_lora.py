@@ -5,19 +5,11 @@ import math
 
 import pytest
 import torch
-from conftest import shared
 
 from helpers import train_in_process
 
 pytestmark = pytest.mark.slow
 
-
-@pytest.fixture(scope='module')
-def ultrafeedback_messages(tmp_path_factory):
-    directory = tmp_path_factory.mktemp('uf')
-    for split in ('train', 'test'):
-        (directory / f'{split}.jsonl.gz').symlink_to(shared('ultrafeedback', f'{split}.messages.jsonl.gz'))
-    return directory
 
 
 def test_beta_dpo_steps_with_lora(smollm2_gguf, smollm2_local_dirs, ultrafeedback_messages):

@@ -4,7 +4,6 @@ import json
 import math
 
 import pytest
-from conftest import shared
 from helpers import run_dir_from_output, run_train
 
 pytestmark = pytest.mark.slow
@@ -13,13 +12,6 @@ SMALL = ['exp_name=smollm2', 'wandb.enabled=false', 'sample_during_eval=false', 
          'eval_batch_size=2', 'n_eval_examples=2', 'max_length=64', 'max_prompt_length=32', 'warmup_steps=0',
          'eval_every=1000', 'minimum_log_interval_secs=0']
 
-
-@pytest.fixture(scope='module')
-def ultrafeedback_messages(tmp_path_factory):
-    directory = tmp_path_factory.mktemp('uf')
-    for split in ('train', 'test'):
-        (directory / f'{split}.jsonl.gz').symlink_to(shared('ultrafeedback', f'{split}.messages.jsonl.gz'))
-    return directory
 
 
 def metrics(run_dir):
