@@ -11,6 +11,9 @@
     with atomic_path(run_dir / 'step-64', directory=True) as tmp:   # complete or absent, never half-written
         torch.save(state, tmp / 'policy.pt')
 
+A trainer saves, resumes and exports through `TrainerCheckpointing` (at the end of this file), which
+trainers.BasicTrainer inherits.
+
 Every file the project writes goes through `atomic_path`: a temporary sibling, flushed to disk, then
 renamed into place, so a process killed at any moment (SIGKILL, preemption, power loss) leaves either the
 old file or the new one.
@@ -28,7 +31,8 @@ from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Tu
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from utils import rank0_print
+from lora import archive_info, merged_export, trainable_state
+from utils import barrier, rank0_print, unwrap
 
 
 def fsync_dir(path: Union[str, Path]) -> None:
@@ -500,6 +504,18 @@ def load_training_state(checkpoint_dir: Path) -> TrainingState:
                          load_checkpoint_file(checkpoint_dir / 'trainer_state.pt', 'trainer state'))
 
 
+def load_scheduler_state(scheduler: torch.optim.lr_scheduler.LambdaLR, state: dict, checkpoint_dir) -> None:
+    """A resumed run's scheduler state; ValueError if the checkpoint's schedule (LRSchedule's attributes, saved in
+    the state) is not the one this run configured. train.resume_changes refuses the settings that change it; the
+    training data (total steps of a decaying schedule) may have."""
+    configured = dict(vars(scheduler.lr_lambdas[0]))
+    scheduler.load_state_dict(state)
+    schedule = vars(scheduler.lr_lambdas[0])
+    if schedule != configured:
+        raise ValueError(f'resume_from: the checkpoint\'s lr schedule {schedule} differs from this run\'s {configured} '
+                         f'(did the training data change?); start a new run from {checkpoint_dir}/policy.pt')
+
+
 def clean_run_dir_for_resume(run_dir: Path, example_counter: int) -> None:
     """Before a resumed run goes on: drop the metrics logged after its checkpoint (it logs them again) and
     what an interrupted save left behind."""
@@ -543,3 +559,84 @@ def export_hf_model(model: torch.nn.Module, state: Dict[str, torch.Tensor], toke
             tensors, adapter_config = adapter
             adapter_config.save_pretrained(tmp / 'adapter')
             save_file(tensors, tmp / 'adapter' / 'adapter_model.safetensors', metadata={'format': 'pt'})
+
+
+class TrainerCheckpointing:
+    """The run-directory side of a trainer (trainers.BasicTrainer inherits it): the checkpoint saved at each
+    evaluation, the resume from one, and the final export to hf_model/.
+
+    It reads the trainer's policy, optimizer, scheduler, tokenizer, counters and β-DPO state (`beta_dpo`). The
+    sharded trainers override the three hooks that gather and scatter state across processes:
+    `policy_state_dict`, `optimizer_state_dict`, `load_optimizer_state_dict`.
+    """
+
+    def policy_state_dict(self, trainable_only: bool = False) -> Dict[str, torch.Tensor]:
+        """The full policy state dict on rank 0 (sharded subclasses: {} on the other ranks; collective), or only
+        its trained tensors (LoRA's adapters)."""
+        state = self.policy.state_dict()
+        return trainable_state(self.policy, state) if trainable_only else state
+
+    def optimizer_state_dict(self) -> Dict:
+        """The optimizer state, keyed by parameter position (sharded subclasses: on rank 0; collective)."""
+        return self.optimizer.state_dict()
+
+    def load_optimizer_state_dict(self, state: Dict) -> None:
+        self.optimizer.load_state_dict(with_own_implementation(self.optimizer, state))
+
+    def trainer_state(self) -> Dict:
+        """What a resumed run needs besides weights and optimizer: counters, β-DPO statistics, RNG states."""
+        return {'example_counter': self.example_counter, 'batch_counter': self.batch_counter,
+                'skipped_batches': self.skipped_batches, 'last_eval_example': self.last_eval_example,
+                **self.beta_dpo.state_dict(), 'torch_rng': torch.get_rng_state()}
+
+    def save(self, metrics: Optional[Dict] = None) -> None:
+        """RUN_DIR/step-N/ and LATEST (`save_checkpoint`); no-op in debug mode. Collective."""
+        if self.config.debug:
+            rank0_print('skipping save in debug mode')
+            return
+        # LoRA: the adapters only (the base weights are the model and archive the run started from)
+        policy_state = self.policy_state_dict(trainable_only=self.lora)
+        optimizer_state = self.optimizer_state_dict()
+        if self.is_main:
+            step_dir = save_checkpoint(self.run_dir, self.example_counter, metrics or {}, policy=policy_state,
+                                       optimizer=optimizer_state, scheduler=self.scheduler.state_dict(),
+                                       trainer_state=self.trainer_state(),
+                                       lora=archive_info(self.policy, self.config) if self.lora else None)
+            rank0_print(f'saved checkpoint {step_dir}')
+        barrier()
+
+    def restore(self, checkpoint_dir: Path) -> None:
+        """Continue from `checkpoint_dir` (a resume): optimizer, scheduler, counters, statistics, RNGs.
+
+        The policy weights were loaded by models.build_models before the model was wrapped.
+        """
+        saved = load_training_state(checkpoint_dir)
+        self.load_optimizer_state_dict(saved.optimizer)
+        load_scheduler_state(self.scheduler, saved.scheduler, checkpoint_dir)
+        state = saved.trainer_state
+        self.example_counter = state['example_counter']
+        self.batch_counter = state['batch_counter']
+        self.skipped_batches = state['skipped_batches']
+        self.beta_dpo.load_state_dict(state)
+        torch.set_rng_state(state['torch_rng'])
+        self.last_eval_example = state['last_eval_example']
+        if self.is_main:
+            clean_run_dir_for_resume(self.run_dir, self.example_counter)
+        rank0_print(f'Resumed from {checkpoint_dir.resolve()} at {self.example_counter} examples')
+
+    def export_pretrained(self, output_dir: Path) -> None:
+        """The policy in Hugging Face format (`export_hf_model`). Collective.
+
+        LoRA: the merged model (W + (α/r)·B·A, loadable without peft), and the adapter alone in PEFT's format in
+        output_dir/adapter/ (lora.merged_export).
+        """
+        if self.config.debug:
+            return
+        state = self.policy_state_dict()
+        if self.is_main and self.lora:
+            model, merged, adapter = merged_export(self.policy, state, self.config)
+            export_hf_model(model, merged, self.tokenizer, output_dir, adapter=adapter)
+        elif self.is_main:
+            export_hf_model(unwrap(self.policy), state, self.tokenizer, output_dir)
+        rank0_print(f'exported the policy in Hugging Face format to {output_dir}')
+        barrier()

@@ -25,7 +25,7 @@ from omegaconf import DictConfig
 from torch.distributed.tensor import DTensor, Replicate
 from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel
 
-from checkpoints import how_to_continue
+from checkpoints import how_to_continue, optimizer_state_by_index, optimizer_state_by_name, with_own_implementation
 from utils import get_block_modules, rank0_print
 
 
@@ -158,12 +158,6 @@ def any_process(flag: bool, device: torch.device) -> bool:
     flag_tensor = torch.tensor(float(flag), device=device)
     dist.all_reduce(flag_tensor, op=dist.ReduceOp.MAX)
     return bool(flag_tensor.item())
-
-
-def barrier() -> None:
-    """Wait for every process of a distributed run (nothing in one process)."""
-    if dist.is_initialized():
-        dist.barrier()
 
 
 def get_open_port() -> int:
@@ -349,6 +343,32 @@ def full_state_dict_options(ignore_frozen_params: bool = False):
     return StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=ignore_frozen_params)
 
 
+def gathered_model_state(model: nn.Module, trainable_only: bool = False) -> Dict[str, torch.Tensor]:
+    """The whole state dict of a split model on rank 0 ({} elsewhere), or only its trained tensors. Collective."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+    return get_model_state_dict(model, options=full_state_dict_options(ignore_frozen_params=trainable_only))
+
+
+def gathered_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, names: List[str]) -> Dict:
+    """The whole optimizer state of a split model on rank 0 ({} elsewhere), keyed by the position of each
+    parameter in `names` as a one-process optimizer keys it (checkpoints.optimizer_state_by_index). Collective."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+    state = get_optimizer_state_dict(model, optimizer, options=full_state_dict_options())
+    return optimizer_state_by_index(state, names) if state else {}
+
+
+def load_gathered_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: Dict,
+                                  names: List[str]) -> None:
+    """The inverse of gathered_optimizer_state: rank 0's whole `state` into every rank's shards. Collective."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    state = with_own_implementation(optimizer, state)
+    if not state['state']:
+        # A stateless optimizer (SGD without momentum): only the hyperparameters, which every rank has whole.
+        # set_optimizer_state_dict fails on it (torch 2.13: AssertionError 'Expected device to be set').
+        optimizer.load_state_dict(state)
+        return
+    set_optimizer_state_dict(model, optimizer, optimizer_state_by_name(state, names),
+                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
 
 
 def fsdp_split(model: nn.Module, config: DictConfig, reference: bool) -> nn.Module:

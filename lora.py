@@ -24,13 +24,12 @@ they are, or pass the run's merged `hf_model/` as `model.name_or_path` instead.
 import contextlib
 import warnings
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
 from omegaconf import DictConfig
 
-from checkpoints import export_hf_model
 
 # The name peft gives the one adapter of a run (in the policy's state-dict keys: `lora_A.default.weight`).
 ADAPTER_NAME = 'default'
@@ -192,10 +191,10 @@ def archive_chain_error(path: Path, base_archive: Optional[str]) -> Optional[str
     return None
 
 
-def export_lora_policy(policy: nn.Module, state: Dict[str, torch.Tensor], config: DictConfig, tokenizer,
-                       output_dir: Path) -> None:
-    """A LoRA run's export (checkpoints.export_hf_model): the merged model (W + (α/r)·B·A, loadable without peft),
-    and the adapter alone in PEFT's format in output_dir/adapter/. state: the policy's full state dict."""
+def merged_export(policy: nn.Module, state: Dict[str, torch.Tensor], config: DictConfig
+                  ) -> Tuple[nn.Module, Dict[str, torch.Tensor], Tuple[Dict[str, torch.Tensor], object]]:
+    """What a LoRA run exports (checkpoints.export_hf_model): the base model, its state dict with the adapters
+    merged (W + (α/r)·B·A, loadable without peft), and the adapter alone in PEFT's format (for adapter/).
+    state: the policy's full state dict."""
     merged = merged_state_dict(state, archive_info(policy, config))
-    adapter = peft_adapter_files(policy, trainable_state(policy, state))
-    export_hf_model(policy.get_base_model(), merged, tokenizer, output_dir, adapter=adapter)
+    return policy.get_base_model(), merged, peft_adapter_files(policy, trainable_state(policy, state))

@@ -544,11 +544,6 @@ def model_identity(name_or_path: str, local_dir: str) -> List:
             if f.suffix in ('.json', '.safetensors', '.bin', '.pt') and not f.name.startswith('tokenizer')]
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The Hugging Face model inside any wrapper."""
-    return getattr(model, 'module', model)
-
-
 def first_device(model: nn.Module) -> torch.device:
     """Where a (possibly GPU-split) model takes its inputs."""
     device_map = getattr(model, 'hf_device_map', None)

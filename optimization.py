@@ -27,18 +27,6 @@ def build_optimizer(params: List[torch.Tensor], config: DictConfig,
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=LRSchedule(schedule, config.warmup_steps, steps))
 
 
-def load_scheduler_state(scheduler: torch.optim.lr_scheduler.LambdaLR, state: dict, checkpoint_dir) -> None:
-    """A resumed run's scheduler state; ValueError if the checkpoint's schedule (LRSchedule's attributes, saved in
-    the state) is not the one this run configured. train.resume_changes refuses the settings that change it; the
-    training data (total steps of a decaying schedule) may have."""
-    configured = dict(vars(scheduler.lr_lambdas[0]))
-    scheduler.load_state_dict(state)
-    schedule = vars(scheduler.lr_lambdas[0])
-    if schedule != configured:
-        raise ValueError(f'resume_from: the checkpoint\'s lr schedule {schedule} differs from this run\'s {configured} '
-                         f'(did the training data change?); start a new run from {checkpoint_dir}/policy.pt')
-
-
 def total_training_steps(config: DictConfig, data_kwargs: dict) -> int:
     """Optimizer steps of the whole run, as get_batch_iterator counts them: n_epochs over the training
     data (each epoch's last partial batch dropped) or ⌈n_examples / batch_size⌉, whichever ends first.

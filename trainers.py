@@ -45,20 +45,19 @@ import torch.nn.functional as F
 import tqdm
 from omegaconf import DictConfig
 
-from checkpoints import (append_metrics, clean_run_dir_for_resume, export_hf_model,
-                         kept_checkpoint, load_training_state, optimizer_state_by_index, optimizer_state_by_name,
-                         save_checkpoint, with_own_implementation)
-from distributed import (all_gather_if_needed, any_process, barrier, clip_grad_norm, fsdp_split, full_state_dict_options,
-                         split_and_load, tensor_parallel_split)
+from checkpoints import TrainerCheckpointing, append_metrics, kept_checkpoint
+from distributed import (all_gather_if_needed, any_process, clip_grad_norm, fsdp_split, gathered_model_state,
+                         gathered_optimizer_state, load_gathered_optimizer_state, split_and_load, tensor_parallel_split)
 from generation import draw_samples, generate_texts, log_sample_tables, print_samples
 from logps import concatenated_logps, forward_logps
-from lora import archive_info, export_lora_policy, lora_enabled, trainable_state
-from models import first_device, load_tokenizer, unwrap
-from optimization import build_optimizer, load_scheduler_state, total_training_steps
+from lora import lora_enabled
+from models import first_device, load_tokenizer
+from optimization import build_optimizer, total_training_steps
 from preference_datasets import batch_iterator_kwargs, get_batch_iterator, padding_fraction
 from reference_cache import ReferenceLogps, reference_cache_path, reference_pass_batches
 from synthetic_task import gold_eval_accuracy
-from utils import DummyWandb, StopRequest, formatted_dict, rank0_print, slice_and_move_batch_for_device
+from utils import (DummyWandb, StopRequest, extend_metrics, formatted_dict, mean_metrics, rank0_print,
+                   slice_and_move_batch_for_device, unwrap)
 
 # β-DPO keeps β above this floor so a batch of very negative margins cannot flip the sign of the
 # loss (the reference implementation clamps at the same value).
@@ -336,6 +335,70 @@ class MarginStats:
         self.std.fill_(float(state['std']))
 
 
+
+class BetaDPOBatch(NamedTuple):
+    """β-DPO's decision for one batch of N pairs gathered over all ranks: what each pair's loss uses."""
+    betas: torch.Tensor  # (N,) float32, the β of each pair (all equal at beta_level=batch)
+    keep: torch.Tensor  # (N,) bool, the pairs the filter keeps
+    metrics: Dict[str, List[float]]  # logged as record_{train,eval}/: beta_used, mask_count, kept_fraction, gap_*
+
+
+class BetaDPO:
+    """β-DPO over a run: the running margin statistics, the filter's random streams, and for each batch of (N,)
+    margins gathered over all ranks the β of each pair and the pairs the filter keeps (`decide`).
+
+    Identical on every rank by construction: the same margins, the same statistics, and a generator seeded
+    alike everywhere that nothing else draws from. Evaluation draws from its own generator, re-seeded at the
+    start of each evaluation (`start_evaluation`), so an evaluation's draws depend only on the seed and the step,
+    each evaluation batch continues the stream of the one before it, and the training stream never shifts.
+    """
+
+    def __init__(self, loss_config: DictConfig, seed: int, device: Union[str, torch.device] = 'cpu'):
+        self.config = loss_config
+        self.margin_stats = (MarginStats(device, momentum=loss_config.momentum, m0=loss_config.m0)
+                             if 'momentum' in loss_config else MarginStats(device))  # loss=sft has no β-DPO keys
+        self.filter_generator = torch.Generator().manual_seed(seed)
+        self.eval_filter_generator = torch.Generator()
+
+    def start_evaluation(self, seed: int) -> None:
+        self.eval_filter_generator.manual_seed(seed)
+
+    def decide(self, margins: torch.Tensor, train: bool) -> 'BetaDPOBatch':
+        """β per pair, the kept pairs and the metrics of a batch of (N,) margins gathered over all ranks.
+
+        beta_level=batch gives every pair the batch's β (`batch_beta_and_mask`); beta_level=instance gives
+        each pair its own (`instance_betas`), read after the same statistics update, with the same filter.
+        """
+        beta_used, keep = self.batch_beta_and_mask(margins, train)
+        if self.config.beta_level == 'instance':
+            betas = instance_betas(margins, self.margin_stats.threshold, self.config.beta, self.config.a,
+                                   tuple(self.config.beta_range)).to(margins.device)
+            beta_used = betas[keep].mean()
+        else:
+            betas = beta_used.to(margins.device).expand(margins.shape[0])
+        metrics = {'beta_used': [beta_used.item()], 'mask_count': [int(keep.sum())],
+                   'kept_fraction': [keep.float().mean().item()],
+                   'gap_mean': [self.margin_stats.mean.item()], 'gap_std': [self.margin_stats.std.item()]}
+        return BetaDPOBatch(betas, keep, metrics)
+
+    def batch_beta_and_mask(self, margins: torch.Tensor, train: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The batch-level β (0-dim) and the keep mask. The running statistics are updated in training only,
+        before dynamic_beta reads them (the reference implementation's order)."""
+        if train:
+            self.margin_stats.update(margins)
+        generator = self.filter_generator if train else self.eval_filter_generator
+        return dynamic_beta(margins, self.margin_stats.threshold, self.margin_stats.std, self.config.beta,
+                            self.config.a, self.config.mode_weight, generator=generator, filter=self.config.filter,
+                            beta_range=tuple(self.config.beta_range))
+
+    def state_dict(self) -> dict:
+        return {'margin_stats': self.margin_stats.state_dict(), 'filter_generator': self.filter_generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.margin_stats.load_state_dict(state['margin_stats'])
+        self.filter_generator.set_state(state['filter_generator'])
+
+
 @dataclass(frozen=True)
 class LossMode:
     """What the configured loss needs, derived once from config.loss (as torchtune's `is_reference_free`)."""
@@ -360,33 +423,20 @@ class LossMode:
                    average_log_prob=loss_config.average_log_prob)
 
 
-class BetaDPOBatch(NamedTuple):
-    """β-DPO's decision for one batch of N pairs gathered over all ranks: what each pair's loss uses."""
-    betas: torch.Tensor  # (N,) float32, the β of each pair (all equal at beta_level=batch)
-    keep: torch.Tensor  # (N,) bool, the pairs the filter keeps
-    metrics: Dict[str, List[float]]  # logged as record_{train,eval}/: beta_used, mask_count, kept_fraction, gap_*
-
-
-class StepBetaDPO(NamedTuple):
-    """The decision of a whole optimizer step (loss.beta_dpo_scope=step) and one microbatch's place in it."""
-    decision: BetaDPOBatch
-    offset: int  # index of the microbatch's first pair among the step's N pairs
-
-
 class NonFiniteLossError(RuntimeError):
     """A training step produced a NaN or infinite loss or gradient norm."""
 
 
-class BasicTrainer:
+class BasicTrainer(TrainerCheckpointing):
     """SFT or preference training (DPO, cDPO, IPO, β-DPO) in one process.
 
     With several GPUs the model is split across them (models.build_models loads it with device_map='balanced'):
     N times the memory, no parallel compute. The trainer keeps the loop, the step, the loss and its metrics, and
-    evaluation; the reference log-probabilities come from `reference_cache.ReferenceLogps`, the policy's from
-    `logps`, samples from `generation`, the synthetic task's gold score from `synthetic_task`, checkpoint files
-    from `checkpoints`. Subclasses change how the model is placed and how state is gathered, through small
-    hooks: `checkpoint_activations`, `clip_gradient`, `policy_state_dict`, `optimizer_state_dict`,
-    `load_optimizer_state_dict`.
+    evaluation; β-DPO's state is `BetaDPO`, the reference log-probabilities come from
+    `reference_cache.ReferenceLogps`, the policy's from `logps`, samples from `generation`, and what is saved
+    to and restored from the run directory from `checkpoints.TrainerCheckpointing`. Subclasses change how the
+    model is placed and how state is gathered, through small hooks: `checkpoint_activations`, `clip_gradient`,
+    `policy_state_dict`, `optimizer_state_dict`, `load_optimizer_state_dict`.
     """
 
     def __init__(self, policy: nn.Module, config: DictConfig, seed: int, run_dir: str,
@@ -395,9 +445,7 @@ class BasicTrainer:
         self.config = config
         self.seed = seed
         self.run_dir = Path(run_dir)
-        self.rank = rank
-        self.world_size = world_size
-        self.is_main = rank == 0
+        self.rank, self.world_size, self.is_main = rank, world_size, rank == 0
         self.device = device if device is not None else first_device(policy)
         # Data parallelism: which slice of each batch this process computes. Tensor parallel ranks
         # all see the whole batch (see TensorParallelTrainer).
@@ -415,17 +463,10 @@ class BasicTrainer:
         self.reference = ReferenceLogps.of_run(self.policy, reference_model, self.concatenated_forward,
                                                lora=self.lora and self.mode.uses_reference_model)
         self.tokenizer = load_tokenizer(config)
-        self.margin_stats = (MarginStats(self.device) if self.mode.sft else
-                             MarginStats(self.device, momentum=config.loss.momentum, m0=config.loss.m0))
-        # The β-DPO filter's only randomness: seeded alike on every rank, so all ranks keep the same pairs.
-        self.filter_generator = torch.Generator().manual_seed(seed)
-        # Evaluation's own, re-seeded at the start of each evaluation (`evaluate`), so an evaluation's draws
-        # depend only on the seed and the step, and never shift the training stream's.
-        self.eval_filter_generator = torch.Generator()
+        self.beta_dpo = BetaDPO(config.loss, seed, self.device)
 
-        self.example_counter = 0
-        self.batch_counter = 0
-        self.skipped_batches = 0
+        # examples and optimizer steps so far, batches skipped (on_nonfinite=skip), the last evaluation's step
+        self.example_counter = self.batch_counter = self.skipped_batches = 0
         self.last_eval_example = None
 
         self.data_kwargs = batch_iterator_kwargs(config, self.tokenizer, sft_mode=self.mode.sft, silent=not self.is_main)
@@ -515,15 +556,15 @@ class BasicTrainer:
         microbatches = self.microbatches(batch)
         metrics = defaultdict(list)
         losses = []
-        stats_before = self.margin_stats.state_dict()
+        stats_before = self.beta_dpo.margin_stats.state_dict()
         decision = self.step_beta_dpo(microbatches) if self.mode.step_scope else None
         if decision is not None:
             extend_metrics(metrics, {f'record_train/{k}': v for k, v in decision.metrics.items()})
-        offset = 0
+        offset = 0  # of the microbatch's first pair among the step's (for the step's β-DPO decision)
         for microbatch in microbatches:
-            step = None if decision is None else StepBetaDPO(decision, offset)
+            loss, microbatch_metrics = self.get_batch_metrics(self.local(microbatch), train=True,
+                                                              step_decision=decision, step_offset=offset)
             offset += len(microbatch['prompt'])
-            loss, microbatch_metrics = self.get_batch_metrics(self.local(microbatch), train=True, step_beta_dpo=step)
             (loss / len(microbatches)).backward()
             losses.append(loss.detach())
             extend_metrics(metrics, microbatch_metrics)
@@ -534,7 +575,7 @@ class BasicTrainer:
             self.optimizer.step()
         else:
             self.handle_nonfinite(batch, losses, grad_norm)
-            self.margin_stats.load_state_dict(stats_before)  # a skipped batch leaves no trace in β-DPO's statistics
+            self.beta_dpo.margin_stats.load_state_dict(stats_before)  # a skipped batch leaves no trace in β-DPO's statistics
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
 
@@ -590,12 +631,12 @@ class BasicTrainer:
 
     # ----- the loss and its metrics -------------------------------------------------------------------
 
-    def get_batch_metrics(self, batch: Dict, train: bool = True, step_beta_dpo: Optional['StepBetaDPO'] = None
-                          ) -> Tuple[torch.Tensor, Dict[str, List[float]]]:
+    def get_batch_metrics(self, batch: Dict, train: bool = True, step_decision: Optional[BetaDPOBatch] = None,
+                          step_offset: int = 0) -> Tuple[torch.Tensor, Dict[str, List[float]]]:
         """The loss of this process's microbatch (to backpropagate) and its metrics (lists over all ranks).
 
-        step_beta_dpo: β-DPO's decision for the whole optimizer step and where this microbatch sits in it
-        (loss.beta_dpo_scope=step, see `step_beta_dpo`); without it β-DPO decides from this microbatch.
+        step_decision, step_offset: β-DPO's decision for the whole optimizer step and the index of this microbatch's
+        first pair in it (loss.beta_dpo_scope=step, see `step_beta_dpo`); without it β-DPO decides from this one.
         """
         if self.mode.sft:
             return self.sft_metrics(batch, train)
@@ -611,11 +652,11 @@ class BasicTrainer:
         beta, metrics = loss_config.beta, {}
         if self.mode.beta_dpo:
             n_local = margins.shape[0]
-            if step_beta_dpo is None:
-                decision, offset, scale = self.beta_dpo_decision(self.gather(margins), train), self.dp_rank * n_local, 1
+            if step_decision is None:
+                decision, offset, scale = self.beta_dpo.decide(self.gather(margins), train), self.dp_rank * n_local, 1
                 metrics.update({f'record_{split}/{k}': v for k, v in decision.metrics.items()})
             else:
-                decision, offset = step_beta_dpo.decision, step_beta_dpo.offset + self.dp_rank * n_local
+                decision, offset = step_decision, step_offset + self.dp_rank * n_local
                 scale = self.config.gradient_accumulation_steps
             beta = decision.betas[offset:offset + n_local].to(margins.device)
             local_keep = decision.keep[offset:offset + n_local].to(margins.device).float()
@@ -625,7 +666,8 @@ class BasicTrainer:
             beta=beta, label_smoothing=loss_config.label_smoothing, reference_free=loss_config.reference_free,
             loss_type=self.mode.loss_type)
         if loss_config.rpo_alpha:
-            nll = chosen_nll(policy_chosen_logps, self.chosen_token_counts(batch))
+            counts = (batch['chosen_labels'][:, 1:] != -100).sum(-1)  # labelled tokens; 1 for mean log-probs
+            nll = chosen_nll(policy_chosen_logps, torch.ones_like(counts) if self.mode.average_log_prob else counts)
             losses = losses + loss_config.rpo_alpha * nll
             metrics[f'rpo_{split}/chosen_nll'] = self.gather(nll)
         # log π − log π_ref of every pair of the whole batch, from which the rewards are logged
@@ -668,56 +710,13 @@ class BasicTrainer:
                    f'loss/{split}': self.gather(loss.reshape(1))}
         return loss, {k: v.float().cpu().tolist() for k, v in metrics.items()}
 
-    def chosen_token_counts(self, batch: Dict) -> torch.Tensor:
-        """(batch,) labelled tokens of each chosen response (1 each when log-probabilities are already means)."""
-        counts = (batch['chosen_labels'][:, 1:] != -100).sum(-1)
-        return torch.ones_like(counts) if self.mode.average_log_prob else counts
-
-    def beta_dpo_decision(self, margins: torch.Tensor, train: bool) -> 'BetaDPOBatch':
-        """β-DPO for a batch of (N,) margins gathered over all ranks: β per pair, the kept pairs, metrics.
-
-        beta_level=batch gives every pair the batch's β (`batch_beta_and_mask`); beta_level=instance gives
-        each pair its own (`instance_betas`), read after the same statistics update, with the same filter.
-        """
-        loss_config = self.config.loss
-        beta_used, keep = self.batch_beta_and_mask(margins, train)
-        if loss_config.beta_level == 'instance':
-            betas = instance_betas(margins, self.margin_stats.threshold, loss_config.beta, loss_config.a,
-                                   tuple(loss_config.beta_range)).to(margins.device)
-            beta_used = betas[keep].mean()
-        else:
-            betas = beta_used.to(margins.device).expand(margins.shape[0])
-        metrics = {'beta_used': [beta_used.item()], 'mask_count': [int(keep.sum())],
-                   'kept_fraction': [keep.float().mean().item()],
-                   'gap_mean': [self.margin_stats.mean.item()], 'gap_std': [self.margin_stats.std.item()]}
-        return BetaDPOBatch(betas, keep, metrics)
-
-    def batch_beta_and_mask(self, margins: torch.Tensor, train: bool) -> Tuple[torch.Tensor, torch.Tensor]:
-        """The batch-level β (0-dim) and the keep mask of a batch from its (N,) margins gathered over all ranks.
-
-        The running statistics are updated in training only, before dynamic_beta reads them (the reference
-        implementation's order). Identical on every rank by construction: the same margins, the same
-        statistics, and a generator seeded alike everywhere that nothing else draws from. Evaluation draws
-        from its own generator, seeded once per evaluation, so each evaluation batch continues the stream of
-        the one before it.
-        """
-        loss_config = self.config.loss
-        if train:
-            self.margin_stats.update(margins)
-        generator = self.filter_generator if train else self.eval_filter_generator
-        return dynamic_beta(margins, self.margin_stats.threshold, self.margin_stats.std, loss_config.beta,
-                            loss_config.a, loss_config.mode_weight, generator=generator, filter=loss_config.filter,
-                            beta_range=tuple(loss_config.beta_range))
-
     def step_beta_dpo(self, microbatches: List[Dict]) -> 'BetaDPOBatch':
         """β-DPO's decision over a whole optimizer step (loss.beta_dpo_scope=step), before any backward pass.
 
-        Every microbatch's margins are computed without gradients first (one more forward pass of the
-        policy, and of the reference model unless its log-probabilities are precomputed) and gathered over
-        all ranks; concatenated in microbatch order they are the margins of the batch in its own row order,
-        as a run without gradient accumulation sees them, so the statistics update, β and the kept pairs
-        are the same as that run's. Keeping the microbatches' graphs instead would need the memory that
-        gradient accumulation exists to save.
+        Every microbatch's margins are computed without gradients first (one more forward pass of the policy, and
+        of the reference unless precomputed) and gathered over all ranks: in microbatch order they are the batch's
+        margins in its own row order, so the statistics update, β and the kept pairs are those of a run without
+        gradient accumulation. Keeping the microbatches' graphs instead would need the memory accumulation saves.
         """
         margins = []
         with torch.no_grad():
@@ -727,14 +726,14 @@ class BasicTrainer:
                     policy_logps = self.concatenated_forward(self.policy, local)
                 # with the reference term whatever loss.reference_free says, as in get_batch_metrics
                 margins.append(self.gather(logratio_margins(*policy_logps, *self.reference(local))))
-        return self.beta_dpo_decision(torch.cat(margins), train=True)
+        return self.beta_dpo.decide(torch.cat(margins), train=True)
 
     # ----- evaluation ---------------------------------------------------------------------------------
 
     def evaluate(self) -> Dict[str, float]:
         """Mean metrics over the evaluation set (and samples, if sample_during_eval)."""
         self.policy.eval()
-        self.eval_filter_generator.manual_seed(self.seed + self.example_counter)
+        self.beta_dpo.start_evaluation(self.seed + self.example_counter)
         all_metrics = defaultdict(list)
         for eval_batch in tqdm.tqdm(self.eval_batches, desc='Computing eval metrics', disable=not self.is_main,
                                     leave=False):
@@ -753,14 +752,9 @@ class BasicTrainer:
         return 'synthetic' in self.config.datasets and self.config.synthetic.n_gold_eval > 0
 
     def gold_eval(self) -> Dict[str, float]:
-        """{'gold_eval/accuracy': fraction of held-out synthetic prompts answered exactly right}
-        (synthetic_task.gold_eval_accuracy).
-
-        Greedy generation from the policy on the first `synthetic.n_gold_eval` test prompts (in the
-        split's order, so every evaluation and every run scores the same prompts; rounded up to whole
-        eval batches, at most the whole test split). Each data-parallel rank generates for its slice of a
-        batch and `generate` gathers the answers, so every rank returns the same value.
-        """
+        """{'gold_eval/accuracy': the fraction of the first synthetic.n_gold_eval test prompts (in order, whole eval
+        batches) that greedy generation answers exactly right} (synthetic_task.gold_eval_accuracy). Each rank
+        generates for its slice of a batch and `generate` gathers the answers: every rank returns the same value."""
         batches = get_batch_iterator(**{**self.data_kwargs, 'names': ['synthetic'], 'shuffle': False,
                                         'sft_mode': True, 'silent': True},
                                      split='test', n_epochs=1, n_examples=self.config.synthetic.n_gold_eval,
@@ -800,13 +794,10 @@ class BasicTrainer:
 
     def log(self, metrics: Dict[str, float], split: str) -> None:
         """Print, append to metrics.jsonl and send to wandb (rank 0 only)."""
-        metrics = dict(metrics)
-        metrics['counters/examples'] = self.example_counter
-        metrics['counters/updates'] = self.batch_counter
-        if self.skipped_batches:
-            metrics['counters/skipped_batches'] = self.skipped_batches
         if not self.is_main:
             return
+        metrics = {**metrics, 'counters/examples': self.example_counter, 'counters/updates': self.batch_counter,
+                   **({'counters/skipped_batches': self.skipped_batches} if self.skipped_batches else {})}
         rank0_print(f'{split} stats after {self.example_counter} examples: {formatted_dict(metrics)}')
         self.wandb.log(metrics, step=self.example_counter)
         if not self.config.debug:
@@ -825,79 +816,6 @@ class BasicTrainer:
     def clip_gradient(self) -> float:
         """Clip the policy's gradients to max_grad_norm; returns the norm before clipping."""
         return torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.config.max_grad_norm).item()
-
-    # ----- checkpoints (the files: checkpoints.py) -----------------------------------------------------
-
-    def policy_state_dict(self, trainable_only: bool = False) -> Optional[Dict[str, torch.Tensor]]:
-        """The full policy state dict on rank 0 (None elsewhere), or only its trained tensors (LoRA's adapters);
-        collective in sharded subclasses."""
-        state = self.policy.state_dict()
-        return trainable_state(self.policy, state) if trainable_only else state
-
-    def optimizer_state_dict(self) -> Optional[Dict]:
-        return self.optimizer.state_dict()
-
-    def load_optimizer_state_dict(self, state: Dict) -> None:
-        self.optimizer.load_state_dict(with_own_implementation(self.optimizer, state))
-
-    def trainer_state(self) -> Dict:
-        """What a resumed run needs besides weights and optimizer: counters, β-DPO statistics, RNG states."""
-        return {'example_counter': self.example_counter, 'batch_counter': self.batch_counter,
-                'skipped_batches': self.skipped_batches, 'last_eval_example': self.last_eval_example,
-                'margin_stats': self.margin_stats.state_dict(),
-                'filter_generator': self.filter_generator.get_state(), 'torch_rng': torch.get_rng_state()}
-
-    def save(self, metrics: Optional[Dict] = None) -> None:
-        """RUN_DIR/step-N/ and LATEST (checkpoints.save_checkpoint); no-op in debug mode. Collective."""
-        if self.config.debug:
-            rank0_print('skipping save in debug mode')
-            return
-        # LoRA: the adapters only (the base weights are the model and archive the run started from)
-        policy_state = self.policy_state_dict(trainable_only=self.lora)
-        optimizer_state = self.optimizer_state_dict()
-        if self.is_main:
-            step_dir = save_checkpoint(self.run_dir, self.example_counter, metrics or {}, policy=policy_state,
-                                       optimizer=optimizer_state, scheduler=self.scheduler.state_dict(),
-                                       trainer_state=self.trainer_state(),
-                                       lora=archive_info(self.policy, self.config) if self.lora else None)
-            rank0_print(f'saved checkpoint {step_dir}')
-        barrier()
-
-    def restore(self, checkpoint_dir: Path) -> None:
-        """Continue from `checkpoint_dir` (a resume): optimizer, scheduler, counters, statistics, RNGs.
-
-        The policy weights were loaded by models.build_models before the model was wrapped.
-        """
-        saved = load_training_state(checkpoint_dir)
-        self.load_optimizer_state_dict(saved.optimizer)
-        load_scheduler_state(self.scheduler, saved.scheduler, checkpoint_dir)
-        state = saved.trainer_state
-        self.example_counter = state['example_counter']
-        self.batch_counter = state['batch_counter']
-        self.skipped_batches = state['skipped_batches']
-        self.margin_stats.load_state_dict(state['margin_stats'])
-        self.filter_generator.set_state(state['filter_generator'])
-        torch.set_rng_state(state['torch_rng'])
-        self.last_eval_example = state['last_eval_example']
-        if self.is_main:
-            clean_run_dir_for_resume(self.run_dir, self.example_counter)
-        rank0_print(f'Resumed from {checkpoint_dir.resolve()} at {self.example_counter} examples')
-
-    def export_pretrained(self, output_dir: Path) -> None:
-        """Save the policy in Hugging Face format (checkpoints.export_hf_model). Collective.
-
-        LoRA: the merged model (W + (α/r)·B·A, loadable without peft), and the adapter alone in PEFT's format in
-        output_dir/adapter/.
-        """
-        if self.config.debug:
-            return
-        state = self.policy_state_dict()
-        if self.is_main and self.lora:
-            export_lora_policy(self.policy, state, self.config, self.tokenizer, output_dir)
-        elif self.is_main:
-            export_hf_model(unwrap(self.policy), state, self.tokenizer, output_dir)
-        rank0_print(f'exported the policy in Hugging Face format to {output_dir}')
-        barrier()
 
 
 class ShardedTrainer(BasicTrainer):
@@ -933,26 +851,14 @@ class ShardedTrainer(BasicTrainer):
     def clip_gradient(self) -> float:
         return clip_grad_norm(self.policy.parameters(), self.config.max_grad_norm, self.device)
 
-    def policy_state_dict(self, trainable_only: bool = False) -> Optional[Dict[str, torch.Tensor]]:
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict
-        state = get_model_state_dict(self.policy, options=full_state_dict_options(ignore_frozen_params=trainable_only))
-        return state if self.is_main else None
+    def policy_state_dict(self, trainable_only: bool = False) -> Dict[str, torch.Tensor]:
+        return gathered_model_state(self.policy, trainable_only)
 
-    def optimizer_state_dict(self) -> Optional[Dict]:
-        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
-        state = get_optimizer_state_dict(self.policy, self.optimizer, options=full_state_dict_options())
-        return optimizer_state_by_index(state, self.trainable_names) if self.is_main else None
+    def optimizer_state_dict(self) -> Dict:
+        return gathered_optimizer_state(self.policy, self.optimizer, self.trainable_names)
 
     def load_optimizer_state_dict(self, state: Dict) -> None:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-        state = with_own_implementation(self.optimizer, state)
-        if not state['state']:
-            # A stateless optimizer (SGD without momentum): only the hyperparameters, which every rank has whole.
-            # set_optimizer_state_dict fails on it (torch 2.13: AssertionError 'Expected device to be set').
-            self.optimizer.load_state_dict(state)
-            return
-        set_optimizer_state_dict(self.policy, self.optimizer, optimizer_state_by_name(state, self.trainable_names),
-                                 options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+        load_gathered_optimizer_state(self.policy, self.optimizer, state, self.trainable_names)
 
 
 class FSDPTrainer(ShardedTrainer):
@@ -991,14 +897,3 @@ def reward_metrics(chosen_logratios: torch.Tensor, rejected_logratios: torch.Ten
     return {f'rewards_{split}/chosen{suffix}': beta * chosen_logratios,
             f'rewards_{split}/rejected{suffix}': beta * rejected_logratios,
             f'rewards_{split}/margins{suffix}': beta * (chosen_logratios - rejected_logratios)}
-
-
-def extend_metrics(into: Dict[str, List[float]], metrics: Dict[str, List[float]]) -> None:
-    """Append each list of `metrics` to the list of the same key in `into`."""
-    for key, values in metrics.items():
-        into[key].extend(values)
-
-
-def mean_metrics(metrics: Dict[str, List[float]]) -> Dict[str, float]:
-    """The mean of each list."""
-    return {key: sum(values) / len(values) for key, values in metrics.items()}

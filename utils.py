@@ -29,6 +29,17 @@ def rank0_print(*args, **kwargs) -> None:
         print(*args, **kwargs, flush=True)
 
 
+def barrier() -> None:
+    """Wait for every process of a distributed run (nothing in one process)."""
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The Hugging Face model inside any wrapper."""
+    return getattr(model, 'module', model)
+
+
 def get_local_dir(prefixes_to_resolve: List[str]) -> str:
     """The first of `prefixes_to_resolve` that exists, or the last one, created (the original's rule).
 
@@ -154,3 +165,14 @@ class DummyWandb:
 
     def finish(self, *args, **kwargs):
         pass
+
+
+def extend_metrics(into: Dict[str, List[float]], metrics: Dict[str, List[float]]) -> None:
+    """Append each list of `metrics` to the list of the same key in `into`."""
+    for key, values in metrics.items():
+        into[key].extend(values)
+
+
+def mean_metrics(metrics: Dict[str, List[float]]) -> Dict[str, float]:
+    """The mean of each list."""
+    return {key: sum(values) / len(values) for key, values in metrics.items()}

@@ -26,6 +26,7 @@ from helpers import FAST, ROOT, compose_config, run_dir_from_output, run_train, 
 from distributed import get_open_port, init_distributed
 from reference_cache import load_reference_cache, reference_cache_path
 from train import build_run_models, prepare_run, run_trainer
+from trainers import BetaDPO
 
 pytestmark = pytest.mark.slow
 
@@ -61,7 +62,7 @@ def train_basic(tmp, name, overrides):
     return config.local_run_dir
 
 
-class RecordingFilter:
+class RecordingBetaDPO(BetaDPO):
     """Records every training microbatch's β and whole keep mask as this rank computed them, after
     first drawing a rank-dependent number of values from the global random stream, which puts the
     ranks' global random states out of step (as sampling does)."""
@@ -73,10 +74,15 @@ class RecordingFilter:
             self.records.append({'beta': beta.item(), 'keep': keep.int().tolist()})
         return beta, keep
 
+
+class RecordingFilter:
+    """A trainer whose β-DPO records its decisions (RecordingBetaDPO) into RUN_DIR/filter_rank{rank}.json."""
+
     def train(self):
-        self.records = []
+        self.beta_dpo = RecordingBetaDPO(self.config.loss, self.seed, self.device)  # nothing drawn yet: the same
+        self.beta_dpo.rank, self.beta_dpo.records = self.rank, []
         super().train()
-        (self.run_dir / f'filter_rank{self.rank}.json').write_text(json.dumps(self.records))
+        (self.run_dir / f'filter_rank{self.rank}.json').write_text(json.dumps(self.beta_dpo.records))
 
 
 class RecordingPrecompute:

@@ -9,7 +9,7 @@ import torch
 
 from helpers import FAST, compose_config
 from train import build_run_models, prepare_run
-from trainers import BasicTrainer
+from trainers import BasicTrainer, BetaDPO
 
 
 def one_step(tmp_path, overrides, accumulation, perturb=False):
@@ -55,18 +55,18 @@ def test_beta_dpo_statistics_are_per_microbatch_by_design(tmp_path):
                                                                     perturb=True)
     assert whole['record_train/mask_count'] == 6
     assert accumulated['record_train/mask_count'] == 1
-    assert whole_trainer.margin_stats.std.item() > 0
-    assert accumulated_trainer.margin_stats.std.item() == 0
-    assert accumulated_trainer.margin_stats.mean.item() != pytest.approx(whole_trainer.margin_stats.mean.item())
+    assert whole_trainer.beta_dpo.margin_stats.std.item() > 0
+    assert accumulated_trainer.beta_dpo.margin_stats.std.item() == 0
+    assert accumulated_trainer.beta_dpo.margin_stats.mean.item() != pytest.approx(whole_trainer.beta_dpo.margin_stats.mean.item())
     assert accumulated['loss/train'] != pytest.approx(whole['loss/train'], rel=1e-3)
     assert not torch.allclose(accumulated_params, whole_params)
 
 
-class RecordingTrainer(BasicTrainer):
+class RecordingBetaDPO(BetaDPO):
     """Records every training β-DPO decision: the β of each pair and the kept mask."""
 
-    def beta_dpo_decision(self, margins, train):
-        decision = super().beta_dpo_decision(margins, train)
+    def decide(self, margins, train):
+        decision = super().decide(margins, train)
         if train:
             self.decisions.append((decision.betas.clone(), decision.keep.clone()))
         return decision
@@ -82,8 +82,9 @@ def one_recorded_step(tmp_path, overrides, accumulation):
         for p in policy.parameters():
             p.add_(0.02 * torch.randn(p.shape, generator=g))
     initial = torch.cat([p.detach().flatten() for p in policy.parameters()])
-    trainer = RecordingTrainer(policy, config, config.seed, config.local_run_dir, reference_model=reference)
-    trainer.decisions = []
+    trainer = BasicTrainer(policy, config, config.seed, config.local_run_dir, reference_model=reference)
+    trainer.beta_dpo = RecordingBetaDPO(config.loss, config.seed, trainer.device)  # nothing drawn yet: the same
+    trainer.beta_dpo.decisions = []
     trainer.setup_optimization()
     metrics = trainer.train_step(next(iter(trainer.train_batches())))
     update = torch.cat([p.detach().flatten() for p in policy.parameters()]) - initial
@@ -99,16 +100,16 @@ def test_beta_dpo_step_scope_4x2_equals_1x8(tmp_path, level):
                 'loss.beta_dpo_scope=step', f'loss.beta_level={level}']
     whole, whole_update, whole_trainer = one_recorded_step(tmp_path / 'a', beta_dpo, accumulation=1)
     accumulated, accumulated_update, accumulated_trainer = one_recorded_step(tmp_path / 'b', beta_dpo, accumulation=4)
-    assert len(whole_trainer.decisions) == len(accumulated_trainer.decisions) == 1
-    (whole_betas, whole_keep), (accumulated_betas, accumulated_keep) = (whole_trainer.decisions[0],
-                                                                        accumulated_trainer.decisions[0])
+    assert len(whole_trainer.beta_dpo.decisions) == len(accumulated_trainer.beta_dpo.decisions) == 1
+    (whole_betas, whole_keep), (accumulated_betas, accumulated_keep) = (whole_trainer.beta_dpo.decisions[0],
+                                                                        accumulated_trainer.beta_dpo.decisions[0])
     assert int(whole_keep.sum()) == 6 and torch.equal(accumulated_keep, whole_keep)
     torch.testing.assert_close(accumulated_betas, whole_betas, rtol=1e-6, atol=0)
     if level == 'instance':
         assert whole_betas.unique().numel() > 1  # the pairs' β really differ
     assert accumulated['record_train/mask_count'] == whole['record_train/mask_count'] == 6
     assert accumulated['record_train/beta_used'] == pytest.approx(whole['record_train/beta_used'], rel=1e-6)
-    assert accumulated_trainer.margin_stats.state_dict() == pytest.approx(whole_trainer.margin_stats.state_dict())
+    assert accumulated_trainer.beta_dpo.margin_stats.state_dict() == pytest.approx(whole_trainer.beta_dpo.margin_stats.state_dict())
     assert accumulated['loss/train'] == pytest.approx(whole['loss/train'], rel=1e-5)
     assert accumulated['grad_norm'] == pytest.approx(whole['grad_norm'], rel=1e-4)
     scale = whole_update.abs().max().item()

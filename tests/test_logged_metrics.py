@@ -12,14 +12,14 @@ import torch.nn.functional as F
 
 from helpers import FAST, compose_config
 from train import build_run_models, prepare_run
-from trainers import BasicTrainer, dynamic_beta, logratio_margins
+from trainers import BasicTrainer, BetaDPO, dynamic_beta, logratio_margins
 
 # ρ = 0.25: 6 of each 8 pairs kept; 32 test prompts give 4 evaluation batches of 8
 BETA_DPO = [*FAST, 'loss=dpo', 'loss.beta=0.1', 'loss.mode_loss=beta_DPO', 'loss.mode_weight=0.25', 'loss.a=0.6',
             'synthetic.n_test=32', 'n_eval_examples=32']
 
 
-class RecordingTrainer(BasicTrainer):
+class RecordingBetaDPO(BetaDPO):
     """Records each call's (margins, keep mask, β) of the β-DPO filter."""
 
     def batch_beta_and_mask(self, margins, train):
@@ -38,8 +38,9 @@ def make_trainer(tmp_path, overrides, perturb=True):
         with torch.no_grad():
             for p in policy.parameters():
                 p.add_(0.02 * torch.randn(p.shape, generator=g))
-    trainer = RecordingTrainer(policy, config, config.seed, config.local_run_dir, reference_model=reference)
-    trainer.records = []
+    trainer = BasicTrainer(policy, config, config.seed, config.local_run_dir, reference_model=reference)
+    trainer.beta_dpo = RecordingBetaDPO(config.loss, config.seed, trainer.device)  # nothing drawn yet: the same
+    trainer.beta_dpo.records = []
     return trainer
 
 
@@ -60,12 +61,12 @@ def test_rewards_use_beta0_and_losses_cover_every_pair(tmp_path):
     loss/train_kept = their mean over the 6 kept pairs, which is the loss returned for the backward pass."""
     trainer = make_trainer(tmp_path, [])
     batch = first_train_batch(trainer)
-    generator_state = trainer.filter_generator.get_state()
+    generator_state = trainer.beta_dpo.filter_generator.get_state()
     loss, metrics = trainer.get_batch_metrics(batch, train=True)
 
     policy_c, policy_r, reference_c, reference_r = forward(trainer, batch)
     margins = logratio_margins(policy_c, policy_r, reference_c, reference_r)
-    stats = trainer.margin_stats  # updated with this batch before the filter read it
+    stats = trainer.beta_dpo.margin_stats  # updated with this batch before the filter read it
     beta_used, keep = dynamic_beta(margins, stats.mean, stats.std, beta=0.1, a=0.6, mode_weight=0.25,
                                    generator=torch.Generator().set_state(generator_state))
     assert int(keep.sum()) == 6 and abs(beta_used.item() - 0.1) > 1e-4
@@ -99,16 +100,16 @@ def test_reference_free_filter_reads_the_margin_with_the_reference(tmp_path):
     differ."""
     trainer = make_trainer(tmp_path, ['loss.reference_free=true'])
     batch = first_train_batch(trainer)
-    generator_state = trainer.filter_generator.get_state()
+    generator_state = trainer.beta_dpo.filter_generator.get_state()
     _, metrics = trainer.get_batch_metrics(batch, train=True)
 
     policy_c, policy_r, reference_c, reference_r = forward(trainer, batch)
     margins = logratio_margins(policy_c, policy_r, reference_c, reference_r)
-    recorded_margins, keep, beta = trainer.records[0]
+    recorded_margins, keep, beta = trainer.beta_dpo.records[0]
     torch.testing.assert_close(recorded_margins, margins, rtol=1e-5, atol=1e-6)
     assert metrics['rewards_train/logratio_margins'] == pytest.approx(margins.tolist(), rel=1e-5, abs=1e-6)
     free_margins = policy_c - policy_r
-    free_beta, _ = dynamic_beta(free_margins, trainer.margin_stats.mean, trainer.margin_stats.std, beta=0.1, a=0.6,
+    free_beta, _ = dynamic_beta(free_margins, trainer.beta_dpo.margin_stats.mean, trainer.beta_dpo.margin_stats.std, beta=0.1, a=0.6,
                                 mode_weight=0.25, generator=torch.Generator().set_state(generator_state))
     assert abs(free_beta.item() - beta) > 1e-3
     assert metrics['loss/train'] == pytest.approx((-F.logsigmoid(beta * free_margins)).tolist(), rel=1e-5)
@@ -120,17 +121,17 @@ def test_an_evaluation_seeds_its_filter_generator_once(tmp_path):
     so they differ (re-seeding per batch gave 4 identical masks). Evaluating again at the same step draws the
     same masks; evaluation leaves the training generator where it was."""
     trainer = make_trainer(tmp_path, [], perturb=False)
-    training_state = trainer.filter_generator.get_state()
+    training_state = trainer.beta_dpo.filter_generator.get_state()
     trainer.evaluate()
-    masks = [keep for _, keep, _ in trainer.records]
+    masks = [keep for _, keep, _ in trainer.beta_dpo.records]
     assert len(masks) == 4 and all(int(keep.sum()) == 6 for keep in masks)
-    assert all(margins.abs().max().item() == 0 for margins, _, _ in trainer.records)
+    assert all(margins.abs().max().item() == 0 for margins, _, _ in trainer.beta_dpo.records)
     generator = torch.Generator().manual_seed(trainer.seed + trainer.example_counter)
     replayed = [dynamic_beta(torch.zeros(8), 0.0, 0.0, beta=0.1, a=0.6, mode_weight=0.25, generator=generator)[1]
                 for _ in masks]
     assert [m.tolist() for m in masks] == [m.tolist() for m in replayed]
     assert len({tuple(m.tolist()) for m in masks}) > 1
-    trainer.records = []
+    trainer.beta_dpo.records = []
     trainer.evaluate()
-    assert [keep.tolist() for _, keep, _ in trainer.records] == [m.tolist() for m in masks]
-    assert torch.equal(trainer.filter_generator.get_state(), training_state)
+    assert [keep.tolist() for _, keep, _ in trainer.beta_dpo.records] == [m.tolist() for m in masks]
+    assert torch.equal(trainer.beta_dpo.filter_generator.get_state(), training_state)
