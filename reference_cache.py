@@ -34,7 +34,7 @@ from checkpoints import DiskFullError, save_atomically, unreadable_because
 from lora import adapters_disabled, lora_enabled
 from models import archive_identity, model_identity
 from preference_datasets import data_identity, dataset_options, tokenizer_identity
-from utils import fingerprint, get_local_dir, rank0_print
+from utils import barrier, fingerprint, get_local_dir, rank0_print
 
 
 # Bump when the meaning of the cached reference log-probabilities changes.
@@ -200,8 +200,7 @@ class ReferenceLogps:
                 saving, last_save, n_saved = save_reference_cache(cache, path), time.monotonic(), len(cache)
         if saving and len(cache) > n_saved:
             save_reference_cache(cache, path)
-        if dist.is_initialized():
-            dist.barrier()  # the file is complete before any rank goes on (and, say, starts the next run)
+        barrier()  # the file is complete before any rank goes on (and, say, starts the next run)
         rank0_print(f'reference log-probabilities of {len(cache)} pairs ({len(cache) - n_cached} computed now) '
                     f'in {path}; ' + ('the reference model is freed' if self.switch is None else
                                       'the policy no longer runs as the reference'))

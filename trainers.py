@@ -335,7 +335,6 @@ class MarginStats:
         self.std.fill_(float(state['std']))
 
 
-
 class BetaDPOBatch(NamedTuple):
     """β-DPO's decision for one batch of N pairs gathered over all ranks: what each pair's loss uses."""
     betas: torch.Tensor  # (N,) float32, the β of each pair (all equal at beta_level=batch)
@@ -363,7 +362,7 @@ class BetaDPO:
     def start_evaluation(self, seed: int) -> None:
         self.eval_filter_generator.manual_seed(seed)
 
-    def decide(self, margins: torch.Tensor, train: bool) -> 'BetaDPOBatch':
+    def decide(self, margins: torch.Tensor, train: bool) -> BetaDPOBatch:
         """β per pair, the kept pairs and the metrics of a batch of (N,) margins gathered over all ranks.
 
         beta_level=batch gives every pair the batch's β (`batch_beta_and_mask`); beta_level=instance gives
@@ -575,7 +574,8 @@ class BasicTrainer(TrainerCheckpointing):
             self.optimizer.step()
         else:
             self.handle_nonfinite(batch, losses, grad_norm)
-            self.beta_dpo.margin_stats.load_state_dict(stats_before)  # a skipped batch leaves no trace in β-DPO's statistics
+            # a skipped batch leaves no trace in β-DPO's statistics
+            self.beta_dpo.margin_stats.load_state_dict(stats_before)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
 
@@ -710,7 +710,7 @@ class BasicTrainer(TrainerCheckpointing):
                    f'loss/{split}': self.gather(loss.reshape(1))}
         return loss, {k: v.float().cpu().tolist() for k, v in metrics.items()}
 
-    def step_beta_dpo(self, microbatches: List[Dict]) -> 'BetaDPOBatch':
+    def step_beta_dpo(self, microbatches: List[Dict]) -> BetaDPOBatch:
         """β-DPO's decision over a whole optimizer step (loss.beta_dpo_scope=step), before any backward pass.
 
         Every microbatch's margins are computed without gradients first (one more forward pass of the policy, and
