@@ -20,7 +20,7 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 SMOLLM2_GGUF := .cache/models/SmolLM2-135M-Instruct.Q4_1.gguf
 
 $(SMOLLM2_GGUF): | $(VENV)/.installed
-	$(PY) fetch_smollm2.py --out $(dir $@)
+	$(PY) scripts/fetch_smollm2.py --out $(dir $@)
 
 smollm2: $(SMOLLM2_GGUF)
 
@@ -30,16 +30,16 @@ test: $(VENV)/.installed $(SMOLLM2_GGUF)
 DEMO_ARGS ?=
 
 demo: $(VENV)/.installed
-	$(PY) demo.py $(DEMO_ARGS)
+	$(PY) experiments/demo.py $(DEMO_ARGS)
 
 DEMO_REAL_ARGS ?=
 
 demo-real: $(VENV)/.installed $(SMOLLM2_GGUF)
-	$(PY) demo_real.py $(DEMO_REAL_ARGS)
+	$(PY) experiments/demo_real.py $(DEMO_REAL_ARGS)
 
 plot: $(VENV)/.installed
 	@test -n "$(RUN)" || { echo 'usage: make plot RUN=RUN_DIR (a directory train.py wrote)'; exit 2; }
-	$(PY) plot_run.py $(RUN)
+	$(PY) scripts/plot_run.py $(RUN)
 
 BENCH_VENV ?= .venv-bench
 

@@ -1,7 +1,7 @@
 """Batched sampling from a trained policy: prompts of any data source in, completions (JSON lines) out.
 
     # 4 samples at temperature 0.7 for the first 64 HH test prompts, from a run's LATEST checkpoint
-    python generation.py RUN_DIR --datasets hh --n-prompts 64 --n 4 --temperature 0.7 --out samples.jsonl
+    python scripts/generate.py RUN_DIR --datasets hh --n-prompts 64 --n 4 --temperature 0.7 --out samples.jsonl
 
     from generation import load_model, load_prompts, encode_prompts, generate
     model = load_model('RUN_DIR')                  # or RUN_DIR/hf_model, any HF directory, a .gguf, embedded:tiny
@@ -19,10 +19,8 @@ Prompts are left-padded, batched by length (fewer pad tokens), decoded with the 
 stops at EOS or at the chat template's end-of-turn token (`<|im_end|>` for SmolLM2). Sampling is seeded:
 the same seed, prompts and settings give the same text. Temperature 0 is greedy decoding.
 """
-import argparse
 import json
 import re
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
@@ -34,7 +32,8 @@ import tqdm
 from checkpoints import atomic_write_text
 from distributed import all_gather_if_needed
 from models import check_model_directory, load_tokenizer, materialize_model
-from preference_datasets import encode_texts, load_source
+from data_sources import load_source
+from preference_datasets import encode_texts
 from utils import DummyWandb, get_local_dir, pad_to_length, rank0_print
 
 # Where the embedded model and the Hugging Face cache go when the source does not say (train.py's default).
@@ -335,42 +334,6 @@ def sample_rows(prompts: Sequence[Prompt], samples: Sequence[Sequence[Sample]], 
 def write_jsonl(path, rows: Iterable[Dict]) -> None:
     """Rows as JSON lines, written atomically."""
     atomic_write_text(path, ''.join(json.dumps(r, ensure_ascii=False) + '\n' for r in rows))
-
-
-def main(argv: Optional[Sequence[str]] = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    parser.add_argument('model', help='run directory, hf_model/, Hugging Face directory, .gguf file or embedded:NAME')
-    parser.add_argument('--datasets', nargs='+', default=['synthetic'], help="data sources, as train.py's datasets")
-    parser.add_argument('--split', default='test')
-    parser.add_argument('--n-prompts', type=int, default=64, help='the first N prompts of each data set')
-    parser.add_argument('--n', type=int, default=1, help='samples per prompt')
-    parser.add_argument('--temperature', type=float, default=0.0, help='0 = greedy')
-    parser.add_argument('--top-p', type=float, default=1.0)
-    parser.add_argument('--max-new-tokens', type=int, default=128)
-    parser.add_argument('--max-prompt-length', type=int, default=256)
-    parser.add_argument('--batch-size', type=int, default=16, help='prompts per generate call')
-    parser.add_argument('--seed', type=int, default=0)
-    parser.add_argument('--out', type=Path, required=True, help='the JSON lines file to write')
-    args = parser.parse_args(argv)
-    for name in ('n_prompts', 'n', 'max_new_tokens', 'max_prompt_length', 'batch_size'):
-        if getattr(args, name) < 1:
-            parser.error(f'--{name.replace("_", "-")}={getattr(args, name)} must be a positive integer')
-    if args.temperature < 0 or not 0 < args.top_p <= 1:
-        parser.error(f'--temperature={args.temperature} must be >= 0 and --top-p={args.top_p} in (0, 1]')
-    try:
-        prompts = load_prompts(args.datasets, args.split, args.n_prompts, load_tokenizer_of(args.model))
-    except (ValueError, FileNotFoundError) as e:
-        parser.error(str(e))
-    loaded = load_model(args.model)
-    samples = generate(loaded, encode_prompts(loaded.tokenizer, prompts, args.max_prompt_length), args.n,
-                       args.temperature, args.top_p, args.max_new_tokens, args.seed, args.batch_size)
-    write_jsonl(args.out, sample_rows(prompts, samples, temperature=args.temperature, seed=args.seed))
-    print(f'{args.out}: {sum(map(len, samples))} samples of {len(prompts)} prompts', file=sys.stderr)
-
-
-if __name__ == '__main__':
-    main()
 
 
 # ----- samples during training (BasicTrainer.log_samples) ------------------------------------------

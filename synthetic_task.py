@@ -20,7 +20,7 @@ prompts after them, so the test set (and gold evaluation) does not change with n
 from a generator seeded by its split and prompt: changing a fraction changes only the pairs that cross
 it. The data set is fixed; the run's `seed` changes the order of training, not the data.
 `train_pairs` (a JSON lines file, e.g. a model's own mistakes written by sample_pairs.py) replaces the
-generated training pairs; the test split stays the generated one (preference_datasets.load_synthetic reads it).
+generated training pairs; the test split stays the generated one (data_sources.load_synthetic reads it).
 """
 import random
 import string

@@ -290,7 +290,7 @@ def check_paths(get: Callable, parallelism: Optional[Parallelism]) -> List[str]:
                         f'(RUN_DIR/LATEST/policy.pt)')
     train_pairs = get('synthetic.train_pairs')
     if train_pairs is not None and not Path(str(train_pairs)).expanduser().is_file():
-        problems.append(f'synthetic.train_pairs={train_pairs} does not exist; write it with `python sample_pairs.py '
+        problems.append(f'synthetic.train_pairs={train_pairs} does not exist; write it with `python scripts/sample_pairs.py '
                         f'SFT_RUN_DIR --out {train_pairs}`, or set synthetic.train_pairs=null for the generated pairs')
     resume_from = get('resume_from')
     if resume_from is not None and not (Path(str(resume_from)) / 'LATEST' / 'policy.pt').is_file():

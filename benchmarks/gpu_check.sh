@@ -28,7 +28,7 @@ COMMON=(model=smollm2 "datasets=[hh:$OUT/data]" render_hh_with_chat_template=tru
         "local_dirs=[$OUT/runs]" model.reference_dtype=bfloat16)
 run_dir() { grep -m1 '^Writing to ' "$1" | cut -d: -f2- | tr -d ' '; }
 
-$PY benchmarks/real_hh.py --split-only --hh "${HH:-../shared/data/hh-rlhf/harmless-base-test.jsonl.gz}" --out "$OUT"  # the HH harmless slice, split by prompt, into $OUT/data
+$PY experiments/real_hh.py --split-only --hh "${HH:-../shared/data/hh-rlhf/harmless-base-test.jsonl.gz}" --out "$OUT"  # the HH harmless slice, split by prompt, into $OUT/data
 
 $PY train.py "${COMMON[@]}" loss=sft lr=1e-5 model.policy_dtype=bfloat16 exp_name=gpu_sft 2>&1 | tee "$OUT/sft.log"
 ARCHIVE=$(run_dir "$OUT/sft.log")/LATEST/policy.pt

@@ -146,14 +146,15 @@ def toy_data(tag: str, n_prompts: int = 5) -> dict:
 def toy_source(monkeypatch):
     """Registers 'toy' (keep_start) and 'toy_end' (keep_end), generated sources like the coming
     `synthetic` one; 'toy:TAG' tags the texts. Returns the list of LoadRequests they served."""
+    import data_sources as ds
     import preference_datasets as pd
     requests = []
 
     def load_toy(request):
         requests.append(request)
-        return pd.Loaded(toy_data(request.location or 't', request.options.get('n_prompts', 5)))
-    monkeypatch.setitem(pd.SOURCES, 'toy', pd.Source(load_toy))
-    monkeypatch.setitem(pd.SOURCES, 'toy_end', pd.Source(load_toy, truncation_mode='keep_end'))
+        return ds.Loaded(toy_data(request.location or 't', request.options.get('n_prompts', 5)))
+    monkeypatch.setitem(ds.SOURCES, 'toy', ds.Source(load_toy))
+    monkeypatch.setitem(ds.SOURCES, 'toy_end', ds.Source(load_toy, truncation_mode='keep_end'))
     return requests
 
 

@@ -224,7 +224,7 @@ CASES = [
         s / 'd', jsonl([{'chosen': f'\n\nHuman: hi {i}', 'rejected': f'\n\nHuman: hi {i}'} for i in range(8)])),
          ValueError, "test.jsonl: 8 of 8 rows are unusable: 8 no '\\n\\nAssistant:' in chosen (rows 1, 2, 3, 4, 5, ...)"),
     Case('missing pairs file', lambda s, p: ['loss=dpo', 'loss.beta=0.1', f'synthetic.train_pairs={s}/pairs.jsonl'],
-         ValueError, 'pairs.jsonl does not exist; write it with `python sample_pairs.py SFT_RUN_DIR --out', True),
+         ValueError, 'pairs.jsonl does not exist; write it with `python scripts/sample_pairs.py SFT_RUN_DIR --out', True),
     Case('test prompt in the pairs file', pairs_with_a_test_prompt, ValueError,
          'pairs.jsonl row 2: \'\\n\\nHuman: reverse nhyi\\n\\nAssistant:\' is a test prompt of the synthetic task'),
     Case('too few examples for a batch', lambda s, p: hh_files(s / 'd', jsonl(GOOD_ROWS[:5])), ValueError,

@@ -5,6 +5,8 @@ import warnings
 import numpy as np
 import pytest
 
+import data_sources as ds
+
 import preference_datasets as pd
 
 IM_END = 2  # SmolLM2's <|im_end|>: its chat template's end of turn and its EOS
@@ -19,7 +21,7 @@ def smollm2_tokenizer(smollm2_local_dirs):
 
 def tokenized(name, tokenizer, split, tmp_path, sft_mode=False, **options):
     with warnings.catch_warnings():
-        warnings.simplefilter('ignore', pd.DataWarning)  # the slice's 4 + 1 rows with chosen == rejected
+        warnings.simplefilter('ignore', ds.DataWarning)  # the slice's 4 + 1 rows with chosen == rejected
         return pd.load_tokenized(name, tokenizer, split, max_length=100_000, max_prompt_length=100_000, sft_mode=sft_mode,
                                  silent=True, cache_dir=tmp_path, dataset_options=options)
 
@@ -30,7 +32,7 @@ def test_ultrafeedback_responses_end_with_one_end_of_turn(smollm2_tokenizer, ult
     rejected response of the 996 train / 199 test pairs, and every SFT target, ends with <|im_end|> (id 2) and holds
     no other: no '\\n<|im_end|>' after it, as appending EOS gave. The first test pair's chosen ends
     ' for others.<|im_end|>' = [327, 1449, 30, 2]; every prompt ends '<|im_start|>assistant\\n' = [1, 520, 9531, 198]."""
-    assert pd.end_of_turn_token_id(smollm2_tokenizer) == IM_END == smollm2_tokenizer.eos_token_id
+    assert ds.end_of_turn_token_id(smollm2_tokenizer) == IM_END == smollm2_tokenizer.eos_token_id
     pairs = tokenized(str(ultrafeedback_messages), smollm2_tokenizer, split, tmp_path)
     sft = tokenized(str(ultrafeedback_messages), smollm2_tokenizer, split, tmp_path, sft_mode=True)
     assert pairs.n_examples == n_pairs == sft.n_examples
@@ -79,7 +81,7 @@ def test_hh_messages():
     """The HH dialogue format as messages: the Human and Assistant turns in order, texts stripped, the final
     empty Assistant turn (the one to answer) dropped."""
     prompt = '\n\nHuman: Hi there\n\nAssistant: Hello! How can I help?\n\nHuman: Name a colour.\n\nAssistant:'
-    assert pd.hh_messages(prompt) == [{'role': 'user', 'content': 'Hi there'},
+    assert ds.hh_messages(prompt) == [{'role': 'user', 'content': 'Hi there'},
                                       {'role': 'assistant', 'content': 'Hello! How can I help?'},
                                       {'role': 'user', 'content': 'Name a colour.'}]
 
@@ -87,6 +89,6 @@ def test_hh_messages():
 def test_hh_rendering_needs_a_chat_template(neox_tokenizer, hh_slice_dir):
     with pytest.raises(ValueError, match='render_hh_with_chat_template=true needs a tokenizer with a chat template'), \
             warnings.catch_warnings():
-        warnings.simplefilter('ignore', pd.DataWarning)  # the 5 HH rows left out while loading, before rendering
+        warnings.simplefilter('ignore', ds.DataWarning)  # the 5 HH rows left out while loading, before rendering
         pd.get_dataset(f'hh:{hh_slice_dir}', 'test', silent=True, tokenizer=neox_tokenizer,
                        dataset_options={'render_hh_with_chat_template': True})

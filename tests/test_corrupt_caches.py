@@ -12,6 +12,8 @@ import warnings
 import pytest
 import torch
 
+import data_sources as ds
+
 import preference_datasets as pd
 from helpers import FAST, train_in_process
 from reference_cache import REFERENCE_CACHE_VERSION as VERSION, checked_reference_cache
@@ -48,7 +50,7 @@ def test_damaged_caches_are_rebuilt_and_the_run_equals_a_clean_one(tmp_path, cap
     torch.save(state, test_cache)
     reference_cache.write_bytes(b'\x80\x02garbage' * 100)
     capsys.readouterr()
-    with pytest.warns(pd.DataWarning) as caught:
+    with pytest.warns(ds.DataWarning) as caught:
         assert logged(train_in_process(RUN, tmp_path)) == clean
     reports = sorted(str(w.message) for w in caught if 'tokenization cache' in str(w.message))
     assert len(reports) == 2

@@ -5,6 +5,8 @@ import json
 import pytest
 from conftest import HH_ROWS, SHP_ROWS, write_rows
 
+import data_sources as ds
+
 import preference_datasets as pd
 
 
@@ -59,7 +61,7 @@ def test_a_few_malformed_lines_are_skipped_with_their_numbers(tmp_path):
     lines.insert(2, '{"chosen": "trunc')
     lines.insert(6, 'not json')
     (tmp_path / 'test.jsonl').write_text('\n'.join(lines) + '\n')
-    with pytest.warns(pd.DataWarning, match=r'left out 2 of 10 rows: 2 not a JSON object \(rows 3, 7\)'):
+    with pytest.warns(ds.DataWarning, match=r'left out 2 of 10 rows: 2 not a JSON object \(rows 3, 7\)'):
         data = pd.get_dataset(f'hh:{tmp_path}', 'test', silent=True)
     assert sum(len(e['pairs']) for e in data.values()) == 8
 

@@ -7,6 +7,8 @@ import pytest
 import torch
 from conftest import toy_data
 
+import data_sources as ds
+
 import preference_datasets as pd
 
 PAD, EOS = 257, 256
@@ -150,7 +152,7 @@ def test_real_hh_first_batch(tmp_path, neox_tokenizer, hh_slice_dir):
     tokens once truncated, sequences at most 512."""
     import warnings
     with warnings.catch_warnings():
-        warnings.simplefilter('ignore', pd.DataWarning)
+        warnings.simplefilter('ignore', ds.DataWarning)
         batch = next(pd.get_batch_iterator([f'hh:{hh_slice_dir}'], neox_tokenizer, split='test', batch_size=8, n_epochs=1,
                                            silent=True, cache_dir=tmp_path))
     assert batch['chosen_input_ids'].shape[0] == 8 and batch['chosen_input_ids'].shape[1] <= 512

@@ -6,6 +6,8 @@ import warnings
 import pytest
 from conftest import shared
 
+import data_sources as ds
+
 import preference_datasets as pd
 
 HH_MISMATCHED_ROWS = [1255, 1689, 1951, 1953, 2037]  # line numbers in harmless-base-test.jsonl.gz
@@ -19,7 +21,7 @@ def hh_rows():
 
 @pytest.fixture(scope='module')
 def hh_data(hh_slice_dir):
-    with pytest.warns(pd.DataWarning) as record:
+    with pytest.warns(ds.DataWarning) as record:
         data = pd.get_dataset(f'hh:{hh_slice_dir}', 'test', silent=True)
     return data, str(record[0].message)
 
@@ -69,7 +71,7 @@ def test_shp_like_file_lacks_scores():
 
 def test_ultrafeedback_string_form():
     """1000 train rows, 4 with chosen == rejected left out: 996 pairs, HH-style prompts."""
-    with pytest.warns(pd.DataWarning, match=r'left out 4 of 1000 rows: 4 chosen and rejected are the same text'):
+    with pytest.warns(ds.DataWarning, match=r'left out 4 of 1000 rows: 4 chosen and rejected are the same text'):
         data = pd.get_dataset(str(shared('ultrafeedback')), 'train', silent=True)
     assert sum(len(e['pairs']) for e in data.values()) == 996 == len(data)
     first = '\n\nHuman: how to cook t-bone in the oven\n\nAssistant:'
@@ -82,7 +84,7 @@ def test_ultrafeedback_message_form(tmp_path, neox_chat_tokenizer):
     stays the control token 0 when tokenized and ends the response: no newline and no second EOS after it."""
     (tmp_path / 'train.jsonl.gz').symlink_to(shared('ultrafeedback', 'train.messages.jsonl.gz'))
     with warnings.catch_warnings():
-        warnings.simplefilter('ignore', pd.DataWarning)
+        warnings.simplefilter('ignore', ds.DataWarning)
         strings = pd.get_dataset(str(shared('ultrafeedback')), 'train', silent=True)
         messages = pd.get_dataset(str(tmp_path), 'train', silent=True, tokenizer=neox_chat_tokenizer)
         tokenized = pd.load_tokenized(str(tmp_path), neox_chat_tokenizer, 'train', max_length=4096, max_prompt_length=512,

@@ -5,12 +5,14 @@ import numpy as np
 import pytest
 from conftest import CHAT_TEMPLATE, HH_ROWS, SE_ROWS, SHP_ROWS, write_rows
 
+import data_sources as ds
+
 import preference_datasets as pd
 
 
 def load_quietly(name, split='test', **kwargs):
     with warnings.catch_warnings():
-        warnings.simplefilter('ignore', pd.DataWarning)
+        warnings.simplefilter('ignore', ds.DataWarning)
         return pd.get_dataset(name, split, silent=True, **kwargs)
 
 
@@ -18,7 +20,7 @@ def test_hh_fixture(tmp_path):
     """6 rows: 'Hi' twice (merged, sft_target the last chosen), a multi-turn prompt, an empty final
     response (kept, as upstream), a prompt mismatch (row 5) and a row without Assistant (row 6) left out."""
     write_rows(tmp_path / 'test.jsonl', HH_ROWS)
-    with pytest.warns(pd.DataWarning) as record:
+    with pytest.warns(ds.DataWarning) as record:
         data = pd.get_dataset(f'hh:{tmp_path}', 'test', silent=True)
     message = str(record[0].message)
     assert 'left out 2 of 6 rows' in message
@@ -55,8 +57,8 @@ def test_shp_fixture(tmp_path):
 
 def test_shp_score_ratio():
     """max(a/b, b/a); only one positive score: infinite (kept); none positive: 1 (dropped)."""
-    assert pd.shp_score_ratio(2, 4) == 2.0 and pd.shp_score_ratio(12, 3) == 4.0
-    assert pd.shp_score_ratio(0, 5) == float('inf') and pd.shp_score_ratio(0, 0) == 1.0
+    assert ds.shp_score_ratio(2, 4) == 2.0 and ds.shp_score_ratio(12, 3) == 4.0
+    assert ds.shp_score_ratio(0, 5) == float('inf') and ds.shp_score_ratio(0, 0) == 1.0
 
 
 def test_se_fixture(tmp_path):
@@ -77,9 +79,9 @@ def test_strip_html_tags():
     <code>...</code>, entities are decoded, lists keep their text, blocks are joined by blank lines."""
     html = ("<p>See <a href='x'>the docs</a> &amp; <em>this</em>:</p><pre><code>if a &lt; b:\n    pass\n</code></pre>"
             "<ul><li>one</li><li>two</li></ul><p>Line<br>break</p>")
-    assert pd.strip_html_tags(html) == ('See the docs & this:\n\n<code>if a < b:\n    pass\n</code>\n\none\ntwo'
+    assert ds.strip_html_tags(html) == ('See the docs & this:\n\n<code>if a < b:\n    pass\n</code>\n\none\ntwo'
                                         '\n\nLine\nbreak')
-    assert pd.strip_html_tags('<code>x = 1</code>') == '<code>x = 1</code>'
+    assert ds.strip_html_tags('<code>x = 1</code>') == '<code>x = 1</code>'
 
 
 def test_generic_string_form(tmp_path):
@@ -90,7 +92,7 @@ def test_generic_string_form(tmp_path):
             {'prompt': 'Same?', 'chosen': 'x', 'rejected': 'x'},
             {'prompt': 'Colour?', 'chosen': 'Red', 'rejected': 'Blue'}]
     write_rows(tmp_path / 'test.jsonl', rows)
-    with pytest.warns(pd.DataWarning, match=r'1 chosen and rejected are the same text \(rows 3\)'):
+    with pytest.warns(ds.DataWarning, match=r'1 chosen and rejected are the same text \(rows 3\)'):
         data = pd.get_dataset(str(tmp_path), 'test', silent=True)
     assert data == {'\n\nHuman: What is 2+2?\n\nAssistant:': {'responses': [' 4', ' 5'], 'pairs': [(0, 1)], 'sft_target': ' 4'},
                     '\n\nHuman: Hi\n\nAssistant:': {'responses': [' Hello', ' Bye'], 'pairs': [(0, 1)], 'sft_target': ' Hello'},
@@ -139,13 +141,13 @@ def test_deterministic_split_matches_datasets_shuffle():
     """1000 rows: test = the first int(1000 * 0.01) = 10 of numpy's default_rng(42) permutation, which is
     what datasets' shuffle(seed=42) gives: the original's se test split."""
     import datasets
-    test, train = pd.deterministic_split(1000, 'test'), pd.deterministic_split(1000, 'train')
+    test, train = ds.deterministic_split(1000, 'test'), ds.deterministic_split(1000, 'train')
     assert len(test) == 10 and len(train) == 990
     assert sorted(np.concatenate([test, train]).tolist()) == list(range(1000))
     shuffled = datasets.Dataset.from_dict({'i': list(range(1000))}).shuffle(seed=42)
     assert test.tolist() == shuffled['i'][:10]
     with pytest.raises(ValueError, match="'train' or 'test'"):
-        pd.deterministic_split(10, 'validation')
+        ds.deterministic_split(10, 'validation')
 
 
 def test_single_file_is_split(tmp_path):
@@ -164,8 +166,8 @@ def test_registry_takes_a_new_source(tmp_path, monkeypatch):
     def load_toy(request):
         n = request.options['n']
         prompt = f'\n\nHuman: {request.location or "hub"} {request.split}\n\nAssistant:'
-        return pd.Loaded({prompt: {'responses': [' a'] * n, 'pairs': [(0, 1)], 'sft_target': ' a'}})
-    monkeypatch.setitem(pd.SOURCES, 'toy', pd.Source(load_toy))
+        return ds.Loaded({prompt: {'responses': [' a'] * n, 'pairs': [(0, 1)], 'sft_target': ' a'}})
+    monkeypatch.setitem(ds.SOURCES, 'toy', ds.Source(load_toy))
     assert list(pd.get_dataset('toy', 'train', dataset_options={'n': 2})) == ['\n\nHuman: hub train\n\nAssistant:']
     assert list(pd.get_dataset('toy:x', 'test', dataset_options={'n': 2})) == ['\n\nHuman: x test\n\nAssistant:']
 
@@ -176,13 +178,13 @@ def test_hub_path_with_a_local_directory(tmp_path, monkeypatch):
     write_rows(tmp_path / 'hh' / 'test.jsonl', HH_ROWS[:4])
     write_rows(tmp_path / 'se' / 'train.jsonl', SE_ROWS * 100)
     hub = {'Anthropic/hh-rlhf': str(tmp_path / 'hh'), 'HuggingFaceH4/stack-exchange-preferences': str(tmp_path / 'se')}
-    original = pd.load_hub_dataset
-    monkeypatch.setattr(pd, 'load_hub_dataset', lambda hub_id, split, request: original(
-        hub[hub_id], split, pd.LoadRequest(request.name, None, split, True, str(tmp_path / 'hf'))))
+    original = ds.load_hub_dataset
+    monkeypatch.setattr(ds, 'load_hub_dataset', lambda hub_id, split, request: original(
+        hub[hub_id], split, ds.LoadRequest(request.name, None, split, True, str(tmp_path / 'hf'))))
     assert pd.get_dataset('hh', 'test', silent=True) == load_quietly(f'hh:{tmp_path / "hh"}')
     se_test = pd.get_dataset('se', 'test', silent=True)
     assert se_test == load_quietly(f'se:{tmp_path / "se" / "train.jsonl"}', 'test')
-    test_rows = pd.deterministic_split(300, 'test')  # int(300 * 0.01) = 3 rows
+    test_rows = ds.deterministic_split(300, 'test')  # int(300 * 0.01) = 3 rows
     assert sum(len(e['responses']) for e in se_test.values()) == sum(len(SE_ROWS[i % 3]['answers']) for i in test_rows)
 
 
@@ -195,6 +197,6 @@ def test_special_token_text_in_a_message_is_left_out(tmp_path, byte_tokenizer):
     row = lambda answer: {'prompt': 'Hi', 'chosen': [{'role': 'assistant', 'content': answer}],
                           'rejected': [{'role': 'assistant', 'content': 'no'}]}
     write_rows(tmp_path / 'test.jsonl', [row('a'), row('say <|endoftext|>'), row('b')])
-    with pytest.warns(pd.DataWarning, match=r'1 special-token text inside a message \(rows 2\)'):
+    with pytest.warns(ds.DataWarning, match=r'1 special-token text inside a message \(rows 2\)'):
         data = pd.get_dataset(str(tmp_path), 'test', silent=True, tokenizer=tokenizer)
     assert data['user: Hi\nassistant:']['responses'] == [' a<|endoftext|>\n', ' no<|endoftext|>\n', ' b<|endoftext|>\n', ' no<|endoftext|>\n']

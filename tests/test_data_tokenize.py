@@ -7,6 +7,8 @@ import pytest
 import torch
 from conftest import HH_ROWS, REPO, write_rows
 
+import data_sources as ds
+
 import preference_datasets as pd
 from checkpoints import save_atomically
 
@@ -115,7 +117,7 @@ def test_corrupt_cache_is_rebuilt(tmp_path, byte_tokenizer, toy_source):
     pd.load_tokenized('toy', byte_tokenizer, silent=True, cache_dir=tmp_path)
     [name] = cache_files(tmp_path)
     (tmp_path / 'beta_dpo' / 'tokenized' / name).write_bytes(b'not a torch file')
-    with pytest.warns(pd.DataWarning, match='unreadable tokenization cache.*rebuilding it'):
+    with pytest.warns(ds.DataWarning, match='unreadable tokenization cache.*rebuilding it'):
         rebuilt = pd.load_tokenized('toy', byte_tokenizer, silent=True, cache_dir=tmp_path)
     assert len(toy_source) == 2 and rebuilt.n_examples == 10
     with warnings.catch_warnings():

@@ -27,7 +27,7 @@ def run_script(args, cwd):
 @pytest.fixture(scope='module')
 def quick_demo(tmp_path_factory):
     out = tmp_path_factory.mktemp('demo') / 'report'
-    run_script([str(ROOT / 'demo.py'), '--quick', '--threads', '1', '--out', str(out)], cwd=tmp_path_factory.getbasetemp())
+    run_script([str(ROOT / 'experiments' / 'demo.py'), '--quick', '--threads', '1', '--out', str(out)], cwd=tmp_path_factory.getbasetemp())
     return out
 
 
@@ -61,7 +61,7 @@ def test_quick_demo_writes_the_report_figures_and_results(quick_demo):
         assert r['gold_change'] == pytest.approx(r['final_eval']['gold_eval/accuracy'] - sft_gold)
     assert '| method | gold accuracy | Δ gold vs SFT | reward accuracy | reward margin |' in report
     assert f'- seed 0: {len(pair_rows)} pairs from 64 prompts' in report
-    assert f'python sample_pairs.py {sft_dir} --out {pairs} --seed 0' in report
+    assert f'python scripts/sample_pairs.py {sft_dir} --out {pairs} --seed 0' in report
     for name in FIGURES:
         assert (quick_demo / name).read_bytes()[:8] == PNG_MAGIC, name
         assert f'({name})' in report
@@ -73,10 +73,10 @@ def test_plot_run_plots_any_run_directory(quick_demo, tmp_path):
     no β); a folder without metrics.jsonl is a usage error naming the file."""
     results = json.loads((quick_demo / 'results.json').read_text())
     beta_dir, sft_dir = results[2]['run_dir'], results[0]['run_dir']
-    run_script([str(ROOT / 'plot_run.py'), beta_dir, '--out', str(tmp_path / 'beta')], cwd=tmp_path)
+    run_script([str(ROOT / 'scripts' / 'plot_run.py'), beta_dir, '--out', str(tmp_path / 'beta')], cwd=tmp_path)
     assert {p.name for p in (tmp_path / 'beta').iterdir()} == FIGURES
-    printed = run_script([str(ROOT / 'plot_run.py'), sft_dir], cwd=tmp_path).stdout
+    printed = run_script([str(ROOT / 'scripts' / 'plot_run.py'), sft_dir], cwd=tmp_path).stdout
     assert {p.name for p in (ROOT / sft_dir / 'plots').iterdir()} == {'loss.png', 'gold_accuracy.png'}
     assert 'loss.png' in printed
-    result = subprocess.run([sys.executable, str(ROOT / 'plot_run.py'), str(tmp_path)], capture_output=True, text=True)
+    result = subprocess.run([sys.executable, str(ROOT / 'scripts' / 'plot_run.py'), str(tmp_path)], capture_output=True, text=True)
     assert result.returncode == 2 and 'metrics.jsonl does not exist' in result.stderr

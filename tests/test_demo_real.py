@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-import demo_real
-from demo_real import Outcome, RunSpec
+from experiments import demo_real
+from experiments.demo_real import Outcome, RunSpec
 from helpers import ROOT, TRAIN_ENV
 
 PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
@@ -59,7 +59,7 @@ def test_quick_experiment_end_to_end(smollm2_local_dirs, tmp_path):
     report has the table, the comparison and the figures."""
     root, _ = smollm2_local_dirs
     out = tmp_path / 'report'
-    result = subprocess.run([sys.executable, str(ROOT / 'demo_real.py'), '--quick', '--out', str(out), '--local-dir',
+    result = subprocess.run([sys.executable, str(ROOT / 'experiments' / 'demo_real.py'), '--quick', '--out', str(out), '--local-dir',
                              str(root)], cwd=tmp_path, env=dict(os.environ, **TRAIN_ENV), capture_output=True,
                             text=True, timeout=900)
     assert result.returncode == 0, f'{result.stdout[-3000:]}\n{result.stderr[-3000:]}'
@@ -87,7 +87,7 @@ def test_jobs_run_after_their_inputs_and_recorded_outputs_are_reused(tmp_path):
     output (a is not run again: its file keeps the first run's text), a changed command runs again; a failing job
     stops the rest with the end of its log."""
     import sys
-    from demo_real import Job, run_jobs
+    from experiments.demo_real import Job, run_jobs
     made = tmp_path / 'a.txt'
 
     def write(text):

@@ -15,6 +15,8 @@ import warnings
 import pytest
 import torch
 
+import data_sources as ds
+
 import preference_datasets as pd
 from checkpoints import load_checkpoint_file
 from helpers import FAST, run_dir_from_output, run_train, train_in_process
@@ -109,7 +111,7 @@ def test_tokenization_cache_on_a_full_disk_is_skipped_with_a_warning(small_disk,
     settings = dict(max_length=64, max_prompt_length=32, silent=True, dataset_options={'n_prompts': 200})
     clean = pd.load_tokenized('toy', byte_tokenizer, cache_dir=tmp_path / 'roomy', **settings)
     ballast = leave_free(small_disk, 8192)
-    with pytest.warns(pd.DataWarning, match=r'No space left in .*/tokenized: writing toy-train-dpo-\w+\.pt needs '
+    with pytest.warns(ds.DataWarning, match=r'No space left in .*/tokenized: writing toy-train-dpo-\w+\.pt needs '
                                             r'about [\d.]+ KB.*\nContinuing without caching toy \(train\)'):
         tokenized = pd.load_tokenized('toy', byte_tokenizer, cache_dir=small_disk, **settings)
     assert tokenized.state_dict().keys() == clean.state_dict().keys()

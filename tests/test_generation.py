@@ -7,7 +7,8 @@ import torch
 
 from conftest import write_rows
 from generation import (LoadedModel, Prompt, completion_sample, encode_prompts, generate, load_model, load_prompts,
-                        main, model_kind, response_text, stop_token_ids)
+                        model_kind, response_text, stop_token_ids)
+from scripts.generate import main
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
@@ -118,7 +119,7 @@ def test_a_data_source_without_prompts_is_named(tmp_path, byte_tokenizer):
 
 @pytest.mark.slow
 def test_the_command_line_writes_json_lines(tmp_path, short_sft_run):
-    """python generation.py RUN --n-prompts 4 --n 2 --temperature 0.5: 8 rows with the prompt, the completion and
+    """python scripts/generate.py RUN --n-prompts 4 --n 2 --temperature 0.5: 8 rows with the prompt, the completion and
     the settings."""
     out = tmp_path / 'samples.jsonl'
     main([str(short_sft_run), '--n-prompts', '4', '--n', '2', '--temperature', '0.5', '--max-new-tokens', '16',

@@ -1,15 +1,11 @@
-"""benchmarks/real_hh.py's split of the real HH harmless slice by prompt: rows unchanged, no prompt on both sides, and
+"""experiments/real_hh.py's split of the real HH harmless slice by prompt: rows unchanged, no prompt on both sides, and
 train.py's `hh:DIR` loader reads the two files as the train and test splits."""
 import gzip
 import json
-import sys
 from collections import Counter
 
 from conftest import shared
-from helpers import ROOT
-
-sys.path.insert(0, str(ROOT / 'benchmarks'))
-from real_hh import held_out, prompt_of, split_by_prompt  # noqa: E402
+from experiments.real_hh import held_out, prompt_of, split_by_prompt
 
 
 def test_prompt_of_keeps_the_dialogue_up_to_the_last_assistant_turn():

@@ -7,12 +7,13 @@ import re
 
 import pytest
 
-import sample_pairs
+from scripts import sample_pairs
 from conftest import CHAT_TEMPLATE, shared, write_rows
 from eval_helpers import save_letter_judge, save_reward_model
 from generation import Prompt
 from judges import make_judge
-from preference_datasets import get_dataset, hh_style_response
+from data_sources import hh_style_response
+from preference_datasets import get_dataset
 
 HH_PROMPT = '\n\nHuman: How do I boil an egg?\n\nAssistant:'
 

@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-import sample_pairs
+from scripts import sample_pairs
 from eval_helpers import save_reward_model
 
 

@@ -6,8 +6,8 @@ import pytest
 
 import preference_datasets as pd
 from conftest import CHAT_TEMPLATE
-from sentiment_task import (GENRES, OPENINGS, SUBJECTS, SYSTEM_PROMPT, TITLE_ADJECTIVES, TITLE_NOUNS, main,
-                            sentiment_prompts, sentiment_rows, split_titles, write_sentiment_task)
+from experiments.sentiment_task import (GENRES, OPENINGS, SUBJECTS, SYSTEM_PROMPT, TITLE_ADJECTIVES, TITLE_NOUNS, main,
+                                        sentiment_prompts, sentiment_rows, split_titles, write_sentiment_task)
 
 
 def vader(text):

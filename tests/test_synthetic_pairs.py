@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-import sample_pairs
+from scripts import sample_pairs
 from helpers import FAST, run_dir_from_output, run_train
 from preference_datasets import get_dataset, load_tokenized
 from synthetic_task import synthetic_gold_answer, synthetic_prompt, synthetic_prompts

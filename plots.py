@@ -1,15 +1,15 @@
-"""Plots of a run's metrics.jsonl: loss, reward margins, gold accuracy, β used and kept fraction.
+"""Figures of a run's metrics.jsonl: loss, reward margins, gold accuracy, β used and kept fraction.
 
-    python plot_run.py RUN_DIR                      # PNGs into RUN_DIR/plots/
-    python plot_run.py RUN_DIR --out DIR            # ... into DIR
-    python plot_run.py DPO_RUN BETA_RUN --labels DPO β-DPO --out DIR     # several runs on the same axes
+    python scripts/plot_run.py RUN_DIR                      # PNGs into RUN_DIR/plots/ (the command-line tool)
+
+    from plots import curves_of_runs, plot_curves
+    plot_curves(curves_of_runs([DPO_RUN, BETA_RUN], ['DPO', 'β-DPO']), OUT)    # several runs on the same axes
 
 RUN_DIR is the directory train.py announces ('Writing to HOST:DIR'). Each figure is written only if some run
 logged its metrics: loss.png (train and eval), reward_margins.png, reward_accuracy.png, gold_accuracy.png
 (datasets=[synthetic]), beta.png (β-DPO's β used and kept fraction; plain DPO runs show their fixed β).
-demo.py draws its report's figures with the same functions.
+The experiments (experiments/) draw their reports' figures with the same functions.
 """
-import argparse
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -209,25 +209,3 @@ def curves_of_runs(run_dirs: Sequence[Path], labels: Optional[Sequence[str]] = N
         raise ValueError(f'--labels: {len(labels)} labels for {len(run_dirs)} run directories')
     return [Curve(label, read_metrics(d), COLORS[i % len(COLORS)], beta=configured_beta(d))
             for i, (d, label) in enumerate(zip(run_dirs, labels))]
-
-
-def main(argv: Optional[Sequence[str]] = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    parser.add_argument('run_dirs', nargs='+', type=Path, help="run directories (each holds metrics.jsonl)")
-    parser.add_argument('--out', type=Path, default=None, help='output folder (default: FIRST_RUN_DIR/plots)')
-    parser.add_argument('--labels', nargs='+', default=None, help='legend label of each run (default: folder names)')
-    args = parser.parse_args(argv)
-    try:
-        curves = curves_of_runs(args.run_dirs, args.labels)
-    except ValueError as e:
-        parser.error(str(e))
-    written = plot_curves(curves, args.out or args.run_dirs[0] / 'plots')
-    for path in written:
-        print(path)
-    if not written:
-        print('nothing to plot: the runs logged no metrics yet')
-
-
-if __name__ == '__main__':
-    main()

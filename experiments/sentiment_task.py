@@ -1,7 +1,7 @@
 """The controlled-sentiment task of the DPO paper, for an instruct model: review a made-up film, positively.
 
-    python sentiment_task.py --out sentiment_data          # sentiment_data/{train,test}.jsonl, seconds
-    python sample_pairs.py MODEL --datasets sentiment_data --split train --judge sentiment --out pairs/train.jsonl
+    python experiments/sentiment_task.py --out sentiment_data          # sentiment_data/{train,test}.jsonl, seconds
+    python scripts/sample_pairs.py MODEL --datasets sentiment_data --split train --judge sentiment --out pairs/train.jsonl
     python evaluate.py model=RUN_DIR datasets=[sentiment_data] judge=sentiment reference=MODEL temperatures=[1.0]
 
     from sentiment_task import sentiment_prompts

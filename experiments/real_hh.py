@@ -1,8 +1,8 @@
 """SmolLM2-135M-Instruct on the real HH harmless slice: SFT, then DPO and β-DPO (ρ = 0.2, α = 0.6), full fine-tuning and
 LoRA, with held-out reward accuracy and margins before and after (README, "Real runs on HH").
 
-    python benchmarks/real_hh.py                         # 128 training pairs, 64 held out; report in real_hh_report/
-    python benchmarks/real_hh.py --n-train 512 --max-length 256 --parallel 1 --threads 2
+    python experiments/real_hh.py                         # 128 training pairs, 64 held out; report in real_hh_report/
+    python experiments/real_hh.py --n-train 512 --max-length 256 --parallel 1 --threads 2
 
 The slice (../shared/data/hh-rlhf/harmless-base-test.jsonl.gz, 2,312 rows of Anthropic/hh-rlhf's harmless-base test
 split, byte-identical) is split by prompt: a row is held out when the SHA-256 of its prompt (the dialogue up to its
@@ -37,8 +37,8 @@ from typing import Dict, List, Optional, Sequence
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import plot_run  # noqa: E402
-from demo_real import SMOLLM2, Finished, Job, run_dir_of, run_jobs  # noqa: E402
+import plots  # noqa: E402
+from experiments.demo_real import SMOLLM2, Finished, Job, run_dir_of, run_jobs  # noqa: E402
 
 HH_SLICE = REPO.parent / 'shared' / 'data' / 'hh-rlhf' / 'harmless-base-test.jsonl.gz'
 ASSISTANT = '\n\nAssistant:'
@@ -107,7 +107,7 @@ def plan(args, data: Path) -> List[Job]:
 
 def summary(finished: Finished) -> dict:
     """The first and last evaluation of a run, β-DPO's mean β and kept fraction, its time and command."""
-    records = plot_run.read_metrics(run_dir_of(finished))
+    records = plots.read_metrics(run_dir_of(finished))
     evals = [r for r in records if r['split'] == 'eval']
     train = [r for r in records if r['split'] == 'train']
     betas = [r['record_train/beta_used'] for r in train if 'record_train/beta_used' in r]
@@ -125,7 +125,7 @@ def cell(values: dict, key: str, fmt: str) -> str:
 def write_report(args, rows_per_split: Dict[str, int], results: Dict[str, dict], out: Path, total_s: float) -> Path:
     labels = {'sft': 'SFT, full', **{name: label for name, label, _ in RUNS}}
     lines = ['# SmolLM2-135M-Instruct on HH harmless: SFT, DPO and β-DPO, full and LoRA', '',
-             f'`python benchmarks/real_hh.py {shlex.join(sys.argv[1:])}` on {platform.node()} ({len(os.sched_getaffinity(0))} '
+             f'`python experiments/real_hh.py {shlex.join(sys.argv[1:])}` on {platform.node()} ({len(os.sched_getaffinity(0))} '
              f'CPUs, {args.threads} torch thread(s) per run, {args.parallel} run(s) at a time, load average at the end '
              f'{" / ".join(f"{x:.1f}" for x in os.getloadavg())}), {time.strftime("%Y-%m-%d %H:%M")}, '
              f'{total_s / 60:.1f} minutes in all.', '',
@@ -142,7 +142,7 @@ def write_report(args, rows_per_split: Dict[str, int], results: Dict[str, dict],
         kept = '' if values['kept_mean'] is None else f'{values["kept_mean"]:.2f}'
         lines.append(f'| {labels[name]} | {values["steps"]} | ' + ' | '.join(cell(values, key, fmt) for key, _, fmt in EVAL_KEYS)
                      + f' | {beta} | {kept} | {values["wall_s"]:.0f} |')
-    lines += ['', '## Commands', '', '```sh', f'python benchmarks/real_hh.py --split-only --out {out}  # the data']
+    lines += ['', '## Commands', '', '```sh', f'python experiments/real_hh.py --split-only --out {out}  # the data']
     lines += [shlex.join(['python', *values['command']]) for values in results.values()]
     lines += ['```', '', '## Run directories', '']
     lines += [f'- {labels[name]}: `{values["run_dir"]}`' for name, values in results.items()]

@@ -1,7 +1,7 @@
 """What the 4-bit GGUF copy of SmolLM2-135M-Instruct costs, measured where it can be without the original weights.
 
-    python benchmarks/smollm2_quality.py                       # after `make smollm2`; about 25 min on 1 CPU core
-    python benchmarks/smollm2_quality.py --n-pairs 20 --threads 2 --out benchmarks/smollm2_quality.json
+    python experiments/smollm2_quality.py                       # after `make smollm2`; about 25 min on 1 CPU core
+    python experiments/smollm2_quality.py --n-pairs 20 --threads 2 --out experiments/smollm2_quality.json
 
 Prints (and writes as JSON with --out):
 - the time of the first conversion of the GGUF file (models.py) and of a cached load (materialize_model +
@@ -36,6 +36,8 @@ sys.path.insert(0, str(REPO))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+
+import data_sources as ds  # noqa: E402
 
 import preference_datasets as pd  # noqa: E402
 from models import SMOLLM2_GGUF, materialize_model  # noqa: E402
@@ -128,7 +130,7 @@ def main():
         (hh / 'test.jsonl.gz').symlink_to(SHARED / 'hh-rlhf' / 'harmless-base-test.jsonl.gz')
         lengths = dict(max_length=args.max_length, max_prompt_length=args.max_prompt_length)
         with warnings.catch_warnings():
-            warnings.simplefilter('ignore', pd.DataWarning)
+            warnings.simplefilter('ignore', ds.DataWarning)
             uf = pd.load_tokenized(str(data), tokenizer, 'test', silent=True, cache_dir=tmp, **lengths)
             hh_text = pd.load_tokenized(f'hh:{hh}', tokenizer, 'test', silent=True, cache_dir=tmp, **lengths)
             hh_chat = pd.load_tokenized(f'hh:{hh}', tokenizer, 'test', silent=True, cache_dir=tmp,
