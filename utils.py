@@ -1,19 +1,22 @@
-"""Small helpers that more than one file needs: local directories, batch slicing, hashing, signals.
+"""Small helpers that more than one file needs: user errors, local directories, batch slicing, hashing, signals.
 
-    from utils import get_local_dir, get_local_run_dir, fingerprint, slice_and_move_batch_for_device
+    from utils import UserError, get_local_dir, get_local_run_dir, fingerprint, slice_and_move_batch_for_device
     run_dir = get_local_run_dir('my_exp', ['/scr-ssd', '.cache'])
     key = fingerprint('tokenized', name, split, tokenizer_id)   # the one recipe for cache keys
+    raise UserError('model.archive=x.pt does not exist; pass the policy.pt of an SFT run')   # exit 2, no traceback
 """
 import datetime
+import functools
 import getpass
 import hashlib
 import itertools
 import json
 import os
 import signal
+import sys
 import threading
 from pathlib import Path
-from typing import Dict, List, Optional, Union
+from typing import Callable, Dict, List, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -21,6 +24,32 @@ import torch.distributed as dist
 # The HH dialogue format (Anthropic/hh-rlhf), which the hh, shp, se and synthetic sources share.
 HUMAN = '\n\nHuman:'
 ASSISTANT = '\n\nAssistant:'
+
+
+class UserError(ValueError):
+    """A mistake of the user's, in a config value, a path or a data file, or a machine that cannot do what was asked
+    (a full disk): its message names the key, file or row and says what to do. The entry points print the message
+    alone and exit with status 2 (`exits_on_user_error`); HYDRA_FULL_ERROR=1 shows the traceback too. A ValueError,
+    so callers that catch those keep working."""
+
+
+# The exit status of a user's mistake, as git, pip and litgpt's CLI use it (1 stays for crashes).
+USER_ERROR_STATUS = 2
+
+
+def exits_on_user_error(main: Callable) -> Callable:
+    """`main`, with a UserError printed as one message on stderr and exit status 2 instead of a traceback (unless
+    HYDRA_FULL_ERROR=1, Hydra's own switch for full tracebacks). Wraps the entry points and the scripts' mains."""
+    @functools.wraps(main)
+    def wrapper(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        except UserError as e:
+            if os.environ.get('HYDRA_FULL_ERROR') == '1':
+                raise
+            print(f'error: {e}', file=sys.stderr, flush=True)
+            sys.exit(USER_ERROR_STATUS)
+    return wrapper
 
 
 def rank0_print(*args, **kwargs) -> None:
