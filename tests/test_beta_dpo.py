@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from trainers import MarginStats, dynamic_beta, preference_loss
+from losses import MarginStats, dynamic_beta, preference_loss
 
 
 def gen(seed=0):

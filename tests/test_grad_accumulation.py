@@ -9,7 +9,8 @@ import torch
 
 from helpers import FAST, compose_config
 from train import build_run_models, prepare_run
-from trainers import BasicTrainer, BetaDPO
+from losses import BetaDPO
+from trainers import BasicTrainer
 
 
 def one_step(tmp_path, overrides, accumulation, perturb=False):
