@@ -323,6 +323,7 @@ def first_step(tmp_path, overrides):
     return trainer.train_step(batch), chosen_logps, batch
 
 
+@pytest.mark.slow
 def test_hinge_with_beta_dpo_in_the_trainer(tmp_path):
     """Policy = reference gives h = 0 for every pair, so the hinge max(0, 1 − β·0) = 1 whatever β; β-DPO keeps
     k = ⌊8·0.75⌋ = 6 pairs (σ = 0 at the first step: no pair is an outlier) and β = β0 (every margin is μ = 0)."""
@@ -332,6 +333,7 @@ def test_hinge_with_beta_dpo_in_the_trainer(tmp_path):
     assert metrics['record_train/mask_count'] == 6 and metrics['record_train/beta_used'] == pytest.approx(0.1)
 
 
+@pytest.mark.slow
 def test_rpo_term_in_the_trainer(tmp_path):
     """α_RPO = 0.5 at policy = reference: each pair's loss is ln 2 + 0.5·NLL, NLL = −log π(y_w)/|y_w| over the
     chosen response's labelled tokens, so loss/train = ln 2 + 0.5·mean(NLL)."""
@@ -342,6 +344,7 @@ def test_rpo_term_in_the_trainer(tmp_path):
     assert metrics['loss/train'] == pytest.approx(math.log(2) + 0.5 * nll.mean().item(), rel=1e-5)
 
 
+@pytest.mark.slow
 def test_average_log_prob_in_the_trainer(tmp_path):
     """loss.average_log_prob: the logged log-probabilities are the summed ones divided by each response's
     labelled tokens, for the same first batch; the loss at policy = reference stays ln 2."""
