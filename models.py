@@ -290,10 +290,21 @@ def load_gguf(gguf_path: Path) -> Tuple[torch.nn.Module, object]:
 
 
 def disable_dropout(model: torch.nn.Module) -> None:
-    """Set every dropout probability in `model` to 0 (DPO's log-ratios must be deterministic)."""
+    """Set every dropout probability in `model` to 0 (DPO's log-ratios must be deterministic; the original's
+    disable_dropout intends no dropout anywhere).
+
+    Three places hold a rate: nn.Dropout modules (`p`); float attributes of the modules themselves, which
+    transformers 5's attention classes copy from the config when they are built (Llama, Qwen2, GPT-NeoX, Mistral,
+    Phi...: `self.attention_dropout = config.attention_dropout`, passed to the attention function as
+    `dropout=0.0 if not self.training else self.attention_dropout`), so a config zeroed afterwards changes nothing
+    there; and the config, for modules built later from it.
+    """
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
+        for name, value in vars(module).items():
+            if isinstance(value, float) and ('dropout' in name or 'pdrop' in name):
+                setattr(module, name, 0.0)
     config = getattr(model, 'config', None)
     for name in ('attention_dropout', 'hidden_dropout', 'attn_pdrop', 'resid_pdrop', 'embd_pdrop',
                  'classifier_dropout', 'dropout'):
