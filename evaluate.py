@@ -36,7 +36,7 @@ from omegaconf import DictConfig, OmegaConf
 from generation import (Prompt, encode_prompts, generate, load_model, load_prompts, load_tokenizer_of, model_kind,
                         response_text, sample_rows, sequence_logps, write_jsonl)
 from judges import GoldScorer, judge_problems, make_judge
-from utils import get_local_dir
+from utils import UserError, exits_on_user_error, get_local_dir
 
 # two-sided 95% quantile of the standard normal distribution
 Z95 = 1.959964
@@ -213,7 +213,7 @@ def evaluate(config: DictConfig) -> Dict:
     temperature and write results.json, samples.jsonl and the plots to config.out. Returns the results."""
     problems = validate_config(config)
     if problems:
-        raise ValueError('invalid config:\n  - ' + '\n  - '.join(problems))
+        raise UserError('invalid config:\n  - ' + '\n  - '.join(problems))
     local_dirs = list(config.local_dirs)
     judge = make_judge(config.judge, config.judge_max_new_tokens, config.judge_batch_size, config.api_concurrency,
                        config.device)
@@ -264,6 +264,7 @@ def describe(summary: Dict) -> str:
 
 
 @hydra.main(version_base=None, config_path='config/evaluate', config_name='evaluate')
+@exits_on_user_error
 def main(config: DictConfig) -> None:
     evaluate(config)
 

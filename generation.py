@@ -20,7 +20,6 @@ stops at EOS or at the chat template's end-of-turn token (`<|im_end|>` for SmolL
 the same seed, prompts and settings give the same text. Temperature 0 is greedy decoding.
 """
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
@@ -31,14 +30,13 @@ import tqdm
 
 from checkpoints import atomic_write_text
 from distributed import all_gather_if_needed
-from models import check_model_directory, load_tokenizer, materialize_model
+from models import check_model_directory, load_tokenizer, materialize_model, missing_model_reason
 from data_sources import load_source
 from preference_datasets import encode_texts
-from utils import DummyWandb, get_local_dir, pad_to_length, rank0_print
+from utils import DummyWandb, UserError, get_local_dir, pad_to_length, rank0_print
 
 # Where the embedded model and the Hugging Face cache go when the source does not say (train.py's default).
 DEFAULT_LOCAL_DIRS = ('/scr-ssd', '/scr', '.cache')
-_HUB_ID = re.compile(r'[\w.-]+/[\w.-]+')
 
 
 @dataclass
@@ -81,7 +79,7 @@ class Sample:
 
 
 def model_kind(source: str) -> str:
-    """'run', 'hf', 'gguf', 'embedded' or 'hub' for a model source, without loading anything; ValueError
+    """'run', 'hf', 'gguf', 'embedded' or 'hub' for a model source, without loading anything; UserError
     naming the path and what is expected when it is none of them."""
     if source.startswith('embedded:'):
         return 'embedded'
@@ -89,21 +87,22 @@ def model_kind(source: str) -> str:
     if path.is_dir():
         if (path / 'config.yaml').is_file():
             if not ((path / 'LATEST' / 'policy.pt').is_file() or (path / 'hf_model' / 'config.json').is_file()):
-                raise ValueError(f'{source}: a run directory without weights (no LATEST/policy.pt and no '
-                                 f'hf_model/); pass a run that saved a checkpoint')
+                raise UserError(f'{source}: a run directory without weights (no LATEST/policy.pt and no '
+                                f'hf_model/); pass a run that saved a checkpoint')
             return 'run'
         if (path / 'config.json').is_file():
             return 'hf'
-        raise ValueError(f'{source}: not a model directory (no config.yaml of a train.py run, no config.json of a '
-                         f'Hugging Face model); pass a run directory, its hf_model/, or a model directory')
+        raise UserError(f'{source}: not a model directory (no config.yaml of a train.py run, no config.json of a '
+                        f'Hugging Face model); pass a run directory, its hf_model/, or a model directory')
     if path.is_file():
         if path.name.endswith('.gguf'):
             return 'gguf'
-        raise ValueError(f'{source}: a file, but not a .gguf model; pass a run directory, a Hugging Face model '
-                         f'directory or a .gguf file')
-    if _HUB_ID.fullmatch(source) and not source.startswith(('.', '/', '~')):
-        return 'hub'
-    raise ValueError(f'{source}: no such model directory or file')
+        raise UserError(f'{source}: a file, but not a .gguf model; pass a run directory, a Hugging Face model '
+                        f'directory or a .gguf file')
+    reason = missing_model_reason(source)
+    if reason:
+        raise UserError(f'{source}: {reason}')
+    return 'hub'
 
 
 def load_model(source: str, device: Optional[str] = None, dtype: str = 'float32',
