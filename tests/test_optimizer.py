@@ -111,7 +111,7 @@ def test_a_resume_may_not_change_the_length_of_a_decaying_schedule(tmp_path):
 
 @pytest.mark.parametrize('overrides, message', [
     (['lr_scheduler=step'], "lr_scheduler='step' is unknown; choose one of constant, cosine, linear"),
-    (['weight_decay=-0.1'], "weight_decay=-0.1 must be a number ≥ 0, or null for the optimizer's default"),
+    (['weight_decay=-0.1'], "weight_decay=-0.1 must be a number ≥ 0, or null (the optimizer's default)"),
     (['optimizer=LBFGS', 'weight_decay=0.1'], 'weight_decay=0.1: optimizer=LBFGS has no weight decay; set '
                                               'weight_decay=null'),
 ])
