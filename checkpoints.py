@@ -359,8 +359,27 @@ def renamed_for_model(model: torch.nn.Module, state: Dict[str, torch.Tensor]) ->
     from transformers.core_model_loading import WeightRenaming, rename_source_key
     renamings = [t for t in get_model_conversion_mapping(model) if isinstance(t, WeightRenaming)]
     expected = model.state_dict()
-    return {(key if key in expected else rename_source_key(key, renamings, [])[0]): value
-            for key, value in state.items()}
+    renamed = {(key if key in expected else rename_source_key(key, renamings, [])[0]): value
+               for key, value in state.items()}
+    return with_output_head_named_as_model(model, renamed, expected)
+
+
+def with_output_head_named_as_model(model: torch.nn.Module, state: Dict[str, torch.Tensor],
+                                    expected: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """`state` with an output head saved as `lm_head.` or `embed_out.` renamed to this model's name for it: GPT-NeoX's
+    head is `embed_out` up to some transformers 5.x and `lm_head` in 5.23, whose renaming table maps old names to
+    new only, so an archive of 5.23 loaded under 5.0 would otherwise miss its head."""
+    head = model.get_output_embeddings() if hasattr(model, 'get_output_embeddings') else None
+    name = next((n for n, m in model.named_modules() if m is head), None) if head is not None else None
+    if name is None:
+        return state
+    renamed = {}
+    for key, value in state.items():
+        prefix = key.split('.', 1)[0]
+        if key not in expected and prefix in ('lm_head', 'embed_out') and f'{name}.{key.split(".", 1)[1]}' in expected:
+            key = f'{name}.{key.split(".", 1)[1]}'
+        renamed[key] = value
+    return renamed
 
 
 def layer_pattern(key: str) -> str:

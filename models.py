@@ -30,7 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 from checkpoints import atomic_path, load_checkpoint_file, load_state_dict_checked
 from distributed import DistributedSetup, Parallelism
 from lora import add_adapters, archive_chain_error, load_adapter_state, lora_enabled, merge_adapter_into
-from utils import file_identity, fingerprint, get_local_dir, rank0_print
+from utils import UserError, file_identity, fingerprint, get_local_dir, rank0_print, unwrap
 
 
 # The embedded default model: a small GPT-NeoX (the Pythia architecture) with random weights and a
@@ -409,12 +409,57 @@ def refuse_bad_model_directories(config: DictConfig) -> None:
         raise ValueError('the model cannot be loaded:\n  - ' + '\n  - '.join(problems))
 
 
+# The lowest versions the code is run on. transformers 5.0: every call into a model is in 5.0's API (logps.py takes
+# the head's input itself, activation checkpointing falls back to gradient_checkpointing_enable); the log-prob, SFT
+# and DPO tests pass with 5.0.0 (tests/test_lowest_versions.py). torch 2.11: the lent GPU image's (gpu_check.sh);
+# the CPU suite runs 2.13. peft 0.21: the one tested (lora.r > 0 only).
+MIN_VERSIONS = {'torch': '2.11', 'transformers': '5.0', 'peft': '0.21'}
+
+
+def version_problems(packages=('torch', 'transformers')) -> List[str]:
+    """'NAME X is installed, this code needs ≥ Y' for each of `packages` older than MIN_VERSIONS (or absent)."""
+    from importlib.metadata import PackageNotFoundError, version
+    from packaging.version import Version
+    problems = []
+    for name in packages:
+        try:
+            installed = version(name)
+        except PackageNotFoundError:
+            problems.append(f'{name} is not installed; this code needs {name} ≥ {MIN_VERSIONS[name]}')
+            continue
+        if Version(Version(installed).base_version) < Version(MIN_VERSIONS[name]):
+            problems.append(f'{name} {installed} is installed; this code needs {name} ≥ {MIN_VERSIONS[name]}')
+    return problems
+
+
+def check_versions(lora: bool = False) -> None:
+    """UserError naming each package older than this code needs (peft only with lora), before any model is built:
+    an older transformers fails deep inside a model's forward (4.x), an older torch without FSDP2's public API."""
+    problems = version_problems(('torch', 'transformers', *(['peft'] if lora else [])))
+    if problems:
+        raise UserError('; '.join(problems) + ' (pip install -r requirements.txt installs the tested versions)')
+
+
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """activation_checkpointing=true (BasicTrainer): every transformer block of `model` recomputes its activations
+    in the backward pass, through the model's own checkpointing with non-reentrant torch.utils.checkpoint (which
+    needs no input that requires a gradient). transformers 5.23 renamed gradient_checkpointing_enable to
+    activation_checkpointing_enable (the old name warns there); 5.0-5.22 have the old name only."""
+    model = unwrap(model)
+    kwargs = {'use_reentrant': False}
+    if hasattr(model, 'activation_checkpointing_enable'):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def build_model(config: DictConfig, dtype_name: str, device_map: Optional[str], empty: bool = False) -> nn.Module:
     """AutoModelForCausalLM.from_pretrained of config.model.name_or_path (Hub id, directory, .gguf file or embedded:NAME).
 
     empty: the same model on the meta device, without weights and without memory (see build_models).
     """
     import transformers
+    check_versions(lora=lora_enabled(config))
     refuse_bad_model_directories(config)
     path = materialize_model(config.model.name_or_path, get_local_dir(config.local_dirs))
     # trust_remote_code is passed explicitly, so no code from the model directory or Hub repository runs unless

@@ -51,13 +51,13 @@ from distributed import (all_gather_if_needed, any_process, clip_grad_norm, fsdp
 from generation import draw_samples, generate_texts, log_sample_tables, print_samples
 from logps import concatenated_logps, forward_logps
 from lora import lora_enabled
-from models import first_device, load_tokenizer
+from models import enable_activation_checkpointing, first_device, load_tokenizer
 from optimization import build_optimizer, total_training_steps
 from preference_datasets import batch_iterator_kwargs, get_batch_iterator, padding_fraction
 from reference_cache import ReferenceLogps, reference_cache_path, reference_pass_batches
 from synthetic_task import gold_eval_accuracy
 from utils import (DummyWandb, StopRequest, extend_metrics, formatted_dict, mean_metrics, rank0_print,
-                   slice_and_move_batch_for_device, unwrap)
+                   slice_and_move_batch_for_device)
 
 # β-DPO keeps β above this floor so a batch of very negative margins cannot flip the sign of the
 # loss (the reference implementation clamps at the same value).
@@ -477,7 +477,7 @@ class BasicTrainer(TrainerCheckpointing):
         """activation_checkpointing=true: each transformer block of the policy keeps only its input and
         recomputes its activations in the backward pass, through the model's own checkpointing (non-reentrant
         torch.utils.checkpoint, which needs no input that requires a gradient)."""
-        unwrap(self.policy).activation_checkpointing_enable(activation_checkpointing_kwargs={'use_reentrant': False})
+        enable_activation_checkpointing(self.policy)
 
     # ----- the training loop ---------------------------------------------------------------------------
 
