@@ -180,16 +180,38 @@ def launched_by_torchrun() -> bool:
     return 'LOCAL_RANK' in os.environ and 'WORLD_SIZE' in os.environ
 
 
+# collective_timeout_secs: null on GPUs. NCCL's own default (10 minutes, torch.distributed's
+# default_pg_nccl_timeout) is shorter than rank 0's longest pauses: loading a policy, a reference and an archive of
+# 7-8B models while the others wait in the weights' broadcast, or writing a 20-100 GB checkpoint before a barrier.
+NCCL_DEFAULT_TIMEOUT_SECS = 3600
+
+
+def collective_timeout(timeout_secs: Optional[float], backend: str) -> Optional[datetime.timedelta]:
+    """How long a collective waits for the other processes: `timeout_secs` if set; else an hour for nccl and None
+    (PyTorch's default, 30 minutes) for gloo."""
+    if timeout_secs is not None:
+        return datetime.timedelta(seconds=timeout_secs)
+    return datetime.timedelta(seconds=NCCL_DEFAULT_TIMEOUT_SECS) if backend == 'nccl' else None
+
+
+def local_device_index(local_rank: int, device_count: int) -> int:
+    """The GPU of the process with LOCAL_RANK `local_rank` among the `device_count` it sees: its local rank modulo the
+    count. A launcher that gives each process its own GPU (SLURM's --gpus-per-task=1, CUDA_VISIBLE_DEVICES per task)
+    leaves every process one visible GPU, cuda:0, whatever its local rank; cuda:LOCAL_RANK would be an invalid
+    ordinal for every process but the first."""
+    return local_rank % device_count
+
+
 def init_distributed(rank: Optional[int] = None, world_size: Optional[int] = None,
                      port: Optional[int] = None, timeout_secs: Optional[float] = None) -> DistributedSetup:
     """Join the process group: the one place that decides rank, world size, device and backend.
 
     Under torchrun the ranks come from its environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
     MASTER_PORT); otherwise train.py spawned `world_size` processes on this machine and passes `rank`
-    and the rendezvous `port`. GPUs: nccl, one GPU per process (cuda:LOCAL_RANK). CPU: gloo, and the
+    and the rendezvous `port`. GPUs: nccl, one GPU per process (`local_device_index`). CPU: gloo, and the
     machine's cores are divided among its processes (two processes on two cores each with two
     threads run several times slower than with one). timeout_secs (collective_timeout_secs): how long a
-    collective waits for the other processes before it fails; None keeps PyTorch's default. Returns the existing
+    collective waits for the other processes before it fails (`collective_timeout`). Returns the existing
     setup if already joined.
     """
     if launched_by_torchrun():
@@ -203,7 +225,7 @@ def init_distributed(rank: Optional[int] = None, world_size: Optional[int] = Non
         local_rank, local_world_size = rank, world_size
         init_method = f'tcp://127.0.0.1:{port}'
     if torch.cuda.is_available():
-        device = torch.device('cuda', local_rank)
+        device = torch.device('cuda', local_device_index(local_rank, torch.cuda.device_count()))
         torch.cuda.set_device(device)
         backend = 'nccl'
     else:
@@ -213,8 +235,9 @@ def init_distributed(rank: Optional[int] = None, world_size: Optional[int] = Non
         backend = 'gloo'
     if not dist.is_initialized():
         extra = {'device_id': device} if device.type == 'cuda' else {}
-        if timeout_secs is not None:
-            extra['timeout'] = datetime.timedelta(seconds=timeout_secs)
+        timeout = collective_timeout(timeout_secs, backend)
+        if timeout is not None:
+            extra['timeout'] = timeout
         dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size, **extra)
     return DistributedSetup(dist.get_rank(), dist.get_world_size(), local_rank, device)
 
