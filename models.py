@@ -409,11 +409,13 @@ def refuse_bad_model_directories(config: DictConfig) -> None:
         raise ValueError('the model cannot be loaded:\n  - ' + '\n  - '.join(problems))
 
 
-# The lowest versions the code is run on. transformers 5.0: every call into a model is in 5.0's API (logps.py takes
-# the head's input itself, activation checkpointing falls back to gradient_checkpointing_enable); the log-prob, SFT
-# and DPO tests pass with 5.0.0 (tests/test_lowest_versions.py). torch 2.11: the lent GPU image's (gpu_check.sh);
-# the CPU suite runs 2.13. peft 0.21: the one tested (lora.r > 0 only).
-MIN_VERSIONS = {'torch': '2.11', 'transformers': '5.0', 'peft': '0.21'}
+# The lowest versions the code is run on. transformers 5.5: every call into a model is in 5.0's API (logps.py takes
+# the head's input itself, activation checkpointing falls back to gradient_checkpointing_enable) and the log-prob,
+# SFT and DPO tests pass on 5.0.0, but 5.0-5.4 read a GPT-NeoX config's partial_rotary_factor (rotary_pct) as 0.25
+# whatever config.json says, a silently different model for any GPT-NeoX not shaped like Pythia (the embedded tiny
+# preset's is 1.0); tests/test_lowest_versions.py runs 5.5.0. torch 2.11: the lent GPU image's (gpu_check.sh); the
+# CPU suite runs 2.13. peft 0.21: the one tested (lora.r > 0 only).
+MIN_VERSIONS = {'torch': '2.11', 'transformers': '5.5', 'peft': '0.21'}
 
 
 def version_problems(packages=('torch', 'transformers')) -> List[str]:
