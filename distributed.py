@@ -12,16 +12,17 @@ rank's part, so one machine never holds a full copy per process.
 """
 import contextlib
 import datetime
+import math
 import os
 import signal
 import socket
 from dataclasses import dataclass
-from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Tuple, TypeVar
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch.distributed.tensor import DTensor, Replicate
 from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel
 
@@ -30,6 +31,7 @@ from utils import get_block_modules, rank0_print
 
 
 TRAINERS = ('BasicTrainer', 'FSDPTrainer', 'TensorParallelTrainer')
+T = TypeVar('T')
 
 
 @dataclass(frozen=True)
@@ -242,6 +244,85 @@ def init_distributed(rank: Optional[int] = None, world_size: Optional[int] = Non
     return DistributedSetup(dist.get_rank(), dist.get_world_size(), local_rank, device)
 
 
+def rank0_result(compute: Callable[[], T]) -> T:
+    """`compute()` on rank 0, its value sent to every rank (pickled; keep it small); outside a process group, just
+    `compute()`. Collective.
+
+    For what reads rank 0's disk: nodes need not share a file system, and model.archive, resume_from's run
+    directory (its checkpoints and config.yaml) and the reference cache live on rank 0's. An exception on rank 0
+    is raised on every rank (as its own type where it pickles, else RuntimeError with its message), so no rank is
+    left waiting in a collective the others never reach.
+    """
+    if not dist.is_initialized():
+        return compute()
+    box: List = [None]
+    if dist.get_rank() == 0:
+        try:
+            box[0] = ('value', compute())
+        except Exception as e:
+            box[0] = ('error', e if _pickles(e) else RuntimeError(f'{type(e).__name__}: {e}'))
+    dist.broadcast_object_list(box, src=0)
+    kind, value = box[0]
+    if kind == 'error':
+        if dist.get_rank() == 0:
+            raise value
+        raise value from None
+    return value
+
+
+def _pickles(value) -> bool:
+    import pickle
+    try:
+        pickle.loads(pickle.dumps(value))
+        return True
+    except Exception:
+        return False
+
+
+# Optimizers whose update of a weight is about lr in size whatever the gradient's scale (Adam's m / √v; RMSprop's g / √v)
+LR_SIZED_UPDATES = ('Adam', 'AdamW', 'RMSprop', 'Adamax', 'NAdam', 'RAdam', 'Adagrad')
+# A weight magnitude most of a language model's weights exceed (GPT-style initialisation: standard deviation 0.02)
+TYPICAL_WEIGHT = 0.01
+
+
+def precision_problems(config: DictConfig) -> List[str]:
+    """float16 settings that would train without loss scaling, each naming its key (the config checker refuses them).
+
+    Nothing here scales the loss (no torch.amp.GradScaler): float16's smallest normal value, 6e-5, lets the
+    gradients of a language model underflow to 0 (Micikevicius et al. 2018, "Mixed Precision Training", §3.2),
+    silently. bfloat16 has float32's exponent range and needs no scaling.
+    """
+    problems = []
+    for key in ('policy_autocast', 'model.fsdp_policy_mp', 'model.policy_dtype'):
+        if OmegaConf.select(config, key) == 'float16':
+            problems.append(f'{key}=float16 trains without loss scaling (no GradScaler here): the gradients underflow in '
+                            f'float16. Use {key}=bfloat16 (same memory, float32\'s range) on GPUs that have it (A100, '
+                            f'H100, L4 and newer), or float32')
+    return problems
+
+
+def bfloat16_step(magnitude: float) -> float:
+    """The spacing of bfloat16 numbers (8 significant bits) at `magnitude`: 2^(⌊log2 |x|⌋ − 7)."""
+    return 2.0 ** (math.floor(math.log2(abs(magnitude))) - 7)
+
+
+def precision_warnings(config: DictConfig) -> List[str]:
+    """Settings that train, but barely: bfloat16 master weights (model.policy_dtype=bfloat16: the optimizer updates
+    them in place) with an optimizer whose updates are about lr in size and an lr below half a bfloat16 step at
+    TYPICAL_WEIGHT (3.05e-5 at 0.01), where most updates round away and the weights do not move."""
+    lr = OmegaConf.select(config, 'lr')
+    if (OmegaConf.select(config, 'model.policy_dtype') != 'bfloat16' or config.optimizer not in LR_SIZED_UPDATES
+            or not isinstance(lr, (int, float)) or lr <= 0):
+        return []
+    half_step = bfloat16_step(TYPICAL_WEIGHT) / 2
+    if lr >= half_step:
+        return []
+    return [f'model.policy_dtype=bfloat16 with optimizer={config.optimizer} and lr={lr:g}: each update is about lr, '
+            f'below half a bfloat16 step ({half_step:.3g}) for weights of magnitude {TYPICAL_WEIGHT} and more, so most '
+            f'updates round away. Keep float32 master weights (model.policy_dtype=float32) and compute in bfloat16 '
+            f'(model.fsdp_policy_mp=bfloat16 with FSDPTrainer, policy_autocast=bfloat16 otherwise)']
+
+
 def all_gather_if_needed(values: torch.Tensor, rank: int, world_size: int, group=None) -> torch.Tensor:
     """Concatenate the equally shaped `values` of all `world_size` processes along dim 0 (in rank order).
 
@@ -382,15 +463,19 @@ def gathered_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer,
 
 def load_gathered_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: Dict,
                                   names: List[str]) -> None:
-    """The inverse of gathered_optimizer_state: rank 0's whole `state` into every rank's shards. Collective."""
+    """The inverse of gathered_optimizer_state: rank 0's whole `state` into every rank's shards ({} on the other ranks,
+    which never read optimizer.pt: checkpoints.load_training_state_on_rank0). Collective."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-    state = with_own_implementation(optimizer, state)
-    if not state['state']:
-        # A stateless optimizer (SGD without momentum): only the hyperparameters, which every rank has whole.
+    is_rank0 = dist.get_rank() == 0
+    state = with_own_implementation(optimizer, state) if is_rank0 else {}
+    stateless_groups = rank0_result(lambda: None if state['state'] else state['param_groups'])
+    if stateless_groups is not None:
+        # A stateless optimizer (SGD without momentum): only the hyperparameters, the same for every rank.
         # set_optimizer_state_dict fails on it (torch 2.13: AssertionError 'Expected device to be set').
-        optimizer.load_state_dict(state)
+        optimizer.load_state_dict(with_own_implementation(optimizer, {'state': {}, 'param_groups': stateless_groups}))
         return
-    set_optimizer_state_dict(model, optimizer, optimizer_state_by_name(state, names),
+    # broadcast_from_rank0: rank 0's tensors are sent shard by shard; the other ranks' (empty) input is not read
+    set_optimizer_state_dict(model, optimizer, optimizer_state_by_name(state, names) if is_rank0 else {},
                              options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
 
 
