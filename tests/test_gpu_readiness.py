@@ -34,3 +34,33 @@ def test_versions_older_than_claimed_are_refused_naming_the_package(monkeypatch)
     with pytest.raises(UserError, match=rf'transformers {version("transformers")} is installed; this code needs '
                                         r'transformers ≥ 99.0'):
         models.check_versions()
+
+
+def test_float16_without_loss_scaling_is_refused_naming_each_key(tmp_path):
+    """policy_autocast=float16 and model.fsdp_policy_mp=float16 (and float16 master weights) give one problem each,
+    naming the key; bfloat16 and the defaults none."""
+    from distributed import precision_problems
+    from helpers import compose_config
+    assert precision_problems(compose_config([], tmp_path)) == []
+    assert precision_problems(compose_config(['policy_autocast=bfloat16', 'model.fsdp_policy_mp=bfloat16'],
+                                             tmp_path)) == []
+    problems = precision_problems(compose_config(['policy_autocast=float16', 'model.fsdp_policy_mp=float16',
+                                                  'model.policy_dtype=float16'], tmp_path))
+    assert [p.split('=')[0] for p in problems] == ['policy_autocast', 'model.fsdp_policy_mp', 'model.policy_dtype']
+    assert all('without loss scaling' in p and 'bfloat16' in p for p in problems)
+
+
+def test_bfloat16_master_weights_warn_when_lr_is_below_half_a_step(tmp_path):
+    """bfloat16's spacing at 0.01 is 2^(⌊log2 0.01⌋ − 7) = 2^-14 = 6.1e-5, so Adam-sized updates below 3.05e-5 round away
+    on weights of 0.01: the original's lr 5e-7 with bfloat16 master weights warns, lr 1e-4 or float32 weights don't,
+    nor SGD (its update scales with the gradient)."""
+    from distributed import bfloat16_step, precision_warnings
+    from helpers import compose_config
+    assert bfloat16_step(0.01) == 2 ** -14
+    assert bfloat16_step(1.0) == 2 ** -7  # bfloat16 has 8 significant bits: 1 + 2^-7 is the next number after 1
+    bf16 = ['model.policy_dtype=bfloat16', 'optimizer=AdamW']
+    (warning,) = precision_warnings(compose_config([*bf16, 'lr=5e-7'], tmp_path))
+    assert warning.startswith('model.policy_dtype=bfloat16 with optimizer=AdamW and lr=5e-07') and '3.05e-05' in warning
+    assert precision_warnings(compose_config([*bf16, 'lr=1e-4'], tmp_path)) == []
+    assert precision_warnings(compose_config(['optimizer=AdamW', 'lr=5e-7'], tmp_path)) == []
+    assert precision_warnings(compose_config(['model.policy_dtype=bfloat16', 'optimizer=SGD', 'lr=5e-7'], tmp_path)) == []
