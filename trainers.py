@@ -560,11 +560,12 @@ class BasicTrainer(TrainerCheckpointing):
         if decision is not None:
             extend_metrics(metrics, {f'record_train/{k}': v for k, v in decision.metrics.items()})
         offset = 0  # of the microbatch's first pair among the step's (for the step's β-DPO decision)
-        for microbatch in microbatches:
+        for index, microbatch in enumerate(microbatches):
             loss, microbatch_metrics = self.get_batch_metrics(self.local(microbatch), train=True,
                                                               step_decision=decision, step_offset=offset)
             offset += len(microbatch['prompt'])
-            (loss / len(microbatches)).backward()
+            with self.no_sync_unless(index == len(microbatches) - 1):
+                (loss / len(microbatches)).backward()
             losses.append(loss.detach())
             extend_metrics(metrics, microbatch_metrics)
 
@@ -585,6 +586,10 @@ class BasicTrainer(TrainerCheckpointing):
                 'examples_per_second': self.config.batch_size / (time.time() - start_time),
                 'grad_norm': grad_norm, 'lr': self.scheduler.get_last_lr()[0],
                 'padding/fraction': padding_fraction(batch)}
+
+    def no_sync_unless(self, last: bool):
+        """The context of a microbatch's backward pass; `last`: the step's last microbatch. Nothing in one process."""
+        return contextlib.nullcontext()
 
     def handle_nonfinite(self, batch: Dict, losses: List[torch.Tensor], grad_norm: float) -> None:
         """Stop with a message naming the step and the batch, or skip the batch (on_nonfinite=skip)."""
@@ -872,6 +877,16 @@ class FSDPTrainer(ShardedTrainer):
 
     def split(self, model: nn.Module, reference: bool) -> nn.Module:
         return fsdp_split(model, self.config, reference)
+
+    @contextlib.contextmanager
+    def no_sync_unless(self, last: bool):
+        """Gradients reduce-scattered after the step's last microbatch only (FSDP2's set_requires_gradient_sync):
+        before it, each rank accumulates them unsharded, one reduce-scatter per step instead of one per microbatch."""
+        self.policy.set_requires_gradient_sync(last)
+        try:
+            yield
+        finally:
+            self.policy.set_requires_gradient_sync(True)
 
 
 class TensorParallelTrainer(ShardedTrainer):
