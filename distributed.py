@@ -72,10 +72,25 @@ def decide_parallelism(config: DictConfig) -> Parallelism:
         return Parallelism(trainer, 1, 1, 'none', 'balanced' if torch.cuda.device_count() > 1 else None)
     if launched_by_torchrun():
         n_processes, launcher = world_size, 'torchrun'
+        if trainer == 'TensorParallelTrainer':
+            refuse_tensor_parallel_across_nodes(world_size, int(os.environ.get('LOCAL_WORLD_SIZE', world_size)))
     else:
         n_processes, launcher = torch.cuda.device_count() or int(config.n_cpu_processes), 'spawn'
     data_parallel = n_processes if trainer == 'FSDPTrainer' else 1
     return Parallelism(trainer, n_processes, data_parallel, launcher, None)
+
+
+def refuse_tensor_parallel_across_nodes(world_size: int, local_world_size: int) -> None:
+    """UserError when TensorParallelTrainer's processes span several nodes. Its one mesh spans every process and
+    each layer's forward and backward all-reduce or all-gather activations over it (Megatron-LM's rule: tensor
+    parallelism within a node's NVLink, data parallelism across nodes); across nodes that traffic crosses the
+    network at every layer."""
+    if world_size > local_world_size:
+        from utils import UserError
+        raise UserError(f'trainer=TensorParallelTrainer splits every layer over all {world_size} processes, which span '
+                        f'{-(-world_size // local_world_size)} nodes ({local_world_size} per node): its per-layer '
+                        f'communication would cross the network. Run it on one node (torchrun --nnodes 1), or use '
+                        f'trainer=FSDPTrainer across nodes')
 
 
 def launch(config: DictConfig, parallelism: Parallelism, worker: Callable[[DictConfig, 'DistributedSetup'], None]) -> None:

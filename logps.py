@@ -5,7 +5,7 @@
     chosen, rejected = concatenated_logps(model, batch, chunk_size=2048)   # both halves of a pair batch, one pass
 
 A causal LM's logits over a 50k vocabulary are the largest tensor of a DPO step (batch × seq × vocab, in
-float32 for the softmax). Here the model runs its own forward but projects no position through its head;
+float32 for the softmax). Here the model runs its own forward but projects one position only through its head;
 the head is applied to the positions that carry a label only, chunk_size rows at a time, and the chunk's
 logits are recomputed in the backward pass instead of kept. Equal to the plain computation
 (`_get_batch_logps`, below) within 1e-5, gradients included (tests/test_lean_logps.py).
@@ -219,8 +219,10 @@ def _get_batch_logps(logits: torch.Tensor, labels: torch.Tensor, average_log_pro
 
 class HeadInput:
     """A forward pre-hook of a causal LM's output head: while `active`, it keeps what the model feeds its head (the
-    last hidden state, after the final norm, for every position) in `hidden`, and hands the head none of its
-    positions, so the model's own forward computes no logits at all.
+    last hidden state, after the final norm, for every position) in `hidden`, and hands the head its first position
+    only, so the model's own forward computes (batch, 1, vocabulary) logits, which nothing uses. Not none: a
+    tensor-parallel head (a DTensor weight) cannot propagate its sharding over an empty dimension (torch 2.13:
+    'integer modulo by zero').
 
     Registered once per head (`head_input`) and left in place, so a compiled model (compile_policy) is traced
     with it once instead of recompiled for each new hook; `prepend=True`: before tensor parallelism's input
@@ -236,7 +238,7 @@ class HeadInput:
         if not self.active:
             return None
         self.hidden = args[0]
-        return (args[0].narrow(-2, 0, 0), *args[1:])
+        return (args[0].narrow(-2, 0, 1), *args[1:])
 
 
 def head_input(head: nn.Module) -> HeadInput:
@@ -253,7 +255,7 @@ def last_hidden_state(model: nn.Module, head: nn.Module, input_ids: torch.Tensor
                       attention_mask: torch.Tensor) -> torch.Tensor:
     """(batch, seq, hidden): what `model`'s forward feeds its output `head`, from the model's own forward.
 
-    The whole model runs, not its base model alone: FSDP's root unshards the embeddings, final norm and head
+    The whole model runs (its head on one position only), not its base model alone: FSDP's root unshards the embeddings, final norm and head
     in its forward pre-hook, and peft's, torch.compile's and tensor parallelism's wrappers act on the model's
     call; the head's input is by construction the state the model's logits come from, whichever
     attribute holds the base model (`gpt_neox`, `model`, `transformer`) and wherever it puts its final norm.
@@ -293,7 +295,7 @@ def forward_logps(model: nn.Module, input_ids: torch.Tensor, attention_mask: tor
     Face causal LM), on the device of `labels`.
 
     With chunk_size set, the model runs through its own forward (so FSDP's and tensor parallelism's hooks fire)
-    but projects no position through its head: `last_hidden_state` takes the head's input instead. The head is
+    but projects one position only through its head: `last_hidden_state` takes the head's input instead. The head is
     then applied to the labelled positions only, a chunk at a time (`label_logps_from_hidden`), on the head's
     own device (`on_head_device`). FSDP2 leaves the root module's parameters, the head's among them,
     unsharded after the forward, and reduces their gradients at the end of the backward pass, so the head's

@@ -64,3 +64,24 @@ def test_bfloat16_master_weights_warn_when_lr_is_below_half_a_step(tmp_path):
     assert precision_warnings(compose_config([*bf16, 'lr=1e-4'], tmp_path)) == []
     assert precision_warnings(compose_config(['optimizer=AdamW', 'lr=5e-7'], tmp_path)) == []
     assert precision_warnings(compose_config(['model.policy_dtype=bfloat16', 'optimizer=SGD', 'lr=5e-7'], tmp_path)) == []
+
+
+def test_tensor_parallelism_across_nodes_is_refused():
+    """torchrun --nnodes 2 --nproc_per_node 8 (WORLD_SIZE 16, LOCAL_WORLD_SIZE 8) with TensorParallelTrainer: a
+    UserError naming the 2 nodes and the way out; one node of 8 passes."""
+    from distributed import refuse_tensor_parallel_across_nodes
+    refuse_tensor_parallel_across_nodes(8, 8)
+    with pytest.raises(UserError, match=r'all 16 processes, which span 2 nodes \(8 per node\).*torchrun --nnodes 1.*'
+                                        r'trainer=FSDPTrainer across nodes'):
+        refuse_tensor_parallel_across_nodes(16, 8)
+
+
+def test_decide_parallelism_refuses_tensor_parallelism_under_a_two_node_torchrun(tmp_path, monkeypatch):
+    """The environment torchrun gives a process of the second node refuses TensorParallelTrainer, not FSDPTrainer."""
+    from distributed import decide_parallelism
+    from helpers import compose_config
+    for key, value in dict(RANK='9', WORLD_SIZE='16', LOCAL_RANK='1', LOCAL_WORLD_SIZE='8').items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(UserError, match='span 2 nodes'):
+        decide_parallelism(compose_config(['trainer=TensorParallelTrainer'], tmp_path))
+    assert decide_parallelism(compose_config(['trainer=FSDPTrainer'], tmp_path)).n_processes == 16
