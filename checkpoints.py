@@ -32,7 +32,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from lora import archive_info, merged_export, trainable_state
-from utils import barrier, rank0_print, unwrap
+from utils import UserError, barrier, rank0_print, unwrap
 
 
 def fsync_dir(path: Union[str, Path]) -> None:
@@ -44,9 +44,9 @@ def fsync_dir(path: Union[str, Path]) -> None:
         os.close(fd)
 
 
-class DiskFullError(OSError):
+class DiskFullError(OSError, UserError):
     """A write failed for lack of space (ENOSPC) or quota (EDQUOT); the message names the directory, the space
-    needed and the space free, and says what was kept."""
+    needed and the space free, and says what was kept. A UserError: the entry points print it without a traceback."""
 
     def __init__(self, message: str):
         super().__init__(errno.ENOSPC, message)

@@ -5,7 +5,7 @@
     from plots import curves_of_runs, plot_curves
     plot_curves(curves_of_runs([DPO_RUN, BETA_RUN], ['DPO', 'β-DPO']), OUT)    # several runs on the same axes
 
-RUN_DIR is the directory train.py announces ('Writing to HOST:DIR'). Each figure is written only if some run
+RUN_DIR is the directory train.py announces ('Writing to DIR'). Each figure is written only if some run
 logged its metrics: loss.png (train and eval), reward_margins.png, reward_accuracy.png, gold_accuracy.png
 (datasets=[synthetic]), beta.png (β-DPO's β used and kept fraction; plain DPO runs show their fixed β).
 The experiments (experiments/) draw their reports' figures with the same functions.
@@ -40,7 +40,7 @@ def read_metrics(run_dir: Path) -> List[Dict]:
     path = Path(run_dir) / 'metrics.jsonl'
     if not path.is_file():
         raise ValueError(f'{path} does not exist: pass a run directory written by train.py (it prints '
-                         f"'Writing to HOST:DIR'), not in debug mode")
+                         f"'Writing to DIR'), not in debug mode")
     records = []
     for number, line in enumerate(path.read_text().splitlines(), start=1):
         if line.strip():
@@ -52,13 +52,15 @@ def read_metrics(run_dir: Path) -> List[Dict]:
 
 
 def configured_beta(run_dir: Path) -> Optional[float]:
-    """loss.beta of a DPO-family run from RUN_DIR/config.yaml, None for SFT or without a config."""
+    """loss.beta of a preference run (any loss of the registry but SFT) from RUN_DIR/config.yaml, None for SFT or
+    without a config."""
     path = Path(run_dir) / 'config.yaml'
     if not path.is_file():
         return None
     from omegaconf import OmegaConf
+    from losses import LOSS_NAMES, SFT
     loss = OmegaConf.load(path).get('loss', {})
-    return float(loss.beta) if loss.get('name') in ('dpo', 'ipo') else None
+    return float(loss.beta) if loss.get('name') in LOSS_NAMES and loss.get('name') != SFT else None
 
 
 def series(records: Sequence[Dict], split: str, key: str, x_offset: int = 0):

@@ -141,20 +141,26 @@ class ReferenceLogps:
     """
 
     def __init__(self, model: Optional[nn.Module], forward: Callable,
-                 switch: Optional[Callable[[nn.Module], ContextManager]] = None):
+                 switch: Optional[Callable[[nn.Module], ContextManager]] = None, uniform: bool = False):
         self.model = model
         self.forward = forward
         self.switch = switch
+        # No reference model (SimPO; loss.reference_free without β-DPO): a uniform reference, whose log-probability
+        # is the same for every response; 0 stands for it (every margin cancels it).
+        self.uniform = uniform
         if model is not None and switch is None:
             model.eval()
         # pair key -> [chosen, rejected], once precompute ran
         self.cache: Optional[Dict[str, List[float]]] = None
 
     @classmethod
-    def of_run(cls, policy: nn.Module, reference_model: Optional[nn.Module], forward: Callable,
-               lora: bool) -> 'ReferenceLogps':
-        """A run's reference: with `lora` the policy with its adapters off (the weights the run started from: no
-        second model), else `reference_model` (None for SFT)."""
+    def of_run(cls, policy: nn.Module, reference_model: Optional[nn.Module], forward: Callable, lora: bool,
+               uses_reference_model: bool = True) -> 'ReferenceLogps':
+        """A run's reference: none (uniform) unless `uses_reference_model` (LossMode.uses_reference_model); with
+        `lora` the policy with its adapters off (the weights the run started from: no second model), else
+        `reference_model`."""
+        if not uses_reference_model:
+            return cls(None, forward, uniform=True)
         if lora:
             return cls(policy, forward, switch=adapters_disabled)
         return cls(reference_model, forward)
@@ -165,6 +171,9 @@ class ReferenceLogps:
 
     def __call__(self, batch: Dict) -> Tuple[torch.Tensor, torch.Tensor]:
         """(chosen, rejected) log-probabilities, each (batch,), float32 from the cache; no gradient."""
+        if self.uniform:
+            zeros = torch.zeros(len(batch['prompt']), device=batch['chosen_input_ids'].device)
+            return zeros, zeros
         if self.cache is None:
             with torch.no_grad(), self.active():
                 return self.forward(self.model, batch)

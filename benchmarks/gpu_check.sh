@@ -26,7 +26,7 @@ COMMON=(model=smollm2 "datasets=[hh:$OUT/data]" render_hh_with_chat_template=tru
         eval_batch_size=8 n_eval_examples=8 max_length=256 max_prompt_length=128 optimizer=AdamW warmup_steps=0
         minimum_log_interval_secs=0 eval_every=1_000_000 sample_during_eval=false wandb.enabled=false
         "local_dirs=[$OUT/runs]" model.reference_dtype=bfloat16)
-run_dir() { grep -m1 '^Writing to ' "$1" | cut -d: -f2- | tr -d ' '; }
+run_dir() { grep -m1 '^Writing to ' "$1" | cut -c12-; }
 
 $PY experiments/real_hh.py --split-only --hh "${HH:-../shared/data/hh-rlhf/harmless-base-test.jsonl.gz}" --out "$OUT"  # the HH harmless slice, split by prompt, into $OUT/data
 

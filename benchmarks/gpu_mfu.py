@@ -97,7 +97,7 @@ def run(trainer: str, model_dir: Path, data_dir: Path, out: Path, args) -> Path:
                             text=True, env=dict(os.environ, WANDB_MODE='disabled', HF_HUB_OFFLINE='1'))
     if result.returncode != 0:
         raise SystemExit(f'train.py {" ".join(overrides)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}')
-    return next(Path(line.split(':', 1)[1].strip()) for line in result.stdout.splitlines() if line.startswith('Writing to '))
+    return next(Path(line[len('Writing to '):].strip()) for line in result.stdout.splitlines() if line.startswith('Writing to '))
 
 
 def measure(run_dir: Path, n_params: int, peak: float, shape: dict, args) -> dict:

@@ -153,10 +153,10 @@ def stage_args(stage: Stage, seed: int, out: Path, quick: bool, wandb: bool, arc
 
 
 def run_dir_from_log(log_text: str, log_path: Path) -> Path:
-    """The run directory that train.py announces ('Writing to HOST:DIR')."""
+    """The run directory that train.py announces ('Writing to /ABSOLUTE/DIR')."""
     for line in log_text.splitlines():
         if line.startswith('Writing to '):
-            return Path(line.split(':', 1)[1].strip())
+            return Path(line[len('Writing to '):].strip())
     raise RuntimeError(f'train.py did not announce its run directory; see {log_path}')
 
 

@@ -11,6 +11,36 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / 'shared' / 'data'
 
+# The two tiers: `make test` runs every test, `make check` (pytest -m "not slow") the fast ones. A test is fast
+# unless marked slow; these fixtures make every test that uses them slow, so the fast tier needs no SmolLM2 file
+# and never waits for a conversion (~25 s) or a training run (~15 s).
+SLOW_FIXTURES = frozenset({'smollm2_gguf', 'smollm2_local_dirs', 'short_sft_run'})
+# A test of the fast tier that takes longer (setup and call, on 2 busy cores) is named at the end of the run.
+FAST_TIER_LIMIT_S = 3.0
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest's own hook deselects by -m
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, 'fixturenames', ())):
+            item.add_marker(pytest.mark.slow)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """In a run without the slow tests, the tests over FAST_TIER_LIMIT_S: candidates for @pytest.mark.slow."""
+    if 'not slow' not in (config.option.markexpr or ''):
+        return
+    seconds = {}
+    for reports in terminalreporter.stats.values():
+        for report in reports:
+            if getattr(report, 'when', None) in ('setup', 'call'):
+                seconds[report.nodeid] = seconds.get(report.nodeid, 0.0) + report.duration
+    over = sorted(((s, n) for n, s in seconds.items() if s > FAST_TIER_LIMIT_S), reverse=True)
+    if over:
+        terminalreporter.write_sep('-', f'fast-tier tests over {FAST_TIER_LIMIT_S:.0f} s: mark them @pytest.mark.slow')
+        for s, nodeid in over:
+            terminalreporter.write_line(f'{s:6.1f} s  {nodeid}')
+
 # A chat template for tests: role and content per line, EOS text closing each assistant turn (so the
 # rendered responses contain a control token that must stay one).
 CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}"

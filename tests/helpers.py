@@ -38,10 +38,10 @@ def run_train(args, cwd, timeout=600, check=True):
 
 
 def run_dir_from_output(output: str) -> Path:
-    """The run directory train.py announces ('Writing to HOST:DIR')."""
+    """The run directory train.py announces ('Writing to /ABSOLUTE/DIR')."""
     for line in output.splitlines():
         if line.startswith('Writing to '):
-            return Path(line.split(':', 1)[1].strip())
+            return Path(line[len('Writing to '):].strip())
     raise AssertionError('train.py did not print its run directory:\n' + output[-2000:])
 
 

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from trainers import MarginStats, dynamic_beta, preference_loss
+from losses import MarginStats, dynamic_beta, preference_loss
 
 
 def gen(seed=0):
@@ -53,12 +53,18 @@ def test_beta_follows_the_mean_of_the_kept_margins():
 
 
 def test_identical_generator_seeds_give_identical_results():
+    """The draw is the generator's alone: for each seed, the kept set is exactly torch.multinomial's k = ⌊32·0.8⌋ = 25
+    indices without replacement from that seed, with Eq. 7's weights exp(−½((m − 0.1)/0.8)²), and β is
+    0.1·(1 + 0.6·(mean of those 25 margins − 0.1)); the same seed twice gives the same result."""
     margins = torch.randn(32, generator=gen(3))
-    a = dynamic_beta(margins, 0.1, 0.8, beta=0.1, a=0.6, mode_weight=0.2, generator=gen(7))
-    b = dynamic_beta(margins, 0.1, 0.8, beta=0.1, a=0.6, mode_weight=0.2, generator=gen(7))
-    c = dynamic_beta(margins, 0.1, 0.8, beta=0.1, a=0.6, mode_weight=0.2, generator=gen(8))
-    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
-    assert not torch.equal(a[1], c[1])  # a different seed draws a different subset
+    weights = torch.exp(-0.5 * ((margins - 0.1) / 0.8) ** 2)
+    for seed in (7, 8):
+        beta_used, keep = dynamic_beta(margins, 0.1, 0.8, beta=0.1, a=0.6, mode_weight=0.2, generator=gen(seed))
+        again = dynamic_beta(margins, 0.1, 0.8, beta=0.1, a=0.6, mode_weight=0.2, generator=gen(seed))
+        assert torch.equal(beta_used, again[0]) and torch.equal(keep, again[1])
+        drawn = torch.multinomial(weights, 25, replacement=False, generator=gen(seed))
+        assert keep.nonzero().squeeze(1).tolist() == sorted(drawn.tolist())
+        assert beta_used.item() == pytest.approx(0.1 * (1 + 0.6 * (margins[drawn].mean().item() - 0.1)), rel=1e-6)
 
 
 def test_outlier_is_kept_far_less_often_than_a_central_pair():

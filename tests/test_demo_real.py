@@ -82,6 +82,7 @@ def test_quick_experiment_end_to_end(smollm2_local_dirs, tmp_path):
         assert (out / name).read_bytes()[:8] == PNG_MAGIC
 
 
+@pytest.mark.slow
 def test_jobs_run_after_their_inputs_and_recorded_outputs_are_reused(tmp_path):
     """b runs after a and reads what a wrote; a second run_jobs with the same command for a reuses its recorded
     output (a is not run again: its file keeps the first run's text), a changed command runs again; a failing job

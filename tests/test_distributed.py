@@ -26,7 +26,7 @@ from helpers import FAST, ROOT, compose_config, run_dir_from_output, run_train, 
 from distributed import get_open_port, init_distributed
 from reference_cache import load_reference_cache, reference_cache_path
 from train import build_run_models, prepare_run, run_trainer
-from trainers import BetaDPO
+from losses import BetaDPO
 
 pytestmark = pytest.mark.slow
 

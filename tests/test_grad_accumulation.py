@@ -9,7 +9,10 @@ import torch
 
 from helpers import FAST, compose_config
 from train import build_run_models, prepare_run
-from trainers import BasicTrainer, BetaDPO
+from losses import BetaDPO
+from trainers import BasicTrainer
+
+pytestmark = pytest.mark.slow  # each builds two trainers and steps them (4-20 s)
 
 
 def one_step(tmp_path, overrides, accumulation, perturb=False):
@@ -45,29 +48,13 @@ def test_batch_of_8_equals_8_accumulated_microbatches(tmp_path, loss):
     torch.testing.assert_close(accumulated_params, whole_params, rtol=1e-4, atol=1e-5 * scale)
 
 
-def test_beta_dpo_statistics_are_per_microbatch_by_design(tmp_path):
-    """One microbatch of 8: k = ⌊8·0.8⌋ = 6 pairs kept, μ and σ updated once.
-    Eight microbatches of 1: k = max(1, ⌊0.8⌋) = 1 each, so every pair is kept, and μ, σ are updated
-    8 times, σ from single margins (std 0): σ stays 0 and μ is an 8-step EMA. The loss differs."""
-    beta_dpo = ['loss=dpo', 'loss.beta=0.1', 'loss.mode_loss=beta_DPO', 'loss.mode_weight=0.2', 'loss.a=0.6']
-    whole, whole_params, whole_trainer = one_step(tmp_path / 'a', beta_dpo, accumulation=1, perturb=True)
-    accumulated, accumulated_params, accumulated_trainer = one_step(tmp_path / 'b', beta_dpo, accumulation=8,
-                                                                    perturb=True)
-    assert whole['record_train/mask_count'] == 6
-    assert accumulated['record_train/mask_count'] == 1
-    assert whole_trainer.beta_dpo.margin_stats.std.item() > 0
-    assert accumulated_trainer.beta_dpo.margin_stats.std.item() == 0
-    assert accumulated_trainer.beta_dpo.margin_stats.mean.item() != pytest.approx(whole_trainer.beta_dpo.margin_stats.mean.item())
-    assert accumulated['loss/train'] != pytest.approx(whole['loss/train'], rel=1e-3)
-    assert not torch.allclose(accumulated_params, whole_params)
-
-
 class RecordingBetaDPO(BetaDPO):
-    """Records every training β-DPO decision: the β of each pair and the kept mask."""
+    """Records every training β-DPO decision: the margins it read, the β of each pair and the kept mask."""
 
     def decide(self, margins, train):
         decision = super().decide(margins, train)
         if train:
+            self.margins.append(margins.clone())
             self.decisions.append((decision.betas.clone(), decision.keep.clone()))
         return decision
 
@@ -84,11 +71,53 @@ def one_recorded_step(tmp_path, overrides, accumulation):
     initial = torch.cat([p.detach().flatten() for p in policy.parameters()])
     trainer = BasicTrainer(policy, config, config.seed, config.local_run_dir, reference_model=reference)
     trainer.beta_dpo = RecordingBetaDPO(config.loss, config.seed, trainer.device)  # nothing drawn yet: the same
-    trainer.beta_dpo.decisions = []
+    trainer.beta_dpo.margins, trainer.beta_dpo.decisions = [], []
     trainer.setup_optimization()
     metrics = trainer.train_step(next(iter(trainer.train_batches())))
     update = torch.cat([p.detach().flatten() for p in policy.parameters()]) - initial
     return metrics, update, trainer
+
+
+def dpo_losses(beta, margins):
+    """−log σ(β·m) of each pair: DPO's loss without label smoothing."""
+    return -torch.nn.functional.logsigmoid(beta * margins)
+
+
+def test_beta_dpo_statistics_are_per_microbatch_by_design(tmp_path):
+    """Both runs read the same 8 margins m (the policy moves only after the step). One microbatch of 8: one decision,
+    k = ⌊8·0.8⌋ = 6 kept; μ = 0.1·mean(m), σ = 0.1·std(m) (one EMA update from 0, momentum 0.9);
+    β = 0.1·(1 + 0.6·(mean of the 6 kept − μ)), and loss/train is the mean of −log σ(β·m_i) over all 8.
+    Eight microbatches of 1: k = max(1, ⌊0.8⌋) = 1, every pair kept; μ_i = 0.9·μ_{i−1} + 0.1·m_i, eight times,
+    σ from single margins (std 0) stays 0; pair i gets β_i = 0.1·(1 + 0.6·(m_i − μ_i)), and loss/train is the
+    mean of −log σ(β_i·m_i)."""
+    beta_dpo = ['loss=dpo', 'loss.beta=0.1', 'loss.mode_loss=beta_DPO', 'loss.mode_weight=0.2', 'loss.a=0.6']
+    whole, _, whole_trainer = one_recorded_step(tmp_path / 'a', beta_dpo, accumulation=1)
+    accumulated, _, accumulated_trainer = one_recorded_step(tmp_path / 'b', beta_dpo, accumulation=8)
+    [m] = whole_trainer.beta_dpo.margins
+    assert m.shape == (8,) and [t.shape for t in accumulated_trainer.beta_dpo.margins] == [(1,)] * 8
+    torch.testing.assert_close(torch.cat(accumulated_trainer.beta_dpo.margins), m, rtol=1e-5, atol=1e-6)
+
+    [(whole_betas, keep)] = whole_trainer.beta_dpo.decisions
+    mu = 0.1 * m.mean()
+    beta = 0.1 * (1 + 0.6 * (m[keep].mean() - mu))
+    assert int(keep.sum()) == whole['record_train/mask_count'] == 6
+    stats = whole_trainer.beta_dpo.margin_stats
+    assert (stats.mean.item(), stats.std.item()) == (pytest.approx(mu.item(), rel=1e-5),
+                                                     pytest.approx(0.1 * m.std().item(), rel=1e-5))
+    torch.testing.assert_close(whole_betas, beta.expand(8), rtol=1e-6, atol=0)
+    assert whole['loss/train'] == pytest.approx(dpo_losses(beta, m).mean().item(), rel=1e-5)
+
+    mus = []
+    for m_i in m.tolist():
+        mus.append(0.9 * (mus[-1] if mus else 0.0) + 0.1 * m_i)
+    betas = 0.1 * (1 + 0.6 * (m - torch.tensor(mus)))
+    assert accumulated['record_train/mask_count'] == 1
+    assert all(keep_i.tolist() == [True] for _, keep_i in accumulated_trainer.beta_dpo.decisions)
+    torch.testing.assert_close(torch.cat([b for b, _ in accumulated_trainer.beta_dpo.decisions]), betas,
+                               rtol=1e-5, atol=1e-7)
+    stats = accumulated_trainer.beta_dpo.margin_stats
+    assert (stats.mean.item(), stats.std.item()) == (pytest.approx(mus[-1], rel=1e-5), 0.0)
+    assert accumulated['loss/train'] == pytest.approx(dpo_losses(betas, m).mean().item(), rel=1e-5)
 
 
 @pytest.mark.parametrize('level', ['batch', 'instance'])

@@ -82,6 +82,7 @@ def test_the_order_swap_cancels_position_bias():
     assert comparison(None, None).score == 0.5
 
 
+@pytest.mark.slow
 def test_a_judge_that_always_answers_a_gives_one_half(letter_judges):
     """A real chat model whose answer is always 'A' (and one always 'B'): every pair scores ½, whichever response is
     better, because each pair is judged in both orders."""

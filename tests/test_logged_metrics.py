@@ -12,7 +12,10 @@ import torch.nn.functional as F
 
 from helpers import FAST, compose_config
 from train import build_run_models, prepare_run
-from trainers import BasicTrainer, BetaDPO, dynamic_beta, logratio_margins
+from losses import BetaDPO, dynamic_beta, logratio_margins
+from trainers import BasicTrainer
+
+pytestmark = pytest.mark.slow  # each builds a trainer and runs its steps (2-5 s)
 
 # ρ = 0.25: 6 of each 8 pairs kept; 32 test prompts give 4 evaluation batches of 8
 BETA_DPO = [*FAST, 'loss=dpo', 'loss.beta=0.1', 'loss.mode_loss=beta_DPO', 'loss.mode_weight=0.25', 'loss.a=0.6',

@@ -55,6 +55,7 @@ def test_the_default_targets_are_the_attention_and_mlp_projections(architecture,
     (['loss.mode_loss=beta_DPO', 'loss.mode_weight=0.2', 'loss.a=0.6'], math.log(2)),  # β-DPO, kept pairs
     (['loss=ipo'], 25.0),                                                           # IPO: (0 − 1/(2·0.1))²
 ], ids=['dpo', 'cdpo', 'beta-dpo', 'ipo'])
+@pytest.mark.slow
 def test_the_first_loss_is_that_of_policy_equal_to_reference(overrides, expected, tmp_path):
     """B starts at zero, so the policy is exactly the reference and every margin h is 0: DPO, cDPO and β-DPO give
     ln 2 = 0.693147, IPO with β = 0.1 gives (1/(2β))² = 25. No reference model is built."""
@@ -66,6 +67,7 @@ def test_the_first_loss_is_that_of_policy_equal_to_reference(overrides, expected
     assert metrics['rewards_train/logratio_margins'] == [0.0] * 8
 
 
+@pytest.mark.slow
 def test_the_reference_is_the_policy_with_its_adapters_off(tmp_path):
     """After 2 steps the adapters are non-zero: the policy's log-probabilities have moved (by more than 0.01 nats
     somewhere), while the reference's equal those of a separately loaded frozen copy of the model to 1e-5."""
@@ -83,6 +85,7 @@ def test_the_reference_is_the_policy_with_its_adapters_off(tmp_path):
         assert (moved - theirs).abs().max() > 1e-2
 
 
+@pytest.mark.slow
 def test_only_the_adapters_train_and_the_checkpoint_holds_only_them(tmp_path):
     """2 AdamW steps (weight decay 0.01 included): every one of the 32 adapter tensors changes (4 layers × 4
     projections × A, B), every base weight stays bitwise the same, and the optimizer keeps state for the adapters
@@ -111,6 +114,7 @@ def test_only_the_adapters_train_and_the_checkpoint_holds_only_them(tmp_path):
 
 
 @pytest.mark.parametrize('architecture', ['llama', 'gpt2'])
+@pytest.mark.slow
 def test_the_export_is_the_merged_policy_and_its_adapter(architecture, tmp_path):
     """2 DPO steps, then hf_model/: loaded with plain from_pretrained (no peft) it gives the policy's logits, and
     so does the base model with hf_model/adapter/ loaded by peft (to 1e-5); the logits moved from the base model's.

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from logps import _get_batch_logps
-from trainers import preference_loss
+from losses import preference_loss
 
 
 def logps(*values):
@@ -122,3 +122,36 @@ def test_get_batch_logps_worked_value_and_bfloat16_input():
 def test_get_batch_logps_rejects_mismatched_shapes():
     with pytest.raises(ValueError, match='disagree'):
         _get_batch_logps(torch.zeros(2, 5, 4), torch.zeros(2, 6, dtype=torch.long))
+
+
+def test_simpo_worked_values():
+    """SimPO (Meng et al. 2024, Eq. 6), config/loss/simpo.yaml's β = 2, γ = 0.5, on mean token log-probs, no reference:
+    equal means give −log σ(−0.5) = 0.974077; a chosen mean 0.5 nats above the rejected one gives z = 2·0.5 − 0.5 = 0.5
+    and −log σ(0.5) = 0.474077. The reference log-probs are ignored, whatever they are."""
+    from losses import OBJECTIVES
+    equal, _, _ = preference_loss(logps(-2.0), logps(-2.0), logps(-9.0), logps(0.0), beta=2.0, loss_type='simpo',
+                                  gamma=0.5)
+    assert equal.item() == pytest.approx(0.974077, abs=1e-6)
+    apart, _, _ = preference_loss(logps(-1.5), logps(-2.0), logps(3.0), logps(-7.0), beta=2.0, loss_type='simpo',
+                                  gamma=0.5)
+    assert apart.item() == pytest.approx(0.474077, abs=1e-6)
+    assert OBJECTIVES['simpo'].loss(torch.tensor([0.5]), 2.0, gamma=0.5).item() == pytest.approx(0.474077, abs=1e-6)
+    # label smoothing ε = 0.1 as in the authors' code: 0.9·0.474077 + 0.1·(−log σ(−0.5) = 0.974077) = 0.524077
+    smoothed = OBJECTIVES['simpo'].loss(torch.tensor([0.5]), 2.0, gamma=0.5, label_smoothing=0.1)
+    assert smoothed.item() == pytest.approx(0.524077, abs=1e-6)
+
+
+def test_the_registry_says_which_loss_needs_a_reference_model(tmp_path):
+    """LossMode reads the registry: DPO, hinge and IPO run a reference; SimPO never does; loss.reference_free drops
+    it, unless β-DPO reads the margin with its reference term (the original's A_gap); SFT has none."""
+    from helpers import compose_config
+    from losses import LOSS_NAMES, LossMode
+
+    def needs(*overrides):
+        return LossMode.from_config(compose_config(list(overrides), tmp_path).loss).uses_reference_model
+    assert LOSS_NAMES == ('sft', 'dpo', 'ipo', 'simpo')
+    assert needs('loss=dpo', 'loss.beta=0.1') and needs('loss=ipo', 'loss.beta=0.1')
+    assert needs('loss=dpo', 'loss.beta=0.1', 'loss.loss_type=hinge')
+    assert not needs('loss=simpo') and not needs('loss=simpo', 'loss.mode_loss=beta_DPO') and not needs('loss=sft')
+    assert not needs('loss=dpo', 'loss.beta=0.1', 'loss.reference_free=true')
+    assert needs('loss=dpo', 'loss.beta=0.1', 'loss.reference_free=true', 'loss.mode_loss=beta_DPO')

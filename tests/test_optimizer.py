@@ -75,6 +75,7 @@ def test_weight_decay_reaches_the_optimizer(tmp_path, optimizer, weight_decay, e
     assert trainer.optimizer.param_groups[0]['weight_decay'] == pytest.approx(expected)
 
 
+@pytest.mark.slow
 def test_decay_schedule_spans_the_run_and_its_checkpoint_carries_it(tmp_path):
     """synthetic.n_train = 64 pairs, batch 8: n_epochs = 2 is 16 steps, n_examples = 44 stops after ⌈44/8⌉ = 6.
     The cosine schedule over those 6 steps is saved in scheduler.pt and restored on resume."""
@@ -94,6 +95,7 @@ def test_decay_schedule_spans_the_run_and_its_checkpoint_carries_it(tmp_path):
     assert resumed.scheduler.get_last_lr()[0] == pytest.approx(run.scheduler.get_last_lr()[0])
 
 
+@pytest.mark.slow
 def test_a_resume_may_not_change_the_length_of_a_decaying_schedule(tmp_path):
     """With lr_scheduler=constant a resumed run may train longer (n_examples is a resumable change); with a decay
     the run's length sets the schedule, so the same change is refused before anything is written."""

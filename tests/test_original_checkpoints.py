@@ -54,6 +54,7 @@ def original_archive(tmp_path):
     return path, model
 
 
+@pytest.mark.slow
 def test_an_archive_of_the_original_loads_with_the_same_logits(original_archive, tmp_path, capsys):
     """`model.archive=` an original policy.pt (the 52 weights, embed_out.weight among them, plus 12 old buffers):
     the run starts, policy and reference compute exactly the logits of the model the archive was

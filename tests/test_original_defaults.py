@@ -111,6 +111,7 @@ def test_block_name_is_required_only_by_the_trainers_that_use_it(tmp_path, overr
 
 
 @pytest.mark.parametrize('allow_tf32', [False, True])
+@pytest.mark.slow
 def test_allow_tf32_is_applied_when_the_run_starts(tmp_path, allow_tf32):
     """allow_tf32 sets torch.backends.cuda.matmul.allow_tf32 and cudnn.allow_tf32 in the training process
     (the original sets the first on import; the flags can be set, without effect, on a machine without a GPU)."""

@@ -56,6 +56,7 @@ def test_precomputed_reference_gives_the_same_losses_and_frees_the_model(tmp_pat
     assert load_reference_cache(again.reference_cache_file()) == cached.reference.cache
 
 
+@pytest.mark.slow
 def test_cache_key_changes_with_what_changes_the_values(tmp_path):
     """The cache file changes with model.archive (and when the archive is rewritten), the data (datasets, the
     synthetic task's options), the length settings, the precision (reference dtype, TF32, the head's chunking)

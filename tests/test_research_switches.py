@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from helpers import FAST, compose_config
-from trainers import (MarginStats, beta_bounds, chosen_nll, dynamic_beta, filter_weights, instance_betas, keep_mask,
-                      preference_loss)
+from losses import (MarginStats, beta_bounds, chosen_nll, dynamic_beta, filter_weights, instance_betas, keep_mask,
+                    preference_loss)
 
 
 def gen(seed=0):
@@ -279,11 +279,11 @@ def test_defaults_compose_and_are_the_originals(tmp_path):
 BAD_SWITCHES = [
     (['loss=dpo', 'loss.loss_type=ipo'], "loss.loss_type='ipo' is not a loss of loss=dpo; use loss=ipo"),
     (['loss=dpo', 'loss.loss_type=kto'], "loss.loss_type='kto' is not a loss of loss=dpo; use sigmoid or hinge"),
-    (['loss=ipo', 'loss.loss_type=hinge'], "loss.loss_type='hinge' does not go with loss=ipo"),
+    (['loss=ipo', 'loss.loss_type=hinge'], "loss.loss_type='hinge' is not a loss of loss=ipo; use loss=dpo"),
     (['loss=dpo', 'loss.average_log_prob=maybe'], "loss.average_log_prob='maybe' must be true or false"),
     (['loss=dpo', 'loss.rpo_alpha=-1'], 'loss.rpo_alpha=-1 (α_RPO, the weight of the chosen NLL) must be a number ≥ 0'),
-    (['loss=dpo', 'loss.momentum=1.5'], 'loss.momentum=1.5 (γ of the running margin statistics) must be in [0, 1]'),
-    (['loss=dpo', 'loss.m0=high'], "loss.m0='high' (M0) must be null (the running mean) or a number"),
+    (['loss=dpo', 'loss.momentum=1.5'], 'loss.momentum=1.5 (γ of the running margin statistics) must be a number in [0, 1]'),
+    (['loss=dpo', 'loss.m0=high'], "loss.m0='high' (M0) must be a number, or null (the running mean)"),
     (['loss=dpo', 'loss.beta_level=pair'], "loss.beta_level='pair' is unknown; choose one of batch, instance"),
     (['loss=dpo', 'loss.filter=both'], "loss.filter='both' is unknown; choose one of gaussian, tail, head, none"),
     (['loss=ipo', 'loss.beta_dpo_scope=epoch'], "loss.beta_dpo_scope='epoch' is unknown; choose one of microbatch, step"),
@@ -323,6 +323,7 @@ def first_step(tmp_path, overrides):
     return trainer.train_step(batch), chosen_logps, batch
 
 
+@pytest.mark.slow
 def test_hinge_with_beta_dpo_in_the_trainer(tmp_path):
     """Policy = reference gives h = 0 for every pair, so the hinge max(0, 1 − β·0) = 1 whatever β; β-DPO keeps
     k = ⌊8·0.75⌋ = 6 pairs (σ = 0 at the first step: no pair is an outlier) and β = β0 (every margin is μ = 0)."""
@@ -332,6 +333,7 @@ def test_hinge_with_beta_dpo_in_the_trainer(tmp_path):
     assert metrics['record_train/mask_count'] == 6 and metrics['record_train/beta_used'] == pytest.approx(0.1)
 
 
+@pytest.mark.slow
 def test_rpo_term_in_the_trainer(tmp_path):
     """α_RPO = 0.5 at policy = reference: each pair's loss is ln 2 + 0.5·NLL, NLL = −log π(y_w)/|y_w| over the
     chosen response's labelled tokens, so loss/train = ln 2 + 0.5·mean(NLL)."""
@@ -342,6 +344,7 @@ def test_rpo_term_in_the_trainer(tmp_path):
     assert metrics['loss/train'] == pytest.approx(math.log(2) + 0.5 * nll.mean().item(), rel=1e-5)
 
 
+@pytest.mark.slow
 def test_average_log_prob_in_the_trainer(tmp_path):
     """loss.average_log_prob: the logged log-probabilities are the summed ones divided by each response's
     labelled tokens, for the same first batch; the loss at policy = reference stays ln 2."""

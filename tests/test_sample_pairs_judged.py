@@ -29,6 +29,7 @@ def test_best_against_worst_or_a_random_two():
     assert sample_pairs.choose_pair([0.1, 0.7], ['same', 'same']) is None
 
 
+@pytest.mark.slow
 def test_a_pairwise_judge_ranks_by_wins(tmp_path):
     """A judge answering 'A' to everything: each of 3 samples meets the 2 others, every match scores ½ each way, so
     every sample has 1 win and no pair is made; with a random two, those two get ½ and the third None."""
