@@ -259,6 +259,13 @@ def init_distributed(rank: Optional[int] = None, world_size: Optional[int] = Non
     return DistributedSetup(dist.get_rank(), dist.get_world_size(), local_rank, device)
 
 
+def holds_rank0_files() -> bool:
+    """Whether this process is rank 0 of its run (or alone), before any process group exists (torchrun's RANK): the
+    one that checks the files kept on rank 0's disk only (model.archive, resume_from's run directory), which nodes
+    without a shared file system do not have (config_schema.path_problems)."""
+    return int(os.environ.get('RANK', '0')) == 0
+
+
 def rank0_result(compute: Callable[[], T]) -> T:
     """`compute()` on rank 0, its value sent to every rank (pickled; keep it small); outside a process group, just
     `compute()`. Collective.

@@ -111,9 +111,25 @@ def materialize_embedded_model(name_or_path: str, cache_root: Union[str, Path]) 
         model = GPTNeoXForCausalLM(config)
     # replace=False: two runs started together both build it; the first complete one stays, the other is dropped
     with atomic_path(target, directory=True, replace=False) as tmp:
-        model.save_pretrained(tmp)
+        save_pretrained_here(model, tmp)
         tokenizer.save_pretrained(tmp)
     return str(target)
+
+
+def save_pretrained_here(model: nn.Module, directory: Path) -> None:
+    """`model.save_pretrained(directory)` on whichever process calls it. In a process group, transformers 5.23 writes
+    nothing on ranks other than 0 (PreTrainedModel.should_save_on_this_rank), but the first process of each other
+    node writes its own copy of an embedded or converted model (materialize_in_turn: nodes need not share a disk);
+    there, the config, generation config and safetensors weights are written directly, as from_pretrained reads them."""
+    import torch.distributed as dist
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        model.save_pretrained(directory)
+        return
+    from safetensors.torch import save_model
+    model.config.save_pretrained(directory)
+    if model.can_generate():
+        model.generation_config.save_pretrained(directory)
+    save_model(model, str(Path(directory) / 'model.safetensors'), metadata={'format': 'pt'})
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -219,7 +235,7 @@ def converted_gguf_dir(gguf_path: Union[str, Path], cache_root: Union[str, Path]
     model, tokenizer = load_gguf(gguf_path)
     # replace=False: of two runs converting it at once, the first complete conversion stays
     with atomic_path(target, directory=True, replace=False) as tmp:
-        model.save_pretrained(tmp)
+        save_pretrained_here(model, tmp)
         tokenizer.save_pretrained(tmp)
         stat = gguf_path.stat()
         (tmp / 'gguf_source.json').write_text(json.dumps(
