@@ -360,8 +360,27 @@ def renamed_for_model(model: torch.nn.Module, state: Dict[str, torch.Tensor]) ->
     from transformers.core_model_loading import WeightRenaming, rename_source_key
     renamings = [t for t in get_model_conversion_mapping(model) if isinstance(t, WeightRenaming)]
     expected = model.state_dict()
-    return {(key if key in expected else rename_source_key(key, renamings, [])[0]): value
-            for key, value in state.items()}
+    renamed = {(key if key in expected else rename_source_key(key, renamings, [])[0]): value
+               for key, value in state.items()}
+    return with_output_head_named_as_model(model, renamed, expected)
+
+
+def with_output_head_named_as_model(model: torch.nn.Module, state: Dict[str, torch.Tensor],
+                                    expected: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """`state` with an output head saved as `lm_head.` or `embed_out.` renamed to this model's name for it: GPT-NeoX's
+    head is `embed_out` up to some transformers 5.x and `lm_head` in 5.23, whose renaming table maps old names to
+    new only, so an archive of 5.23 loaded under 5.0 would otherwise miss its head."""
+    head = model.get_output_embeddings() if hasattr(model, 'get_output_embeddings') else None
+    name = next((n for n, m in model.named_modules() if m is head), None) if head is not None else None
+    if name is None:
+        return state
+    renamed = {}
+    for key, value in state.items():
+        prefix = key.split('.', 1)[0]
+        if key not in expected and prefix in ('lm_head', 'embed_out') and f'{name}.{key.split(".", 1)[1]}' in expected:
+            key = f'{name}.{key.split(".", 1)[1]}'
+        renamed[key] = value
+    return renamed
 
 
 def layer_pattern(key: str) -> str:
@@ -503,6 +522,21 @@ def load_training_state(checkpoint_dir: Path) -> TrainingState:
     return TrainingState(load_checkpoint_file(checkpoint_dir / 'optimizer.pt', 'optimizer state')['state'],
                          load_checkpoint_file(checkpoint_dir / 'scheduler.pt', 'scheduler state')['state'],
                          load_checkpoint_file(checkpoint_dir / 'trainer_state.pt', 'trainer state'))
+
+
+def load_training_state_on_rank0(checkpoint_dir: Path) -> TrainingState:
+    """`load_training_state` read on rank 0 only, for a sharded run: the other ranks get the scheduler and trainer
+    state from rank 0 (small) and an empty optimizer state, which load_gathered_optimizer_state fills shard by shard
+    from rank 0's. So the nodes need not share a disk, and a node of 8 processes holds one copy of optimizer.pt
+    in memory, not 8 (11 GB each for Pythia-2.8B with AdamW). Collective."""
+    from distributed import rank0_result
+    read = {}
+
+    def small_parts():
+        read['state'] = load_training_state(checkpoint_dir)
+        return read['state'].scheduler, read['state'].trainer_state
+    scheduler, trainer_state = rank0_result(small_parts)
+    return TrainingState(read['state'].optimizer if read else {}, scheduler, trainer_state)
 
 
 def load_scheduler_state(scheduler: torch.optim.lr_scheduler.LambdaLR, state: dict, checkpoint_dir) -> None:
@@ -655,7 +689,7 @@ class TrainerCheckpointing:
 
         The policy weights were loaded by models.build_models before the model was wrapped.
         """
-        saved = load_training_state(checkpoint_dir)
+        saved = load_training_state_on_rank0(checkpoint_dir)
         self.load_optimizer_state_dict(saved.optimizer)
         load_scheduler_state(self.scheduler, saved.scheduler, checkpoint_dir)
         state = saved.trainer_state

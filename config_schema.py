@@ -25,7 +25,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 import losses
 from checkpoints import flat_items
-from distributed import Parallelism, decide_parallelism
+from distributed import Parallelism, decide_parallelism, holds_rank0_files, precision_problems
 from models import model_directory_problems
 from optimization import LR_SCHEDULES
 
@@ -381,7 +381,7 @@ def model_problems(get: Callable, parallelism: Optional[Parallelism], loss_defau
     if isinstance(get('model.name_or_path'), str):
         problems += model_directory_problems(get('model.name_or_path'), get('model.tokenizer_name_or_path'),
                                              get('trust_remote_code') is True)
-    return problems
+    return problems + precision_problems(get(''))
 
 
 def path_problems(get: Callable, parallelism: Optional[Parallelism], loss_defaults) -> List[str]:
@@ -392,7 +392,8 @@ def path_problems(get: Callable, parallelism: Optional[Parallelism], loss_defaul
         problems.append(f'local_dirs={list(local_dirs)}: cannot write to {first_existing_or_last(local_dirs)} (the '
                         f'first that exists, else the last); set local_dirs=[a directory you can write to]')
     archive = get('model.archive')
-    if archive is not None and not Path(str(archive)).is_file():
+    # the archive and the resumed run are on rank 0's disk only when the nodes share none: rank 0 checks them
+    if archive is not None and holds_rank0_files() and not Path(str(archive)).is_file():
         problems.append(f'model.archive={archive} does not exist; pass the policy.pt of an SFT run '
                         f'(RUN_DIR/LATEST/policy.pt)')
     train_pairs = get('synthetic.train_pairs')
@@ -400,7 +401,8 @@ def path_problems(get: Callable, parallelism: Optional[Parallelism], loss_defaul
         problems.append(f'synthetic.train_pairs={train_pairs} does not exist; write it with `python scripts/sample_pairs.py '
                         f'SFT_RUN_DIR --out {train_pairs}`, or set synthetic.train_pairs=null for the generated pairs')
     resume_from = get('resume_from')
-    if resume_from is not None and not (Path(str(resume_from)) / 'LATEST' / 'policy.pt').is_file():
+    resumable = resume_from is None or (Path(str(resume_from)) / 'LATEST' / 'policy.pt').is_file()
+    if holds_rank0_files() and not resumable:
         problems.append(f'resume_from={resume_from} has no complete checkpoint (no LATEST/policy.pt); pass the run '
                         f'directory of an earlier run')
     for name in get('datasets') or []:

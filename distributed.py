@@ -12,16 +12,17 @@ rank's part, so one machine never holds a full copy per process.
 """
 import contextlib
 import datetime
+import math
 import os
 import signal
 import socket
 from dataclasses import dataclass
-from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Tuple, TypeVar
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch.distributed.tensor import DTensor, Replicate
 from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel
 
@@ -30,6 +31,7 @@ from utils import get_block_modules, rank0_print
 
 
 TRAINERS = ('BasicTrainer', 'FSDPTrainer', 'TensorParallelTrainer')
+T = TypeVar('T')
 
 
 @dataclass(frozen=True)
@@ -70,10 +72,25 @@ def decide_parallelism(config: DictConfig) -> Parallelism:
         return Parallelism(trainer, 1, 1, 'none', 'balanced' if torch.cuda.device_count() > 1 else None)
     if launched_by_torchrun():
         n_processes, launcher = world_size, 'torchrun'
+        if trainer == 'TensorParallelTrainer':
+            refuse_tensor_parallel_across_nodes(world_size, int(os.environ.get('LOCAL_WORLD_SIZE', world_size)))
     else:
         n_processes, launcher = torch.cuda.device_count() or int(config.n_cpu_processes), 'spawn'
     data_parallel = n_processes if trainer == 'FSDPTrainer' else 1
     return Parallelism(trainer, n_processes, data_parallel, launcher, None)
+
+
+def refuse_tensor_parallel_across_nodes(world_size: int, local_world_size: int) -> None:
+    """UserError when TensorParallelTrainer's processes span several nodes. Its one mesh spans every process and
+    each layer's forward and backward all-reduce or all-gather activations over it (Megatron-LM's rule: tensor
+    parallelism within a node's NVLink, data parallelism across nodes); across nodes that traffic crosses the
+    network at every layer."""
+    if world_size > local_world_size:
+        from utils import UserError
+        raise UserError(f'trainer=TensorParallelTrainer splits every layer over all {world_size} processes, which span '
+                        f'{-(-world_size // local_world_size)} nodes ({local_world_size} per node): its per-layer '
+                        f'communication would cross the network. Run it on one node (torchrun --nnodes 1), or use '
+                        f'trainer=FSDPTrainer across nodes')
 
 
 def launch(config: DictConfig, parallelism: Parallelism, worker: Callable[[DictConfig, 'DistributedSetup'], None]) -> None:
@@ -180,16 +197,38 @@ def launched_by_torchrun() -> bool:
     return 'LOCAL_RANK' in os.environ and 'WORLD_SIZE' in os.environ
 
 
+# collective_timeout_secs: null on GPUs. NCCL's own default (10 minutes, torch.distributed's
+# default_pg_nccl_timeout) is shorter than rank 0's longest pauses: loading a policy, a reference and an archive of
+# 7-8B models while the others wait in the weights' broadcast, or writing a 20-100 GB checkpoint before a barrier.
+NCCL_DEFAULT_TIMEOUT_SECS = 3600
+
+
+def collective_timeout(timeout_secs: Optional[float], backend: str) -> Optional[datetime.timedelta]:
+    """How long a collective waits for the other processes: `timeout_secs` if set; else an hour for nccl and None
+    (PyTorch's default, 30 minutes) for gloo."""
+    if timeout_secs is not None:
+        return datetime.timedelta(seconds=timeout_secs)
+    return datetime.timedelta(seconds=NCCL_DEFAULT_TIMEOUT_SECS) if backend == 'nccl' else None
+
+
+def local_device_index(local_rank: int, device_count: int) -> int:
+    """The GPU of the process with LOCAL_RANK `local_rank` among the `device_count` it sees: its local rank modulo the
+    count. A launcher that gives each process its own GPU (SLURM's --gpus-per-task=1, CUDA_VISIBLE_DEVICES per task)
+    leaves every process one visible GPU, cuda:0, whatever its local rank; cuda:LOCAL_RANK would be an invalid
+    ordinal for every process but the first."""
+    return local_rank % device_count
+
+
 def init_distributed(rank: Optional[int] = None, world_size: Optional[int] = None,
                      port: Optional[int] = None, timeout_secs: Optional[float] = None) -> DistributedSetup:
     """Join the process group: the one place that decides rank, world size, device and backend.
 
     Under torchrun the ranks come from its environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
     MASTER_PORT); otherwise train.py spawned `world_size` processes on this machine and passes `rank`
-    and the rendezvous `port`. GPUs: nccl, one GPU per process (cuda:LOCAL_RANK). CPU: gloo, and the
+    and the rendezvous `port`. GPUs: nccl, one GPU per process (`local_device_index`). CPU: gloo, and the
     machine's cores are divided among its processes (two processes on two cores each with two
     threads run several times slower than with one). timeout_secs (collective_timeout_secs): how long a
-    collective waits for the other processes before it fails; None keeps PyTorch's default. Returns the existing
+    collective waits for the other processes before it fails (`collective_timeout`). Returns the existing
     setup if already joined.
     """
     if launched_by_torchrun():
@@ -203,7 +242,7 @@ def init_distributed(rank: Optional[int] = None, world_size: Optional[int] = Non
         local_rank, local_world_size = rank, world_size
         init_method = f'tcp://127.0.0.1:{port}'
     if torch.cuda.is_available():
-        device = torch.device('cuda', local_rank)
+        device = torch.device('cuda', local_device_index(local_rank, torch.cuda.device_count()))
         torch.cuda.set_device(device)
         backend = 'nccl'
     else:
@@ -213,10 +252,97 @@ def init_distributed(rank: Optional[int] = None, world_size: Optional[int] = Non
         backend = 'gloo'
     if not dist.is_initialized():
         extra = {'device_id': device} if device.type == 'cuda' else {}
-        if timeout_secs is not None:
-            extra['timeout'] = datetime.timedelta(seconds=timeout_secs)
+        timeout = collective_timeout(timeout_secs, backend)
+        if timeout is not None:
+            extra['timeout'] = timeout
         dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size, **extra)
     return DistributedSetup(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+def holds_rank0_files() -> bool:
+    """Whether this process is rank 0 of its run (or alone), before any process group exists (torchrun's RANK): the
+    one that checks the files kept on rank 0's disk only (model.archive, resume_from's run directory), which nodes
+    without a shared file system do not have (config_schema.path_problems)."""
+    return int(os.environ.get('RANK', '0')) == 0
+
+
+def rank0_result(compute: Callable[[], T]) -> T:
+    """`compute()` on rank 0, its value sent to every rank (pickled; keep it small); outside a process group, just
+    `compute()`. Collective.
+
+    For what reads rank 0's disk: nodes need not share a file system, and model.archive, resume_from's run
+    directory (its checkpoints and config.yaml) and the reference cache live on rank 0's. An exception on rank 0
+    is raised on every rank (as its own type where it pickles, else RuntimeError with its message), so no rank is
+    left waiting in a collective the others never reach.
+    """
+    if not dist.is_initialized():
+        return compute()
+    box: List = [None]
+    if dist.get_rank() == 0:
+        try:
+            box[0] = ('value', compute())
+        except Exception as e:
+            box[0] = ('error', e if _pickles(e) else RuntimeError(f'{type(e).__name__}: {e}'))
+    dist.broadcast_object_list(box, src=0)
+    kind, value = box[0]
+    if kind == 'error':
+        if dist.get_rank() == 0:
+            raise value
+        raise value from None
+    return value
+
+
+def _pickles(value) -> bool:
+    import pickle
+    try:
+        pickle.loads(pickle.dumps(value))
+        return True
+    except Exception:
+        return False
+
+
+# Optimizers whose update of a weight is about lr in size whatever the gradient's scale (Adam's m / √v; RMSprop's g / √v)
+LR_SIZED_UPDATES = ('Adam', 'AdamW', 'RMSprop', 'Adamax', 'NAdam', 'RAdam', 'Adagrad')
+# A weight magnitude most of a language model's weights exceed (GPT-style initialisation: standard deviation 0.02)
+TYPICAL_WEIGHT = 0.01
+
+
+def precision_problems(config: DictConfig) -> List[str]:
+    """float16 settings that would train without loss scaling, each naming its key (the config checker refuses them).
+
+    Nothing here scales the loss (no torch.amp.GradScaler): float16's smallest normal value, 6e-5, lets the
+    gradients of a language model underflow to 0 (Micikevicius et al. 2018, "Mixed Precision Training", §3.2),
+    silently. bfloat16 has float32's exponent range and needs no scaling.
+    """
+    problems = []
+    for key in ('policy_autocast', 'model.fsdp_policy_mp', 'model.policy_dtype'):
+        if OmegaConf.select(config, key) == 'float16':
+            problems.append(f'{key}=float16 trains without loss scaling (no GradScaler here): the gradients underflow in '
+                            f'float16. Use {key}=bfloat16 (same memory, float32\'s range) on GPUs that have it (A100, '
+                            f'H100, L4 and newer), or float32')
+    return problems
+
+
+def bfloat16_step(magnitude: float) -> float:
+    """The spacing of bfloat16 numbers (8 significant bits) at `magnitude`: 2^(⌊log2 |x|⌋ − 7)."""
+    return 2.0 ** (math.floor(math.log2(abs(magnitude))) - 7)
+
+
+def precision_warnings(config: DictConfig) -> List[str]:
+    """Settings that train, but barely: bfloat16 master weights (model.policy_dtype=bfloat16: the optimizer updates
+    them in place) with an optimizer whose updates are about lr in size and an lr below half a bfloat16 step at
+    TYPICAL_WEIGHT (3.05e-5 at 0.01), where most updates round away and the weights do not move."""
+    lr = OmegaConf.select(config, 'lr')
+    if (OmegaConf.select(config, 'model.policy_dtype') != 'bfloat16' or config.optimizer not in LR_SIZED_UPDATES
+            or not isinstance(lr, (int, float)) or lr <= 0):
+        return []
+    half_step = bfloat16_step(TYPICAL_WEIGHT) / 2
+    if lr >= half_step:
+        return []
+    return [f'model.policy_dtype=bfloat16 with optimizer={config.optimizer} and lr={lr:g}: each update is about lr, '
+            f'below half a bfloat16 step ({half_step:.3g}) for weights of magnitude {TYPICAL_WEIGHT} and more, so most '
+            f'updates round away. Keep float32 master weights (model.policy_dtype=float32) and compute in bfloat16 '
+            f'(model.fsdp_policy_mp=bfloat16 with FSDPTrainer, policy_autocast=bfloat16 otherwise)']
 
 
 def all_gather_if_needed(values: torch.Tensor, rank: int, world_size: int, group=None) -> torch.Tensor:
@@ -359,15 +485,19 @@ def gathered_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer,
 
 def load_gathered_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: Dict,
                                   names: List[str]) -> None:
-    """The inverse of gathered_optimizer_state: rank 0's whole `state` into every rank's shards. Collective."""
+    """The inverse of gathered_optimizer_state: rank 0's whole `state` into every rank's shards ({} on the other ranks,
+    which never read optimizer.pt: checkpoints.load_training_state_on_rank0). Collective."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-    state = with_own_implementation(optimizer, state)
-    if not state['state']:
-        # A stateless optimizer (SGD without momentum): only the hyperparameters, which every rank has whole.
+    is_rank0 = dist.get_rank() == 0
+    state = with_own_implementation(optimizer, state) if is_rank0 else {}
+    stateless_groups = rank0_result(lambda: None if state['state'] else state['param_groups'])
+    if stateless_groups is not None:
+        # A stateless optimizer (SGD without momentum): only the hyperparameters, the same for every rank.
         # set_optimizer_state_dict fails on it (torch 2.13: AssertionError 'Expected device to be set').
-        optimizer.load_state_dict(state)
+        optimizer.load_state_dict(with_own_implementation(optimizer, {'state': {}, 'param_groups': stateless_groups}))
         return
-    set_optimizer_state_dict(model, optimizer, optimizer_state_by_name(state, names),
+    # broadcast_from_rank0: rank 0's tensors are sent shard by shard; the other ranks' (empty) input is not read
+    set_optimizer_state_dict(model, optimizer, optimizer_state_by_name(state, names) if is_rank0 else {},
                              options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
 
 

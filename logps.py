@@ -5,7 +5,7 @@
     chosen, rejected = concatenated_logps(model, batch, chunk_size=2048)   # both halves of a pair batch, one pass
 
 A causal LM's logits over a 50k vocabulary are the largest tensor of a DPO step (batch × seq × vocab, in
-float32 for the softmax). Here the model runs its own forward but projects no position through its head;
+float32 for the softmax). Here the model runs its own forward but projects one position only through its head;
 the head is applied to the positions that carry a label only, chunk_size rows at a time, and the chunk's
 logits are recomputed in the backward pass instead of kept. Equal to the plain computation
 (`_get_batch_logps`, below) within 1e-5, gradients included (tests/test_lean_logps.py).
@@ -15,6 +15,7 @@ from typing import Dict, List, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch.distributed.tensor import DTensor
 
 from utils import pad_to_length
@@ -156,19 +157,38 @@ def _per_sequence(token_logps: torch.Tensor, loss_mask: torch.Tensor, average_lo
 
 
 def sharded_head_label_logps(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor,
-                             average_log_prob: bool = False) -> torch.Tensor:
-    """(batch,) summed (or mean) label log-probabilities with `head` called as a module on the labelled positions only.
+                             average_log_prob: bool = False, chunk_size: int = 1024) -> torch.Tensor:
+    """(batch,) summed (or mean) label log-probabilities with `head` called as a module on the labelled positions only,
+    chunk_size of them at a time.
 
-    For a head whose weight is sharded over the vocabulary (tensor parallelism): the module's hooks
-    gather its output, which `label_logps_from_hidden` could not do with the weight shard alone.
+    For a head whose weight is sharded over the vocabulary (tensor parallelism): the module's hooks gather its
+    output, which `label_logps_from_hidden` could not do with the weight shard alone. Each chunk's full-vocabulary
+    logits and their float32 log-softmax exist only while that chunk is computed: with gradients, each chunk runs
+    under non-reentrant activation checkpointing (torch.utils.checkpoint), which keeps the chunk's hidden rows and
+    recomputes its logits in the backward pass, so the head's memory is about 3 · chunk_size · vocabulary floats,
+    not 2 · (labelled tokens of the microbatch) · vocabulary (5-8 GB at 32 pairs of 512 tokens and Pythia's
+    50,304). Every tensor-parallel rank computes the same batch, so all take the same chunks and their gathers match.
     """
     loss_mask = labels[:, 1:] != -100
-    logits = head(hidden[:, :-1][loss_mask])
+    rows = hidden[:, :-1][loss_mask]
+    targets = labels[:, 1:][loss_mask]
+    chunks = []
+    for start in range(0, rows.shape[0], chunk_size):
+        chunk = (head, rows[start:start + chunk_size], targets[start:start + chunk_size])
+        if torch.is_grad_enabled():
+            chunks.append(torch.utils.checkpoint.checkpoint(_head_chunk_logps, *chunk, use_reentrant=False))
+        else:
+            chunks.append(_head_chunk_logps(*chunk))
+    token_logps = torch.cat(chunks) if chunks else torch.zeros(0, device=hidden.device)
+    return _per_sequence(token_logps, loss_mask, average_log_prob)
+
+
+def _head_chunk_logps(head: nn.Module, rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """(rows,) float32 log p(target | row) through the `head` module, its output gathered if it is a DTensor."""
+    logits = head(rows)
     if isinstance(logits, DTensor):
         logits = logits.full_tensor()
-    targets = labels[:, 1:][loss_mask]
-    token_logps = logits.float().log_softmax(-1).gather(1, targets[:, None]).squeeze(1)
-    return _per_sequence(token_logps, loss_mask, average_log_prob)
+    return logits.float().log_softmax(-1).gather(1, targets[:, None]).squeeze(1)
 
 
 def _get_batch_logps(logits: torch.Tensor, labels: torch.Tensor, average_log_prob: bool = False) -> torch.Tensor:
@@ -197,34 +217,105 @@ def _get_batch_logps(logits: torch.Tensor, labels: torch.Tensor, average_log_pro
     return summed
 
 
+class HeadInput:
+    """A forward pre-hook of a causal LM's output head: while `active`, it keeps what the model feeds its head (the
+    last hidden state, after the final norm, for every position) in `hidden`, and hands the head its first position
+    only, so the model's own forward computes (batch, 1, vocabulary) logits, which nothing uses. Not none: a
+    tensor-parallel head (a DTensor weight) cannot propagate its sharding over an empty dimension (torch 2.13:
+    'integer modulo by zero').
+
+    Registered once per head (`head_input`) and left in place, so a compiled model (compile_policy) is traced
+    with it once instead of recompiled for each new hook; `prepend=True`: before tensor parallelism's input
+    hook, which would turn the hidden state into a DTensor. accelerate's device_map hooks wrap the module's
+    `forward` instead and run after it, so `hidden` is on the device of the final norm, not necessarily the head's.
+    """
+
+    def __init__(self):
+        self.active = False
+        self.hidden: Optional[torch.Tensor] = None
+
+    def __call__(self, module: nn.Module, args: Tuple):
+        if not self.active:
+            return None
+        self.hidden = args[0]
+        return (args[0].narrow(-2, 0, 1), *args[1:])
+
+
+def head_input(head: nn.Module) -> HeadInput:
+    """The HeadInput hook of `head`, registered on the first call."""
+    hook = head.__dict__.get('_label_logps_head_input')
+    if hook is None:
+        hook = HeadInput()
+        head.register_forward_pre_hook(hook, prepend=True)
+        head.__dict__['_label_logps_head_input'] = hook
+    return hook
+
+
+def last_hidden_state(model: nn.Module, head: nn.Module, input_ids: torch.Tensor,
+                      attention_mask: torch.Tensor) -> torch.Tensor:
+    """(batch, seq, hidden): what `model`'s forward feeds its output `head`, from the model's own forward.
+
+    The whole model runs (its head on one position only), not its base model alone: FSDP's root unshards the embeddings, final norm and head
+    in its forward pre-hook, and peft's, torch.compile's and tensor parallelism's wrappers act on the model's
+    call; the head's input is by construction the state the model's logits come from, whichever
+    attribute holds the base model (`gpt_neox`, `model`, `transformer`) and wherever it puts its final norm.
+    Works on every transformers 5.x (5.23's 2-D `logits_to_keep` mask and `output_hidden_states=-1` did this
+    before, on 5.23 alone).
+    """
+    hook = head_input(head)
+    hook.active = True
+    try:
+        model(input_ids, attention_mask=attention_mask, use_cache=False)
+    finally:
+        hook.active = False
+    hidden, hook.hidden = hook.hidden, None
+    if hidden is None:
+        raise RuntimeError(f'{type(model).__name__}: its forward did not call its output embeddings '
+                           f'({type(head).__name__}); the log-probabilities need logps_chunk_size=null')
+    return hidden
+
+
+def head_device(head: nn.Module) -> torch.device:
+    """The device the head's weight is on (for a DTensor: this rank's shard)."""
+    weight = head.weight
+    return (weight.to_local() if isinstance(weight, DTensor) else weight).device
+
+
+def on_head_device(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """`hidden` and `labels` on the head's device. BasicTrainer on several GPUs (device_map='balanced') puts an untied
+    head (Pythia's embed_out) on the last GPU while the final norm, hence the hidden state, may sit elsewhere, and
+    accelerate's device hooks, which move a module's inputs, wrap the head's forward, not this computation."""
+    device = head_device(head)
+    return hidden.to(device), labels.to(device)
+
+
 def forward_logps(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
                   chunk_size: Optional[int], average_log_prob: bool = False) -> torch.Tensor:
     """(batch,) summed (or, average_log_prob, mean) log-probabilities of the label tokens under `model` (a Hugging
-    Face causal LM).
+    Face causal LM), on the device of `labels`.
 
-    With chunk_size set, the model runs through its own forward (so FSDP's and tensor
-    parallelism's hooks fire) but keeps only its last, normed hidden state (output_hidden_states=-1)
-    and projects no position through its head (logits_to_keep = an all-False mask); the head is then
-    applied to the labelled positions only, a chunk at a time (`label_logps_from_hidden`). FSDP2
-    leaves the root module's parameters, the head's among them, unsharded after the forward, and
-    reduces their gradients at the end of the backward pass, so the head's weight can be used here.
-    A head whose weight stays sharded (tensor parallelism's colwise lm_head) is called as a module
-    on the labelled positions instead: its hooks gather the vocabulary, so full-width logits exist
-    for those positions, still not for the prompt and padding. Without chunk_size: the full logits
-    and `_get_batch_logps`, as the original.
+    With chunk_size set, the model runs through its own forward (so FSDP's and tensor parallelism's hooks fire)
+    but projects one position only through its head: `last_hidden_state` takes the head's input instead. The head is
+    then applied to the labelled positions only, a chunk at a time (`label_logps_from_hidden`), on the head's
+    own device (`on_head_device`). FSDP2 leaves the root module's parameters, the head's among them,
+    unsharded after the forward, and reduces their gradients at the end of the backward pass, so the head's
+    weight can be used here. A head whose weight stays sharded (tensor parallelism's colwise lm_head) is
+    called as a module on chunks of the labelled positions instead (`sharded_head_label_logps`). Without
+    chunk_size: the full logits and `_get_batch_logps`, as the original.
     """
     if not chunk_size:
         logits = model(input_ids, attention_mask=attention_mask, use_cache=False).logits
-        return _get_batch_logps(logits, labels, average_log_prob=average_log_prob)
-    outputs = model(input_ids, attention_mask=attention_mask, use_cache=False, output_hidden_states=-1,
-                    logits_to_keep=torch.zeros_like(labels, dtype=torch.bool))
-    hidden = outputs.hidden_states[-1]
+        return _get_batch_logps(logits, labels.to(logits.device), average_log_prob=average_log_prob).to(labels.device)
     head = model.get_output_embeddings()
+    hidden = last_hidden_state(model, head, input_ids, attention_mask)
+    hidden, head_labels = on_head_device(head, hidden, labels)
     # The head in float32 (or its own dtype) even under the policy's autocast: see _get_batch_logps.
     with torch.autocast(device_type=hidden.device.type, enabled=False):
         if isinstance(head.weight, DTensor):
-            return sharded_head_label_logps(head, hidden, labels, average_log_prob)
-        return label_logps_from_hidden(hidden, head.weight, head.bias, labels, chunk_size, average_log_prob)
+            logps = sharded_head_label_logps(head, hidden, head_labels, average_log_prob, chunk_size)
+        else:
+            logps = label_logps_from_hidden(hidden, head.weight, head.bias, head_labels, chunk_size, average_log_prob)
+    return logps.to(labels.device)
 
 
 def concatenated_inputs(batch: Dict[str, Union[List, torch.Tensor]]) -> Dict[str, torch.Tensor]:

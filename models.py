@@ -30,7 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 from checkpoints import atomic_path, load_checkpoint_file, load_state_dict_checked
 from distributed import DistributedSetup, Parallelism
 from lora import add_adapters, archive_chain_error, load_adapter_state, lora_enabled, merge_adapter_into
-from utils import UserError, file_identity, fingerprint, get_local_dir, rank0_print
+from utils import UserError, file_identity, fingerprint, get_local_dir, rank0_print, unwrap
 
 
 # The embedded default model: a small GPT-NeoX (the Pythia architecture) with random weights and a
@@ -111,9 +111,25 @@ def materialize_embedded_model(name_or_path: str, cache_root: Union[str, Path]) 
         model = GPTNeoXForCausalLM(config)
     # replace=False: two runs started together both build it; the first complete one stays, the other is dropped
     with atomic_path(target, directory=True, replace=False) as tmp:
-        model.save_pretrained(tmp)
+        save_pretrained_here(model, tmp)
         tokenizer.save_pretrained(tmp)
     return str(target)
+
+
+def save_pretrained_here(model: nn.Module, directory: Path) -> None:
+    """`model.save_pretrained(directory)` on whichever process calls it. In a process group, transformers 5.23 writes
+    nothing on ranks other than 0 (PreTrainedModel.should_save_on_this_rank), but the first process of each other
+    node writes its own copy of an embedded or converted model (materialize_in_turn: nodes need not share a disk);
+    there, the config, generation config and safetensors weights are written directly, as from_pretrained reads them."""
+    import torch.distributed as dist
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        model.save_pretrained(directory)
+        return
+    from safetensors.torch import save_model
+    model.config.save_pretrained(directory)
+    if model.can_generate():
+        model.generation_config.save_pretrained(directory)
+    save_model(model, str(Path(directory) / 'model.safetensors'), metadata={'format': 'pt'})
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -219,7 +235,7 @@ def converted_gguf_dir(gguf_path: Union[str, Path], cache_root: Union[str, Path]
     model, tokenizer = load_gguf(gguf_path)
     # replace=False: of two runs converting it at once, the first complete conversion stays
     with atomic_path(target, directory=True, replace=False) as tmp:
-        model.save_pretrained(tmp)
+        save_pretrained_here(model, tmp)
         tokenizer.save_pretrained(tmp)
         stat = gguf_path.stat()
         (tmp / 'gguf_source.json').write_text(json.dumps(
@@ -448,12 +464,59 @@ def refuse_bad_model_directories(config: DictConfig) -> None:
         raise UserError('the model cannot be loaded:\n  - ' + '\n  - '.join(problems))
 
 
+# The lowest versions the code is run on. transformers 5.5: every call into a model is in 5.0's API (logps.py takes
+# the head's input itself, activation checkpointing falls back to gradient_checkpointing_enable) and the log-prob,
+# SFT and DPO tests pass on 5.0.0, but 5.0-5.4 read a GPT-NeoX config's partial_rotary_factor (rotary_pct) as 0.25
+# whatever config.json says, a silently different model for any GPT-NeoX not shaped like Pythia (the embedded tiny
+# preset's is 1.0); tests/test_lowest_versions.py runs 5.5.0. torch 2.11: the lent GPU image's (gpu_check.sh); the
+# CPU suite runs 2.13. peft 0.21: the one tested (lora.r > 0 only).
+MIN_VERSIONS = {'torch': '2.11', 'transformers': '5.5', 'peft': '0.21'}
+
+
+def version_problems(packages=('torch', 'transformers')) -> List[str]:
+    """'NAME X is installed, this code needs ≥ Y' for each of `packages` older than MIN_VERSIONS (or absent)."""
+    from importlib.metadata import PackageNotFoundError, version
+    from packaging.version import Version
+    problems = []
+    for name in packages:
+        try:
+            installed = version(name)
+        except PackageNotFoundError:
+            problems.append(f'{name} is not installed; this code needs {name} ≥ {MIN_VERSIONS[name]}')
+            continue
+        if Version(Version(installed).base_version) < Version(MIN_VERSIONS[name]):
+            problems.append(f'{name} {installed} is installed; this code needs {name} ≥ {MIN_VERSIONS[name]}')
+    return problems
+
+
+def check_versions(lora: bool = False) -> None:
+    """UserError naming each package older than this code needs (peft only with lora), before any model is built:
+    an older transformers fails deep inside a model's forward (4.x), an older torch without FSDP2's public API."""
+    problems = version_problems(('torch', 'transformers', *(['peft'] if lora else [])))
+    if problems:
+        raise UserError('; '.join(problems) + ' (pip install -r requirements.txt installs the tested versions)')
+
+
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """activation_checkpointing=true (BasicTrainer): every transformer block of `model` recomputes its activations
+    in the backward pass, through the model's own checkpointing with non-reentrant torch.utils.checkpoint (which
+    needs no input that requires a gradient). transformers 5.23 renamed gradient_checkpointing_enable to
+    activation_checkpointing_enable (the old name warns there); 5.0-5.22 have the old name only."""
+    model = unwrap(model)
+    kwargs = {'use_reentrant': False}
+    if hasattr(model, 'activation_checkpointing_enable'):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def build_model(config: DictConfig, dtype_name: str, device_map: Optional[str], empty: bool = False) -> nn.Module:
     """AutoModelForCausalLM.from_pretrained of config.model.name_or_path (Hub id, directory, .gguf file or embedded:NAME).
 
     empty: the same model on the meta device, without weights and without memory (see build_models).
     """
     import transformers
+    check_versions(lora=lora_enabled(config))
     refuse_bad_model_directories(config)
     path = materialize_model(config.model.name_or_path, get_local_dir(config.local_dirs))
     # trust_remote_code is passed explicitly, so no code from the model directory or Hub repository runs unless

@@ -54,6 +54,14 @@ def pair_keys(batch: Dict) -> List[str]:
 
 
 def reference_cache_path(config: DictConfig, tokenizer, world_size: int, device_type: str) -> Path:
+    """`cache_path_here` as rank 0 computes it, on every rank (collective in a process group): the key stats
+    model.archive and the model's files, which nodes without a shared disk hold on rank 0's machine only (the
+    archive) or as copies of other modification times (the model)."""
+    from distributed import rank0_result
+    return rank0_result(lambda: cache_path_here(config, tokenizer, world_size, device_type))
+
+
+def cache_path_here(config: DictConfig, tokenizer, world_size: int, device_type: str) -> Path:
     """Where the precomputed reference log-probabilities live, keyed by everything that changes their values.
 
     What is computed: the model files, model.archive, the data and the length settings, and whether they are

@@ -44,7 +44,8 @@ from omegaconf import DictConfig, OmegaConf
 import trainers
 from checkpoints import atomic_write_text, removed_if_unused, resume_changes
 from config_schema import unknown_key_problems, validate_config
-from distributed import DistributedSetup, Parallelism, decide_parallelism, init_distributed, launch
+from distributed import (DistributedSetup, Parallelism, decide_parallelism, init_distributed, launch, precision_warnings,
+                         rank0_result)
 from lora import lora_enabled
 from losses import LossMode
 from models import build_models, materialize_in_turn
@@ -161,6 +162,8 @@ def prepare_run(config: DictConfig) -> Parallelism:
     problems = validate_config(config)
     if problems:
         raise UserError('invalid config:\n  - ' + '\n  - '.join(problems))
+    for warning in precision_warnings(config):
+        rank0_print(f'WARNING: {warning}')
     parallelism = decide_parallelism(config)
     if parallelism.launcher == 'torchrun':
         init_distributed(timeout_secs=config.collective_timeout_secs)
@@ -173,7 +176,8 @@ def prepare_run(config: DictConfig) -> Parallelism:
                     f'{config.eval_every - config.eval_every % config.batch_size}')
         config.eval_every = max(config.batch_size, config.eval_every - config.eval_every % config.batch_size)
     if config.resume_from is not None:
-        changed = resume_changes(config, Path(config.local_run_dir) / 'config.yaml')
+        # rank 0's: the resumed run's config.yaml is on its disk only when the nodes share none
+        changed = rank0_result(lambda: resume_changes(config, Path(config.local_run_dir) / 'config.yaml'))
         if changed:
             raise UserError(f'resume_from={config.resume_from}: the run was started with different settings, so it '
                              f'cannot continue exactly:\n  - ' + '\n  - '.join(changed) +

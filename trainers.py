@@ -28,13 +28,13 @@ from generation import draw_samples, generate_texts, log_sample_tables, print_sa
 from logps import concatenated_logps, forward_logps
 from losses import BetaDPO, BetaDPOBatch, LossMode, chosen_nll, logratio_margins
 from lora import lora_enabled
-from models import first_device, load_tokenizer
+from models import enable_activation_checkpointing, first_device, load_tokenizer
 from optimization import build_optimizer, total_training_steps
 from preference_datasets import batch_iterator_kwargs, get_batch_iterator, padding_fraction
 from reference_cache import ReferenceLogps, reference_cache_path, reference_pass_batches
 from synthetic_task import gold_eval_accuracy
 from utils import (DummyWandb, StopRequest, extend_metrics, formatted_dict, mean_metrics, rank0_print,
-                   slice_and_move_batch_for_device, unwrap)
+                   slice_and_move_batch_for_device)
 
 class NonFiniteLossError(RuntimeError):
     """A training step produced a NaN or infinite loss or gradient norm."""
@@ -91,7 +91,7 @@ class BasicTrainer(TrainerCheckpointing):
         """activation_checkpointing=true: each transformer block of the policy keeps only its input and
         recomputes its activations in the backward pass, through the model's own checkpointing (non-reentrant
         torch.utils.checkpoint, which needs no input that requires a gradient)."""
-        unwrap(self.policy).activation_checkpointing_enable(activation_checkpointing_kwargs={'use_reentrant': False})
+        enable_activation_checkpointing(self.policy)
 
     # ----- the training loop ---------------------------------------------------------------------------
 
@@ -174,11 +174,12 @@ class BasicTrainer(TrainerCheckpointing):
         if decision is not None:
             extend_metrics(metrics, {f'record_train/{k}': v for k, v in decision.metrics.items()})
         offset = 0  # of the microbatch's first pair among the step's (for the step's β-DPO decision)
-        for microbatch in microbatches:
+        for index, microbatch in enumerate(microbatches):
             loss, microbatch_metrics = self.get_batch_metrics(self.local(microbatch), train=True,
                                                               step_decision=decision, step_offset=offset)
             offset += len(microbatch['prompt'])
-            (loss / len(microbatches)).backward()
+            with self.no_sync_unless(index == len(microbatches) - 1):
+                (loss / len(microbatches)).backward()
             losses.append(loss.detach())
             extend_metrics(metrics, microbatch_metrics)
 
@@ -199,6 +200,10 @@ class BasicTrainer(TrainerCheckpointing):
                 'examples_per_second': self.config.batch_size / (time.time() - start_time),
                 'grad_norm': grad_norm, 'lr': self.scheduler.get_last_lr()[0],
                 'padding/fraction': padding_fraction(batch)}
+
+    def no_sync_unless(self, last: bool):
+        """The context of a microbatch's backward pass; `last`: the step's last microbatch. Nothing in one process."""
+        return contextlib.nullcontext()
 
     def handle_nonfinite(self, batch: Dict, losses: List[torch.Tensor], grad_norm: float) -> None:
         """Stop with a message naming the step and the batch, or skip the batch (on_nonfinite=skip)."""
@@ -485,6 +490,16 @@ class FSDPTrainer(ShardedTrainer):
 
     def split(self, model: nn.Module, reference: bool) -> nn.Module:
         return fsdp_split(model, self.config, reference)
+
+    @contextlib.contextmanager
+    def no_sync_unless(self, last: bool):
+        """Gradients reduce-scattered after the step's last microbatch only (FSDP2's set_requires_gradient_sync):
+        before it, each rank accumulates them unsharded, one reduce-scatter per step instead of one per microbatch."""
+        self.policy.set_requires_gradient_sync(last)
+        try:
+            yield
+        finally:
+            self.policy.set_requires_gradient_sync(True)
 
 
 class TensorParallelTrainer(ShardedTrainer):
