@@ -1,8 +1,9 @@
 """Where preference data comes from: the readers of every source, each giving {prompt: {responses, pairs, sft_target}}.
 
     from data_sources import load_source
-    loaded, source = load_source('hh:/data/hh-rlhf', 'train')      # Loaded(data, chat_rendered), its Source
+    loaded, source = load_source('hh:/data/hh-rlhf', 'train')      # Loaded(data, chat_rendered, messages), its Source
     loaded.data['\n\nHuman: ...\n\nAssistant:']                   # {'responses': [...], 'pairs': [(0, 1)], 'sft_target': ...}
+    loaded.prompt_messages('\n\nHuman: ...\n\nAssistant:')        # [{'role': 'user', 'content': '...'}]: the dialogue
 
 preference_datasets.get_dataset is the original's entry point to the same data; preference_datasets.py turns it into
 tokenized, cached, padded batches. The names a data set entry may take, and how each is read, are in
@@ -222,12 +223,22 @@ class LoadRequest:
     options: Mapping[str, Any] = field(default_factory=dict)
 
 
+Messages = List[Dict[str, str]]  # a dialogue: [{'role': 'user', 'content': 'Hi'}, ...]
+
+
 @dataclass
 class Loaded:
-    """A loader's result: the original's structure, and whether its text came out of a chat template
-    (then the template's special-token text is meant as control tokens and the prompts are in its format)."""
+    """A loader's result: the original's structure, whether its text came out of a chat template (then the
+    template's special-token text is meant as control tokens and the prompts are in its format), and for a
+    chat-rendered prompt the messages it was rendered from (to cut a too long one inside the conversation and
+    render it again, and to show judges the dialogue without the template's markup)."""
     data: PreferenceData
     chat_rendered: bool = False
+    messages: Dict[str, Messages] = field(default_factory=dict)
+
+    def prompt_messages(self, prompt: str) -> Messages:
+        """The dialogue of one prompt of `data`: the messages it was rendered from, or those of its HH-format text."""
+        return self.messages[prompt] if self.chat_rendered else hh_messages(prompt)
 
 
 class Source(NamedTuple):
@@ -593,7 +604,15 @@ def hh_messages(prompt: str) -> List[Dict[str, str]]:
     return messages[:-1]
 
 
-def render_hh_as_chat(data: PreferenceData, tokenizer, name: str) -> PreferenceData:
+def hh_text(messages: Messages) -> str:
+    """The HH-format prompt of a dialogue, the inverse of hh_messages: [user A, assistant B, user C] ->
+    '\n\nHuman: A\n\nAssistant: B\n\nHuman: C\n\nAssistant:'. HH has no system turn: a system message is
+    written as a '\n\nSystem:' paragraph in its place (before the first Human turn, usually)."""
+    markers = {'user': HUMAN, 'assistant': ASSISTANT, 'system': '\n\nSystem:'}
+    return ''.join(f'{markers.get(m["role"], HUMAN)} {m["content"]}' for m in messages) + ASSISTANT
+
+
+def render_hh_as_chat(data: PreferenceData, tokenizer, name: str) -> Loaded:
     """HH-format data (prompts '\n\nHuman: ...\n\nAssistant:', responses ' ...') as the tokenizer's chat
     template renders the same dialogues, for an instruct model (the option render_hh_with_chat_template).
 
@@ -604,6 +623,7 @@ def render_hh_as_chat(data: PreferenceData, tokenizer, name: str) -> PreferenceD
                          f'{getattr(tokenizer, "name_or_path", None)!r} has none; set render_hh_with_chat_template=false')
     specials = special_token_texts(tokenizer)
     rendered: PreferenceData = {}
+    rendered_from: Dict[str, Messages] = {}
     left_out: Dict[str, List[int]] = defaultdict(list)
     for n, (prompt, entry) in enumerate(data.items(), start=1):
         if any(s in text for text in (prompt, *entry['responses']) for s in specials):
@@ -618,12 +638,13 @@ def render_hh_as_chat(data: PreferenceData, tokenizer, name: str) -> PreferenceD
         chat_prompt = texts[0][0]
         _add_responses(rendered, chat_prompt, [t[1] for t in texts[:-1]], entry['pairs'])
         rendered[chat_prompt]['sft_target'] = texts[-1][1]
+        rendered_from.setdefault(chat_prompt, messages)
     if left_out:
         summary = '; '.join(f'{len(ns)} {reason} (prompts {", ".join(map(str, ns[:5]))}{", ..." if len(ns) > 5 else ""})'
                             for reason, ns in left_out.items())
         warnings.warn(f'{name}: rendering with the chat template left out {sum(map(len, left_out.values()))} of '
                       f'{len(data)} prompts: {summary}', DataWarning, stacklevel=3)
-    return rendered
+    return Loaded(rendered, chat_rendered=True, messages=rendered_from)
 
 
 def load_generic(request: LoadRequest) -> Loaded:
@@ -644,6 +665,7 @@ def load_generic(request: LoadRequest) -> Loaded:
                              'a chat template (or set tokenizer.chat_template)')
         specials = special_token_texts(tokenizer)
     data: PreferenceData = {}
+    messages: Dict[str, Messages] = {}
     left_out = LeftOut(where)
     for row_no, row, at in object_rows(rows, request, f'Processing {request.name}', left_out):
         if not chat:
@@ -670,8 +692,10 @@ def load_generic(request: LoadRequest) -> Loaded:
             continue
         _add_responses(data, prompt, [chosen, rejected], [(0, 1)])
         data[prompt]['sft_target'] = chosen
+        if chat:
+            messages.setdefault(prompt, parts[0])
     left_out.report(len(rows), GENERIC_SCHEMA)
-    return Loaded(data, chat_rendered=chat)
+    return Loaded(data, chat_rendered=chat, messages=messages)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -771,8 +795,9 @@ def load_source(name: str, split: str, silent: bool = False, cache_dir: Optional
     request = LoadRequest(name, location, split, silent, cache_dir, tokenizer, dict(dataset_options or {}))
     loaded = source.load(request)
     if request.options.get('render_hh_with_chat_template') and not loaded.chat_rendered and not source.generated:
-        loaded = Loaded(render_hh_as_chat(loaded.data, tokenizer, name), chat_rendered=True)
+        loaded = render_hh_as_chat(loaded.data, tokenizer, name)
     for prompt, entry in loaded.data.items():
         assert set(entry) == {'responses', 'pairs', 'sft_target'}, f'{name}: unexpected keys {sorted(entry)}'
         assert loaded.chat_rendered or (prompt.startswith(HUMAN) and prompt.endswith(ASSISTANT)), prompt[:80]
+        assert not loaded.chat_rendered or prompt in loaded.messages, f'{name}: no messages for {prompt[:80]!r}'
     return loaded, source

@@ -12,13 +12,6 @@ import preference_datasets as pd
 IM_END = 2  # SmolLM2's <|im_end|>: its chat template's end of turn and its EOS
 
 
-@pytest.fixture(scope='module')
-def smollm2_tokenizer(smollm2_local_dirs):
-    from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(smollm2_local_dirs[1])
-
-
-
 def tokenized(name, tokenizer, split, tmp_path, sft_mode=False, **options):
     with warnings.catch_warnings():
         warnings.simplefilter('ignore', ds.DataWarning)  # the slice's 4 + 1 rows with chosen == rejected
