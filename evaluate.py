@@ -123,17 +123,18 @@ def win_rate_summary(scores: Sequence[float]) -> Dict:
 
 
 def judge_samples(judge, prompts: Sequence[Prompt], references: Sequence[str], rows: List[Dict]) -> Dict:
-    """Judge every sample row (adding its score or verdicts to the row); the temperature's summary."""
-    texts = [prompts[r['prompt_index']].text for r in rows]
+    """Judge every sample row (adding its score or verdicts to the row); the temperature's summary. The judge reads
+    each prompt's dialogue (Prompt.dialogue), not the policy's chat-rendered text."""
+    judged = [prompts[r['prompt_index']] for r in rows]
     completions = [r['completion'] for r in rows]
     if judge.pairwise:
-        comparisons = judge.compare(texts, completions, [references[r['prompt_index']] for r in rows])
+        comparisons = judge.compare(judged, completions, [references[r['prompt_index']] for r in rows])
         for row, c in zip(rows, comparisons):
             row.update(win=c.score, verdict_response_first=c.verdict_response_first,
                        verdict_response_second=c.verdict_response_second)
         unparsed = sum((c.verdict_response_first is None) + (c.verdict_response_second is None) for c in comparisons)
         return {**win_rate_summary([c.score for c in comparisons]), 'unparsed_verdicts': unparsed}
-    scores = judge.score(texts, completions)
+    scores = judge.score(judged, completions)
     for row, s in zip(rows, scores):
         row['score'] = s
     stats = mean_and_stderr(scores)
@@ -234,7 +235,7 @@ def evaluate(config: DictConfig) -> Dict:
                'n_prompts': len(prompts), 'n_samples': config.n_samples, 'top_p': config.top_p,
                'max_new_tokens': config.max_new_tokens, 'seed': config.seed, 'temperatures': []}
     if not judge.pairwise:
-        results['chosen'] = mean_and_stderr(judge.score([p.text for p in prompts], references))
+        results['chosen'] = mean_and_stderr(judge.score(prompts, references))
     all_rows = []
     for temperature in config.temperatures:
         summary, rows = evaluate_temperature(config, float(temperature), policy, reference, judge, prompts,
