@@ -148,16 +148,17 @@ def pairwise_summary(comparisons: Sequence) -> Dict:
 
 
 def judge_samples(judge, prompts: Sequence[Prompt], references: Sequence[str], rows: List[Dict]) -> Dict:
-    """Judge every sample row (adding its score or verdicts to the row); the temperature's summary."""
-    texts = [prompts[r['prompt_index']].text for r in rows]
+    """Judge every sample row (adding its score or verdicts to the row); the temperature's summary. The judge reads
+    each prompt's dialogue (Prompt.dialogue), not the policy's chat-rendered text."""
+    judged = [prompts[r['prompt_index']] for r in rows]
     completions = [r['completion'] for r in rows]
     if judge.pairwise:
-        comparisons = judge.compare(texts, completions, [references[r['prompt_index']] for r in rows])
+        comparisons = judge.compare(judged, completions, [references[r['prompt_index']] for r in rows])
         for row, c in zip(rows, comparisons):
             row.update(win=c.score, verdict_response_first=c.verdict_response_first,
                        verdict_response_second=c.verdict_response_second)
         return pairwise_summary(comparisons)
-    scores = judge.score(texts, completions)
+    scores = judge.score(judged, completions)
     for row, s in zip(rows, scores):
         row['score'] = s
     stats = mean_and_stderr(scores)
@@ -276,7 +277,7 @@ def evaluate(config: DictConfig) -> Dict:
                'max_new_tokens': config.max_new_tokens, 'seed': config.seed,
                **({'kl_definition': KL_DEFINITION} if reference is not None else {}), 'temperatures': []}
     if not judge.pairwise:
-        results['chosen'] = mean_and_stderr(judge.score([p.text for p in prompts], references))
+        results['chosen'] = mean_and_stderr(judge.score(prompts, references))
     all_rows = []
     for temperature in config.temperatures:
         summary, rows = evaluate_temperature(config, float(temperature), policy, reference, judge, prompts,

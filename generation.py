@@ -31,9 +31,10 @@ import tqdm
 
 from checkpoints import atomic_write_text
 from distributed import all_gather_if_needed
-from models import check_model_directory, load_tokenizer, materialize_model, missing_model_reason
+from chat_format import Messages, hh_messages, hh_text
 from data_sources import load_source
-from preference_datasets import encode_texts
+from models import check_model_directory, load_tokenizer, materialize_model, missing_model_reason
+from preference_datasets import chat_prompt_ids, encode_texts
 from utils import DummyWandb, UserError, get_local_dir, pad_to_length, rank0_print
 
 # Where the embedded model and the Hugging Face cache go when the source does not say (train.py's default).
@@ -58,11 +59,26 @@ class LoadedModel:
 @dataclass
 class Prompt:
     """One prompt to answer: the text the model continues, the data set's preferred response to it (the
-    reference a pairwise judge compares against), and whether the text came out of a chat template."""
+    reference a pairwise judge compares against), whether the text came out of a chat template, and the
+    messages it was rendered from (None for an HH-format text: its messages are read from the text)."""
     text: str
     chosen: str
     dataset: str
     chat_rendered: bool = False
+    messages: Optional[Messages] = None
+
+    @property
+    def dialogue(self) -> Messages:
+        """The prompt's messages, free of any chat template's markup: what judges and reward models read."""
+        if self.messages is not None:
+            return self.messages
+        assert not self.chat_rendered, 'a chat-rendered Prompt needs the messages it was rendered from'
+        return hh_messages(self.text)
+
+    @property
+    def plain_text(self) -> str:
+        """The dialogue as HH-format text ('\\n\\nHuman: ...\\n\\nAssistant:'): the text itself unless chat-rendered."""
+        return hh_text(self.dialogue) if self.chat_rendered else self.text
 
 
 @dataclass
@@ -222,7 +238,8 @@ def load_prompts(datasets: Sequence[str], split: str, n_prompts: Optional[int], 
             raise ValueError(f"datasets: '{name}' has no prompts in its {split} split; pass a data set with "
                              f"prompt/chosen/rejected rows (or another split)")
         items = list(loaded.data.items())[:n_prompts]
-        prompts += [Prompt(text, entry['sft_target'], name, loaded.chat_rendered) for text, entry in items]
+        prompts += [Prompt(text, entry['sft_target'], name, loaded.chat_rendered,
+                           loaded.prompt_messages(text) if loaded.chat_rendered else None) for text, entry in items]
     return prompts
 
 
@@ -238,13 +255,18 @@ def response_text(loaded: LoadedModel, prompt: Prompt) -> str:
 
 def encode_prompts(tokenizer, prompts: Sequence[Prompt], max_prompt_length: int) -> List[List[int]]:
     """Token ids of each prompt, no BOS/EOS added, as training tokenizes them (special-token text is plain
-    text, except in chat-rendered prompts); a longer prompt keeps its last max_prompt_length tokens (the end of
-    a dialogue, where the question is, as train.py keeps for hh)."""
+    text, except in chat-rendered prompts). A longer HH-format prompt keeps its last max_prompt_length tokens (the
+    end of a dialogue, where the question is, as train.py keeps for hh); a longer chat-rendered one is cut inside
+    its conversation and rendered again, as in training (preference_datasets.chat_prompt_ids), so that it still
+    ends with the template's generation prompt."""
     ids = [None] * len(prompts)
     for chat in (False, True):
         index = [i for i, p in enumerate(prompts) if p.chat_rendered == chat]
         for i, row in zip(index, encode_texts(tokenizer, [prompts[i].text for i in index], parse_special_tokens=chat)):
-            ids[i] = row[-max_prompt_length:]
+            if len(row) > max_prompt_length:
+                row = (chat_prompt_ids(tokenizer, prompts[i].dialogue, max_prompt_length) if chat
+                       else row[-max_prompt_length:])
+            ids[i] = row
     return ids
 
 

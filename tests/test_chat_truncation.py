@@ -139,3 +139,21 @@ def test_long_hh_dialogues_drop_their_oldest_exchanges(smollm2_tokenizer, hh_sli
             assert len(ids) <= 128 and text.count('<|im_start|>user') == 1 and ' [...] ' in text
             kinds['middle cut'] += 1
     assert kinds == {'whole': 2307 - 618, 'exchanges dropped': 617, 'middle cut': 1}
+
+
+def test_generation_prompts_are_cut_the_same_way(smollm2_tokenizer, ultrafeedback_messages):
+    """evaluate.py's prompts (generation.encode_prompts) within 64 tokens: a rendered UltraFeedback prompt is cut
+    inside its conversation as in training, so it opens with the template's system turn and a user turn and ends
+    with the generation prompt (keeping its last 64 tokens, as before, started it inside the user message); an
+    HH-format prompt still keeps its last 64 tokens."""
+    from generation import Prompt, encode_prompts, load_prompts
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore', ds.DataWarning)
+        prompts = load_prompts([str(ultrafeedback_messages)], 'test', 8, smollm2_tokenizer)
+    hh = Prompt('\n\nHuman: ' + 'word ' * 100 + '\n\nAssistant:', ' ok', 'hh')
+    ids = encode_prompts(smollm2_tokenizer, [*prompts, hh], 64)
+    for prompt, row in zip(prompts, ids):
+        assert row == pd.chat_prompt_ids(smollm2_tokenizer, prompt.messages, 64) and len(row) <= 64
+        assert row[-4:] == GENERATION_PROMPT
+        assert smollm2_tokenizer.decode(row).startswith(SMOLLM2_SYSTEM + '<|im_start|>user\n')
+    assert ids[-1] == pd.encode_texts(smollm2_tokenizer, [hh.text])[0][-64:]
