@@ -27,6 +27,7 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Named
 import numpy as np
 import tqdm
 
+from chat_format import Messages, hh_messages, render_chat, special_token_texts
 from synthetic_task import (describe_synthetic, synthetic_gold_answer, synthetic_options, synthetic_pair,
                             synthetic_prompts)
 from utils import ASSISTANT, HUMAN
@@ -223,7 +224,6 @@ class LoadRequest:
     options: Mapping[str, Any] = field(default_factory=dict)
 
 
-Messages = List[Dict[str, str]]  # a dialogue: [{'role': 'user', 'content': 'Hi'}, ...]
 
 
 @dataclass
@@ -556,60 +556,6 @@ def split_conversation(prompt: Any, chosen: list, rejected: list, at: str) -> Un
     if not chosen or not rejected:
         return 'empty chosen or rejected completion'
     return prompt, chosen, rejected
-
-
-def render_chat(tokenizer, prompt: list, completion: list) -> Union[Tuple[str, str], str]:
-    """(prompt text ending with the generation prompt, completion text) from the chat template, or why not."""
-    prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-    full_text = tokenizer.apply_chat_template(prompt + completion, tokenize=False)
-    if not full_text.startswith(prompt_text):
-        return 'the chat template renders the prompt differently inside the whole conversation'
-    return prompt_text, full_text[len(prompt_text):]
-
-
-def special_token_texts(tokenizer) -> List[str]:
-    decoder = getattr(tokenizer, 'added_tokens_decoder', {})
-    return sorted({*tokenizer.all_special_tokens, *(t.content for t in decoder.values() if t.special)})
-
-
-def closed_turn(response: str, special_texts: Sequence[str]) -> Optional[str]:
-    """A chat-rendered response up to and including the special token that closes it, or None if it ends
-    with none: 'Paris.<|im_end|>\n' -> 'Paris.<|im_end|>' (SmolLM2), 'Paris.' -> None.
-
-    The whitespace after the end-of-turn token separates turns (the next '<|im_start|>' follows it); the
-    model never has to produce it, since generation stops at the end-of-turn token."""
-    stripped = response.rstrip()
-    return stripped if any(stripped.endswith(s) for s in special_texts) else None
-
-
-def end_of_turn_token_id(tokenizer) -> Optional[int]:
-    """The token id that closes an assistant turn in the tokenizer's chat template (SmolLM2: <|im_end|>, 2),
-    None if the template closes it with no special token."""
-    rendered = render_chat(tokenizer, [{'role': 'user', 'content': 'Hi'}], [{'role': 'assistant', 'content': 'Hello'}])
-    closed = None if isinstance(rendered, str) else closed_turn(rendered[1], special_token_texts(tokenizer))
-    if closed is None:
-        return None
-    return tokenizer.convert_tokens_to_ids(next(s for s in special_token_texts(tokenizer) if closed.endswith(s)))
-
-
-_HH_TURN = re.compile(r'(\n\nHuman:|\n\nAssistant:)')
-
-
-def hh_messages(prompt: str) -> List[Dict[str, str]]:
-    """The messages of an HH-format prompt: '\n\nHuman: A\n\nAssistant: B\n\nHuman: C\n\nAssistant:' ->
-    [user A, assistant B, user C] (each text stripped; the final empty Assistant turn is the one to answer)."""
-    parts = _HH_TURN.split(prompt)[1:]  # marker, text, marker, text, ...
-    roles = {HUMAN: 'user', ASSISTANT: 'assistant'}
-    messages = [{'role': roles[marker], 'content': text.strip()} for marker, text in zip(parts[::2], parts[1::2])]
-    return messages[:-1]
-
-
-def hh_text(messages: Messages) -> str:
-    """The HH-format prompt of a dialogue, the inverse of hh_messages: [user A, assistant B, user C] ->
-    '\n\nHuman: A\n\nAssistant: B\n\nHuman: C\n\nAssistant:'. HH has no system turn: a system message is
-    written as a '\n\nSystem:' paragraph in its place (before the first Human turn, usually)."""
-    markers = {'user': HUMAN, 'assistant': ASSISTANT, 'system': '\n\nSystem:'}
-    return ''.join(f'{markers.get(m["role"], HUMAN)} {m["content"]}' for m in messages) + ASSISTANT
 
 
 def render_hh_as_chat(data: PreferenceData, tokenizer, name: str) -> Loaded:

@@ -44,7 +44,8 @@ from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from data_sources import Messages, hh_messages, hh_style_response
+from chat_format import Messages, hh_messages
+from data_sources import hh_style_response
 from synthetic_task import synthetic_gold_answer, synthetic_instruction
 from utils import ASSISTANT, UserError
 

@@ -284,7 +284,7 @@ def load_gguf(gguf_path: Path) -> Tuple[torch.nn.Module, object]:
     template's end-of-turn token where that is another token.
     """
     import transformers
-    from data_sources import end_of_turn_token_id
+    from chat_format import end_of_turn_token_id
     check_gguf_file(gguf_path)
     where = dict(pretrained_model_name_or_path=str(gguf_path.parent), gguf_file=gguf_path.name)
     tokenizer = transformers.AutoTokenizer.from_pretrained(**where)

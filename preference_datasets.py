@@ -52,8 +52,8 @@ import torch
 import tqdm
 
 from checkpoints import DiskFullError, save_atomically, unreadable_because
-from data_sources import (DataWarning, Messages, PreferenceData, closed_turn, load_source, resolve_name,
-                          special_token_texts, split_file)
+from chat_format import Messages, closed_turn, special_token_texts
+from data_sources import DataWarning, PreferenceData, load_source, resolve_name, split_file
 from utils import UserError, file_identity, fingerprint, get_local_dir
 
 # 2: chat-rendered responses end at their end-of-turn token (no EOS after it); 3: a too long chat prompt is cut

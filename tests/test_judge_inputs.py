@@ -7,6 +7,8 @@ import warnings
 import pytest
 import torch
 
+import chat_format
+
 import data_sources as ds
 import judges
 from conftest import CHAT_TEMPLATE
@@ -144,4 +146,4 @@ def test_a_prompt_remembers_its_dialogue(smollm2_tokenizer, uf_prompts):
     hh = Prompt('\n\nHuman: Hi\n\nAssistant: Hello.\n\nHuman: Bye\n\nAssistant:', ' Bye!', 'hh')
     assert hh.dialogue == [{'role': 'user', 'content': 'Hi'}, {'role': 'assistant', 'content': 'Hello.'},
                            {'role': 'user', 'content': 'Bye'}]
-    assert hh.plain_text == hh.text == ds.hh_text(hh.dialogue)
+    assert hh.plain_text == hh.text == chat_format.hh_text(hh.dialogue)
