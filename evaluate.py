@@ -40,6 +40,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from config_schema import EVALUATE_SCHEMA, missing_problems, table_problems
 from generation import (Prompt, encode_prompts, generate, load_model, load_prompts, load_tokenizer_of, model_kind,
                         response_text, trained_chat_rendering, sample_rows, sequence_logps, sequence_logps_per_rule, write_jsonl)
 from judges import GoldScorer, judge_problems, make_judge
@@ -50,11 +51,10 @@ Z95 = 1.959964
 
 
 def validate_config(config: DictConfig) -> List[str]:
-    """Every problem with `config` that can be found without loading anything, as messages naming the key."""
-    problems = []
+    """Every problem with `config` that can be found without loading anything, as messages naming the key: the
+    models, the judge, then each key's rule (config_schema.EVALUATE_SCHEMA, the mechanism train.py's config uses)."""
     missing = sorted(OmegaConf.missing_keys(config))
-    if missing:
-        problems.append(f'missing values for: {", ".join(missing)} (set them on the command line, e.g. {missing[0]}=...)')
+    problems = missing_problems(config)
     for key in ('model', 'reference'):
         value = config.get(key) if key not in missing else None
         if value is not None:
@@ -63,38 +63,11 @@ def validate_config(config: DictConfig) -> List[str]:
             except ValueError as e:
                 problems.append(f'{key}={e}')
     problems += judge_problems(config.judge)
+    problems += table_problems(config, EVALUATE_SCHEMA, skip=missing)
     datasets = config.datasets
-    if not datasets or isinstance(datasets, str):
-        problems.append(f'datasets={datasets!r} must be a non-empty list, e.g. datasets=[hh]')
-    temperatures = config.temperatures
-    if not temperatures or isinstance(temperatures, str) or not all(is_number(t) and t >= 0 for t in temperatures):
-        problems.append(f'temperatures={temperatures!r} must be a non-empty list of numbers >= 0, e.g. [0,0.5,1.0]')
-    if config.split not in ('train', 'test'):
-        problems.append(f'split={config.split!r} must be train or test')
-    if config.n_prompts is not None and not positive_int(config.n_prompts):
-        problems.append(f'n_prompts={config.n_prompts!r} must be a positive integer or null (all)')
-    for key in ('n_samples', 'max_new_tokens', 'max_prompt_length', 'batch_size', 'judge_max_new_tokens',
-                'judge_batch_size', 'api_concurrency'):
-        if not positive_int(config[key]):
-            problems.append(f'{key}={config[key]!r} must be a positive integer')
-    if not (is_number(config.top_p) and 0 < config.top_p <= 1):
-        problems.append(f'top_p={config.top_p!r} must be in (0, 1]')
-    if config.render_hh_with_chat_template not in (None, True, False):
-        problems.append(f'render_hh_with_chat_template={config.render_hh_with_chat_template!r} must be true, false or '
-                        f'null (take it from the model)')
-    if config.dtype not in ('float32', 'bfloat16', 'float16'):
-        problems.append(f'dtype={config.dtype!r} must be float32, bfloat16 or float16')
     if config.judge == 'gold' and datasets and list(datasets) != ['synthetic']:
         problems.append(f'judge=gold checks the synthetic task only; use datasets=[synthetic] (got {list(datasets)})')
     return problems
-
-
-def is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def positive_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 def dataset_options(config: DictConfig) -> Dict:
