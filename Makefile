@@ -1,7 +1,9 @@
 # make demo   SFT → DPO → β-DPO on the embedded tiny model and the synthetic task (CPU, no downloads);
-#             report in demo_report/ (DEMO_ARGS="--seeds 0 1 2" for three seeds, see demo.py)
+#             report in demo_report/ (DEMO_ARGS="--seeds 0 1 2" for three seeds, see experiments/demo.py); the console
+#             shows each stage's command, its log file (demo_report/logs/), a progress bar and its time
 # make demo-real  DPO vs β-DPO vs an SFT control on SmolLM2-135M-Instruct, the DPO paper's controlled-sentiment task
-#             (2 CPU cores, about 30 min; fetches SmolLM2); report in demo_real_report/ (DEMO_REAL_ARGS="--full": the sweep)
+#             (2 CPU cores, about 30 min; fetches SmolLM2); report in demo_real_report/ (DEMO_REAL_ARGS="--full": the
+#             sweep, see experiments/demo_real.py); the console as for make demo, logs in demo_real_report/logs/
 # make plot RUN=RUN_DIR   the demo's figures for any run directory, into RUN_DIR/plots/
 # make test   the test suite (creates .venv and installs the requirements on first use, fetches SmolLM2)
 # make check  the fast tier while developing: every test not marked slow (the unit tests of losses, data,

@@ -5,7 +5,8 @@
     RUN_DIR/step-N/                 policy.pt, optimizer.pt, scheduler.pt ({'step_idx', 'state', 'metrics'},
                                     as the original), trainer_state.pt, beta_dpo_stats.json
     RUN_DIR/LATEST -> step-N        always a complete checkpoint; model.archive=RUN_DIR/LATEST/policy.pt
-    RUN_DIR/hf_model/               the final policy for from_pretrained / vLLM (LoRA: merged; adapter/ beside it)
+    RUN_DIR/hf_model/               the final policy for from_pretrained / vLLM (LoRA: merged; adapter/ beside it),
+                                    with training_options.json (render_hh_with_chat_template, for evaluate.py)
 
     from checkpoints import atomic_path, save_checkpoint, load_checkpoint_file
     with atomic_path(run_dir / 'step-64', directory=True) as tmp:   # complete or absent, never half-written
@@ -577,22 +578,64 @@ def append_metrics(run_dir: Path, split: str, metrics: Dict[str, Any]) -> None:
             os.close(fd)
 
 
+# Beside config.json in hf_model/: the training options a model's users need to feed it as it was trained (today
+# {'render_hh_with_chat_template': bool}); from_pretrained and vLLM ignore the file, evaluate.py reads it
+# (generation.trained_chat_rendering).
+TRAINING_OPTIONS_FILE = 'training_options.json'
+
+
+def training_options(config: DictConfig) -> Dict[str, Any]:
+    """What TRAINING_OPTIONS_FILE records of a run's config."""
+    return {'render_hh_with_chat_template': OmegaConf.select(config, 'render_hh_with_chat_template', default=False)
+            is True}
+
+
 def export_hf_model(model: torch.nn.Module, state: Dict[str, torch.Tensor], tokenizer, output_dir: Path,
-                    adapter: Optional[Tuple[Dict[str, torch.Tensor], Any]] = None) -> None:
+                    adapter: Optional[Tuple[Dict[str, torch.Tensor], Any]] = None,
+                    options: Optional[Dict[str, Any]] = None) -> None:
     """The policy in Hugging Face format (safetensors, config, tokenizer) for from_pretrained / vLLM, atomically.
 
     adapter: (tensors, peft LoraConfig) of a LoRA run, written beside it in PEFT's format to `adapter/`
     (adapter_config.json, adapter_model.safetensors), for `PeftModel.from_pretrained(base, OUTPUT_DIR/adapter)`;
-    `state` is then the merged model's.
+    `state` is then the merged model's. options: the run's `training_options`, written to TRAINING_OPTIONS_FILE.
     """
     with atomic_path(output_dir, directory=True) as tmp:
         model.save_pretrained(tmp, state_dict=state)
         tokenizer.save_pretrained(tmp)
+        if options is not None:
+            (tmp / TRAINING_OPTIONS_FILE).write_text(json.dumps(options, indent=1) + '\n')
         if adapter is not None:
             from safetensors.torch import save_file
             tensors, adapter_config = adapter
             adapter_config.save_pretrained(tmp / 'adapter')
             save_file(tensors, tmp / 'adapter' / 'adapter_model.safetensors', metadata={'format': 'pt'})
+
+
+def cuda_rng_devices(processes: int) -> List[int]:
+    """The CUDA devices whose random state a checkpoint keeps: in one process every visible device (BasicTrainer's
+    device_map='balanced' splits the model over them, and dropout draws on each), with several processes (FSDP, TP:
+    one device each) the process's own; none before CUDA is in use (a CPU run)."""
+    if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+        return []
+    return list(range(torch.cuda.device_count())) if processes == 1 else [torch.cuda.current_device()]
+
+
+def cuda_rng_states(devices: List[int]) -> List[torch.Tensor]:
+    return [torch.cuda.get_rng_state(device) for device in devices]
+
+
+def restore_cuda_rng_states(states: List[torch.Tensor], devices: List[int]) -> None:
+    """Each of `devices` back to its saved state. Every process restores rank 0's, as for the CPU state: all ranks are
+    seeded alike and draw alike, so their states are equal. A checkpoint without CUDA states (a CPU run, or one saved
+    before they were kept) leaves the state as seeded; one saved on another number of devices too, with a warning."""
+    if not states:
+        return
+    if len(states) != len(devices):
+        rank0_print(f'WARNING: the checkpoint holds the CUDA random state of {len(states)} devices, this run uses '
+                    f'{len(devices)}; CUDA random numbers (dropout) continue from the seed, not from the checkpoint')
+        return
+    for state, device in zip(states, devices):
+        torch.cuda.set_rng_state(state, device)
 
 
 class TrainerCheckpointing:
@@ -618,10 +661,12 @@ class TrainerCheckpointing:
         self.optimizer.load_state_dict(with_own_implementation(self.optimizer, state))
 
     def trainer_state(self) -> Dict:
-        """What a resumed run needs besides weights and optimizer: counters, β-DPO statistics, RNG states."""
+        """What a resumed run needs besides weights and optimizer: counters, β-DPO statistics, RNG states (CPU, and
+        CUDA where it is in use: cuda_rng_devices)."""
         return {'example_counter': self.example_counter, 'batch_counter': self.batch_counter,
                 'skipped_batches': self.skipped_batches, 'last_eval_example': self.last_eval_example,
-                **self.beta_dpo.state_dict(), 'torch_rng': torch.get_rng_state()}
+                **self.beta_dpo.state_dict(), 'torch_rng': torch.get_rng_state(),
+                'cuda_rng': cuda_rng_states(cuda_rng_devices(self.world_size))}
 
     def save(self, metrics: Optional[Dict] = None) -> None:
         """RUN_DIR/step-N/ and LATEST (`save_checkpoint`); no-op in debug mode. Collective."""
@@ -653,6 +698,7 @@ class TrainerCheckpointing:
         self.skipped_batches = state['skipped_batches']
         self.beta_dpo.load_state_dict(state)
         torch.set_rng_state(state['torch_rng'])
+        restore_cuda_rng_states(state.get('cuda_rng', []), cuda_rng_devices(self.world_size))
         self.last_eval_example = state['last_eval_example']
         if self.is_main:
             clean_run_dir_for_resume(self.run_dir, self.example_counter)
@@ -669,8 +715,9 @@ class TrainerCheckpointing:
         state = self.policy_state_dict()
         if self.is_main and self.lora:
             model, merged, adapter = merged_export(self.policy, state, self.config)
-            export_hf_model(model, merged, self.tokenizer, output_dir, adapter=adapter)
+            export_hf_model(model, merged, self.tokenizer, output_dir, adapter=adapter,
+                            options=training_options(self.config))
         elif self.is_main:
-            export_hf_model(unwrap(self.policy), state, self.tokenizer, output_dir)
+            export_hf_model(unwrap(self.policy), state, self.tokenizer, output_dir, options=training_options(self.config))
         rank0_print(f'exported the policy in Hugging Face format to {output_dir}')
         barrier()

@@ -184,6 +184,23 @@ PREFERENCE_SCHEMA: Dict[str, Rule] = {
 }
 
 
+# The keys of config/evaluate/evaluate.yaml whose values have a rule of their own (model, reference and judge are
+# checked by what loads them: generation.model_kind, judges.judge_problems; evaluate.validate_config).
+EVALUATE_SCHEMA: Dict[str, Rule] = {
+    'datasets': non_empty_list('datasets=[hh]'),
+    'temperatures': Rule(lambda v: isinstance(v, list) and len(v) > 0 and all(is_number(t) and t >= 0 for t in v),
+                         'must be a non-empty list of numbers >= 0, e.g. [0,0.5,1.0]'),
+    'split': Rule(lambda v: v in ('train', 'test'), 'must be train or test'),
+    'n_prompts': Rule(lambda v: v is None or (is_int(v) and v > 0), 'must be a positive integer or null (all)'),
+    **{key: positive_int() for key in ('n_samples', 'max_new_tokens', 'max_prompt_length', 'batch_size',
+                                       'judge_max_new_tokens', 'judge_batch_size', 'api_concurrency')},
+    'top_p': Rule(lambda v: is_number(v) and 0 < v <= 1, 'must be in (0, 1]'),
+    'render_hh_with_chat_template': Rule(lambda v: v in (None, True, False),
+                                         'must be true, false or null (take it from the model)'),
+    'dtype': Rule(lambda v: v in ('float32', 'bfloat16', 'float16'), 'must be float32, bfloat16 or float16'),
+}
+
+
 def loss_schema(loss_name: Any) -> Dict[str, Rule]:
     """The keys `loss=loss_name` takes: none but its name for SFT, else the DPO family's and every hyperparameter of
     the registry's objectives of that family."""

@@ -1,8 +1,9 @@
 """Where preference data comes from: the readers of every source, each giving {prompt: {responses, pairs, sft_target}}.
 
     from data_sources import load_source
-    loaded, source = load_source('hh:/data/hh-rlhf', 'train')      # Loaded(data, chat_rendered), its Source
+    loaded, source = load_source('hh:/data/hh-rlhf', 'train')      # Loaded(data, chat_rendered, messages), its Source
     loaded.data['\n\nHuman: ...\n\nAssistant:']                   # {'responses': [...], 'pairs': [(0, 1)], 'sft_target': ...}
+    loaded.prompt_messages('\n\nHuman: ...\n\nAssistant:')        # [{'role': 'user', 'content': '...'}]: the dialogue
 
 preference_datasets.get_dataset is the original's entry point to the same data; preference_datasets.py turns it into
 tokenized, cached, padded batches. The names a data set entry may take, and how each is read, are in
@@ -26,6 +27,7 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Named
 import numpy as np
 import tqdm
 
+from chat_format import Messages, hh_messages, render_chat, special_token_texts
 from synthetic_task import (describe_synthetic, synthetic_gold_answer, synthetic_options, synthetic_pair,
                             synthetic_prompts)
 from utils import ASSISTANT, HUMAN
@@ -222,12 +224,21 @@ class LoadRequest:
     options: Mapping[str, Any] = field(default_factory=dict)
 
 
+
+
 @dataclass
 class Loaded:
-    """A loader's result: the original's structure, and whether its text came out of a chat template
-    (then the template's special-token text is meant as control tokens and the prompts are in its format)."""
+    """A loader's result: the original's structure, whether its text came out of a chat template (then the
+    template's special-token text is meant as control tokens and the prompts are in its format), and for a
+    chat-rendered prompt the messages it was rendered from (to cut a too long one inside the conversation and
+    render it again, and to show judges the dialogue without the template's markup)."""
     data: PreferenceData
     chat_rendered: bool = False
+    messages: Dict[str, Messages] = field(default_factory=dict)
+
+    def prompt_messages(self, prompt: str) -> Messages:
+        """The dialogue of one prompt of `data`: the messages it was rendered from, or those of its HH-format text."""
+        return self.messages[prompt] if self.chat_rendered else hh_messages(prompt)
 
 
 class Source(NamedTuple):
@@ -547,53 +558,7 @@ def split_conversation(prompt: Any, chosen: list, rejected: list, at: str) -> Un
     return prompt, chosen, rejected
 
 
-def render_chat(tokenizer, prompt: list, completion: list) -> Union[Tuple[str, str], str]:
-    """(prompt text ending with the generation prompt, completion text) from the chat template, or why not."""
-    prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-    full_text = tokenizer.apply_chat_template(prompt + completion, tokenize=False)
-    if not full_text.startswith(prompt_text):
-        return 'the chat template renders the prompt differently inside the whole conversation'
-    return prompt_text, full_text[len(prompt_text):]
-
-
-def special_token_texts(tokenizer) -> List[str]:
-    decoder = getattr(tokenizer, 'added_tokens_decoder', {})
-    return sorted({*tokenizer.all_special_tokens, *(t.content for t in decoder.values() if t.special)})
-
-
-def closed_turn(response: str, special_texts: Sequence[str]) -> Optional[str]:
-    """A chat-rendered response up to and including the special token that closes it, or None if it ends
-    with none: 'Paris.<|im_end|>\n' -> 'Paris.<|im_end|>' (SmolLM2), 'Paris.' -> None.
-
-    The whitespace after the end-of-turn token separates turns (the next '<|im_start|>' follows it); the
-    model never has to produce it, since generation stops at the end-of-turn token."""
-    stripped = response.rstrip()
-    return stripped if any(stripped.endswith(s) for s in special_texts) else None
-
-
-def end_of_turn_token_id(tokenizer) -> Optional[int]:
-    """The token id that closes an assistant turn in the tokenizer's chat template (SmolLM2: <|im_end|>, 2),
-    None if the template closes it with no special token."""
-    rendered = render_chat(tokenizer, [{'role': 'user', 'content': 'Hi'}], [{'role': 'assistant', 'content': 'Hello'}])
-    closed = None if isinstance(rendered, str) else closed_turn(rendered[1], special_token_texts(tokenizer))
-    if closed is None:
-        return None
-    return tokenizer.convert_tokens_to_ids(next(s for s in special_token_texts(tokenizer) if closed.endswith(s)))
-
-
-_HH_TURN = re.compile(r'(\n\nHuman:|\n\nAssistant:)')
-
-
-def hh_messages(prompt: str) -> List[Dict[str, str]]:
-    """The messages of an HH-format prompt: '\n\nHuman: A\n\nAssistant: B\n\nHuman: C\n\nAssistant:' ->
-    [user A, assistant B, user C] (each text stripped; the final empty Assistant turn is the one to answer)."""
-    parts = _HH_TURN.split(prompt)[1:]  # marker, text, marker, text, ...
-    roles = {HUMAN: 'user', ASSISTANT: 'assistant'}
-    messages = [{'role': roles[marker], 'content': text.strip()} for marker, text in zip(parts[::2], parts[1::2])]
-    return messages[:-1]
-
-
-def render_hh_as_chat(data: PreferenceData, tokenizer, name: str) -> PreferenceData:
+def render_hh_as_chat(data: PreferenceData, tokenizer, name: str) -> Loaded:
     """HH-format data (prompts '\n\nHuman: ...\n\nAssistant:', responses ' ...') as the tokenizer's chat
     template renders the same dialogues, for an instruct model (the option render_hh_with_chat_template).
 
@@ -604,6 +569,7 @@ def render_hh_as_chat(data: PreferenceData, tokenizer, name: str) -> PreferenceD
                          f'{getattr(tokenizer, "name_or_path", None)!r} has none; set render_hh_with_chat_template=false')
     specials = special_token_texts(tokenizer)
     rendered: PreferenceData = {}
+    rendered_from: Dict[str, Messages] = {}
     left_out: Dict[str, List[int]] = defaultdict(list)
     for n, (prompt, entry) in enumerate(data.items(), start=1):
         if any(s in text for text in (prompt, *entry['responses']) for s in specials):
@@ -618,12 +584,13 @@ def render_hh_as_chat(data: PreferenceData, tokenizer, name: str) -> PreferenceD
         chat_prompt = texts[0][0]
         _add_responses(rendered, chat_prompt, [t[1] for t in texts[:-1]], entry['pairs'])
         rendered[chat_prompt]['sft_target'] = texts[-1][1]
+        rendered_from.setdefault(chat_prompt, messages)
     if left_out:
         summary = '; '.join(f'{len(ns)} {reason} (prompts {", ".join(map(str, ns[:5]))}{", ..." if len(ns) > 5 else ""})'
                             for reason, ns in left_out.items())
         warnings.warn(f'{name}: rendering with the chat template left out {sum(map(len, left_out.values()))} of '
                       f'{len(data)} prompts: {summary}', DataWarning, stacklevel=3)
-    return rendered
+    return Loaded(rendered, chat_rendered=True, messages=rendered_from)
 
 
 def load_generic(request: LoadRequest) -> Loaded:
@@ -644,6 +611,7 @@ def load_generic(request: LoadRequest) -> Loaded:
                              'a chat template (or set tokenizer.chat_template)')
         specials = special_token_texts(tokenizer)
     data: PreferenceData = {}
+    messages: Dict[str, Messages] = {}
     left_out = LeftOut(where)
     for row_no, row, at in object_rows(rows, request, f'Processing {request.name}', left_out):
         if not chat:
@@ -670,8 +638,10 @@ def load_generic(request: LoadRequest) -> Loaded:
             continue
         _add_responses(data, prompt, [chosen, rejected], [(0, 1)])
         data[prompt]['sft_target'] = chosen
+        if chat:
+            messages.setdefault(prompt, parts[0])
     left_out.report(len(rows), GENERIC_SCHEMA)
-    return Loaded(data, chat_rendered=chat)
+    return Loaded(data, chat_rendered=chat, messages=messages)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -771,8 +741,9 @@ def load_source(name: str, split: str, silent: bool = False, cache_dir: Optional
     request = LoadRequest(name, location, split, silent, cache_dir, tokenizer, dict(dataset_options or {}))
     loaded = source.load(request)
     if request.options.get('render_hh_with_chat_template') and not loaded.chat_rendered and not source.generated:
-        loaded = Loaded(render_hh_as_chat(loaded.data, tokenizer, name), chat_rendered=True)
+        loaded = render_hh_as_chat(loaded.data, tokenizer, name)
     for prompt, entry in loaded.data.items():
         assert set(entry) == {'responses', 'pairs', 'sft_target'}, f'{name}: unexpected keys {sorted(entry)}'
         assert loaded.chat_rendered or (prompt.startswith(HUMAN) and prompt.endswith(ASSISTANT)), prompt[:80]
+        assert not loaded.chat_rendered or prompt in loaded.messages, f'{name}: no messages for {prompt[:80]!r}'
     return loaded, source

@@ -19,11 +19,11 @@ Prompts are left-padded, batched by length (fewer pad tokens), decoded with the 
 stops at EOS or at the chat template's end-of-turn token (`<|im_end|>` for SmolLM2). Sampling is seeded:
 the same seed, prompts and settings give the same text. Temperature 0 is greedy decoding.
 """
+import contextlib
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -31,23 +31,25 @@ import tqdm
 
 from checkpoints import atomic_write_text
 from distributed import all_gather_if_needed
-from models import check_model_directory, load_tokenizer, materialize_model
+from chat_format import Messages, hh_messages, hh_text
 from data_sources import load_source
-from preference_datasets import encode_texts
-from utils import DummyWandb, get_local_dir, pad_to_length, rank0_print
+from models import check_model_directory, load_tokenizer, materialize_model, missing_model_reason
+from preference_datasets import chat_prompt_ids, encode_texts
+from utils import DummyWandb, UserError, get_local_dir, pad_to_length, rank0_print
 
 # Where the embedded model and the Hugging Face cache go when the source does not say (train.py's default).
 DEFAULT_LOCAL_DIRS = ('/scr-ssd', '/scr', '.cache')
-_HUB_ID = re.compile(r'[\w.-]+/[\w.-]+')
 
 
 @dataclass
 class LoadedModel:
-    """A causal LM in eval mode with its tokenizer (pad = EOS where it had none) and where it came from."""
+    """A causal LM in eval mode with its tokenizer (pad = EOS where it had none) and where it came from; whether it was
+    trained on chat-rendered HH-format prompts, where its source says (trained_chat_rendering), else None."""
     model: nn.Module
     tokenizer: object
     source: str
     stop_ids: List[int]
+    render_hh_with_chat_template: Optional[bool] = None
 
     @property
     def device(self) -> torch.device:
@@ -57,11 +59,26 @@ class LoadedModel:
 @dataclass
 class Prompt:
     """One prompt to answer: the text the model continues, the data set's preferred response to it (the
-    reference a pairwise judge compares against), and whether the text came out of a chat template."""
+    reference a pairwise judge compares against), whether the text came out of a chat template, and the
+    messages it was rendered from (None for an HH-format text: its messages are read from the text)."""
     text: str
     chosen: str
     dataset: str
     chat_rendered: bool = False
+    messages: Optional[Messages] = None
+
+    @property
+    def dialogue(self) -> Messages:
+        """The prompt's messages, free of any chat template's markup: what judges and reward models read."""
+        if self.messages is not None:
+            return self.messages
+        assert not self.chat_rendered, 'a chat-rendered Prompt needs the messages it was rendered from'
+        return hh_messages(self.text)
+
+    @property
+    def plain_text(self) -> str:
+        """The dialogue as HH-format text ('\\n\\nHuman: ...\\n\\nAssistant:'): the text itself unless chat-rendered."""
+        return hh_text(self.dialogue) if self.chat_rendered else self.text
 
 
 @dataclass
@@ -81,7 +98,7 @@ class Sample:
 
 
 def model_kind(source: str) -> str:
-    """'run', 'hf', 'gguf', 'embedded' or 'hub' for a model source, without loading anything; ValueError
+    """'run', 'hf', 'gguf', 'embedded' or 'hub' for a model source, without loading anything; UserError
     naming the path and what is expected when it is none of them."""
     if source.startswith('embedded:'):
         return 'embedded'
@@ -89,21 +106,22 @@ def model_kind(source: str) -> str:
     if path.is_dir():
         if (path / 'config.yaml').is_file():
             if not ((path / 'LATEST' / 'policy.pt').is_file() or (path / 'hf_model' / 'config.json').is_file()):
-                raise ValueError(f'{source}: a run directory without weights (no LATEST/policy.pt and no '
-                                 f'hf_model/); pass a run that saved a checkpoint')
+                raise UserError(f'{source}: a run directory without weights (no LATEST/policy.pt and no '
+                                f'hf_model/); pass a run that saved a checkpoint')
             return 'run'
         if (path / 'config.json').is_file():
             return 'hf'
-        raise ValueError(f'{source}: not a model directory (no config.yaml of a train.py run, no config.json of a '
-                         f'Hugging Face model); pass a run directory, its hf_model/, or a model directory')
+        raise UserError(f'{source}: not a model directory (no config.yaml of a train.py run, no config.json of a '
+                        f'Hugging Face model); pass a run directory, its hf_model/, or a model directory')
     if path.is_file():
         if path.name.endswith('.gguf'):
             return 'gguf'
-        raise ValueError(f'{source}: a file, but not a .gguf model; pass a run directory, a Hugging Face model '
-                         f'directory or a .gguf file')
-    if _HUB_ID.fullmatch(source) and not source.startswith(('.', '/', '~')):
-        return 'hub'
-    raise ValueError(f'{source}: no such model directory or file')
+        raise UserError(f'{source}: a file, but not a .gguf model; pass a run directory, a Hugging Face model '
+                        f'directory or a .gguf file')
+    reason = missing_model_reason(source)
+    if reason:
+        raise UserError(f'{source}: {reason}')
+    return 'hub'
 
 
 def load_model(source: str, device: Optional[str] = None, dtype: str = 'float32',
@@ -126,7 +144,25 @@ def load_model(source: str, device: Optional[str] = None, dtype: str = 'float32'
         tokenizer.pad_token_id = tokenizer.eos_token_id
     device = device or ('cuda' if torch.cuda.is_available() else 'cpu')
     model = model.to(device).eval()
-    return LoadedModel(model, tokenizer, source, stop_token_ids(tokenizer, model))
+    return LoadedModel(model, tokenizer, source, stop_token_ids(tokenizer, model), trained_chat_rendering(source))
+
+
+def trained_chat_rendering(source: str) -> Optional[bool]:
+    """train.py's render_hh_with_chat_template of the run a model source comes from: a run directory's config.yaml,
+    or the training_options.json its export hf_model/ carries (checkpoints.export_hf_model); None for a model that
+    says nothing (a Hub id, a .gguf, an embedded model, a directory of another trainer)."""
+    from omegaconf import OmegaConf
+    from checkpoints import TRAINING_OPTIONS_FILE
+    kind = model_kind(source)
+    path = Path(source).expanduser()
+    if kind == 'run':
+        return OmegaConf.select(OmegaConf.load(path / 'config.yaml'), 'render_hh_with_chat_template',
+                                default=False) is True
+    options = path / TRAINING_OPTIONS_FILE
+    if kind == 'hf' and options.is_file():
+        value = json.loads(options.read_text()).get('render_hh_with_chat_template')
+        return value if isinstance(value, bool) else None
+    return None
 
 
 def _load_run(run_dir: Path, dtype: str):
@@ -202,7 +238,8 @@ def load_prompts(datasets: Sequence[str], split: str, n_prompts: Optional[int], 
             raise ValueError(f"datasets: '{name}' has no prompts in its {split} split; pass a data set with "
                              f"prompt/chosen/rejected rows (or another split)")
         items = list(loaded.data.items())[:n_prompts]
-        prompts += [Prompt(text, entry['sft_target'], name, loaded.chat_rendered) for text, entry in items]
+        prompts += [Prompt(text, entry['sft_target'], name, loaded.chat_rendered,
+                           loaded.prompt_messages(text) if loaded.chat_rendered else None) for text, entry in items]
     return prompts
 
 
@@ -218,18 +255,44 @@ def response_text(loaded: LoadedModel, prompt: Prompt) -> str:
 
 def encode_prompts(tokenizer, prompts: Sequence[Prompt], max_prompt_length: int) -> List[List[int]]:
     """Token ids of each prompt, no BOS/EOS added, as training tokenizes them (special-token text is plain
-    text, except in chat-rendered prompts); a longer prompt keeps its last max_prompt_length tokens (the end of
-    a dialogue, where the question is, as train.py keeps for hh)."""
+    text, except in chat-rendered prompts). A longer HH-format prompt keeps its last max_prompt_length tokens (the
+    end of a dialogue, where the question is, as train.py keeps for hh); a longer chat-rendered one is cut inside
+    its conversation and rendered again, as in training (preference_datasets.chat_prompt_ids), so that it still
+    ends with the template's generation prompt."""
     ids = [None] * len(prompts)
     for chat in (False, True):
         index = [i for i, p in enumerate(prompts) if p.chat_rendered == chat]
         for i, row in zip(index, encode_texts(tokenizer, [prompts[i].text for i in index], parse_special_tokens=chat)):
-            ids[i] = row[-max_prompt_length:]
+            if len(row) > max_prompt_length:
+                row = (chat_prompt_ids(tokenizer, prompts[i].dialogue, max_prompt_length) if chat
+                       else row[-max_prompt_length:])
+            ids[i] = row
     return ids
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Generation
+
+
+def random_state_devices() -> List[int]:
+    """The CUDA devices whose random state seeded_random_state forks and seeds: every visible one once CUDA is in use
+    (a model split with device_map samples on its last device, and torch.manual_seed would reseed them all), none
+    before (nothing can have drawn from them, and asking would start CUDA in a CPU-only run)."""
+    return list(range(torch.cuda.device_count())) if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+
+
+@contextlib.contextmanager
+def seeded_random_state(seed: int, devices: Optional[Sequence[int]] = None) -> Iterator[None]:
+    """Inside: the global CPU random state and that of each CUDA device of `devices` (default random_state_devices())
+    seeded with `seed`; afterwards all of them exactly as they were (torch.random.fork_rng). Each generator is
+    seeded directly: torch.manual_seed would also queue a reseed of CUDA devices not yet started, which then happens,
+    unforked, whenever CUDA starts."""
+    devices = random_state_devices() if devices is None else list(devices)
+    with torch.random.fork_rng(devices=devices):
+        torch.random.default_generator.manual_seed(seed)
+        for device in devices:
+            torch.cuda.default_generators[device].manual_seed(seed)
+        yield
 
 
 def length_batches(lengths: Sequence[int], batch_size: int) -> List[List[int]]:
@@ -250,12 +313,24 @@ def left_padded(rows: Sequence[Sequence[int]], pad_id: int, device) -> Dict[str,
     return {'input_ids': input_ids.to(device), 'attention_mask': attention_mask.to(device)}
 
 
+# generate() settings that would change the sampling distribution, at the values that switch them off (transformers'
+# GenerationMixin._get_logits_processor skips a processor whose setting is None): a model's own generation config
+# (SmolLM2's top_k, a Qwen model's repetition_penalty) must not change what is sampled, so that samples are drawn
+# from exactly the distribution `sequence_logps` scores them with.
+NEUTRAL_PROCESSORS = dict(top_h=None, min_p=None, typical_p=None, epsilon_cutoff=None, eta_cutoff=None,
+                          repetition_penalty=None, no_repeat_ngram_size=None, sequence_bias=None, bad_words_ids=None,
+                          min_length=None, min_new_tokens=None, forced_bos_token_id=None, forced_eos_token_id=None,
+                          exponential_decay_length_penalty=None, suppress_tokens=None, begin_suppress_tokens=None,
+                          guidance_scale=None, renormalize_logits=None, watermarking_config=None)
+
+
 def sampling_kwargs(temperature: float, top_p: float) -> Dict:
-    """generate() arguments of one decoding rule; top_k=0 so that top_p and the temperature alone decide (the
-    model's own generation config, e.g. a default top_k of 50, must not change the distribution)."""
+    """generate() arguments of one decoding rule: π_T, the softmax of logits / T renormalised over the top-p nucleus
+    (temperature 0: greedy), and nothing else (NEUTRAL_PROCESSORS; top_k=0, since transformers' default top_k of 50
+    would otherwise apply)."""
     if temperature == 0:
-        return dict(do_sample=False, temperature=None, top_p=None, top_k=None)
-    return dict(do_sample=True, temperature=float(temperature), top_p=float(top_p), top_k=0)
+        return dict(do_sample=False, temperature=None, top_p=None, top_k=None, **NEUTRAL_PROCESSORS)
+    return dict(do_sample=True, temperature=float(temperature), top_p=float(top_p), top_k=0, **NEUTRAL_PROCESSORS)
 
 
 @torch.no_grad()
@@ -264,17 +339,15 @@ def generate(loaded: LoadedModel, prompt_ids: Sequence[Sequence[int]], n: int = 
              progress: bool = True) -> List[List[Sample]]:
     """n completions of each prompt (greedy at temperature 0, where n > 1 repeats the same text), samples[i][k].
 
-    batch_size counts prompts per generate call (each with its n samples). The global RNG is seeded with `seed`
-    inside a fork, so the caller's random state is left as it was.
+    batch_size counts prompts per generate call (each with its n samples). The global RNGs (CPU and CUDA) are seeded
+    with `seed` inside a fork (seeded_random_state), so the caller's random state is left as it was.
     """
     model, tokenizer = loaded.model, loaded.tokenizer
     pad_id = tokenizer.pad_token_id
     samples: List[List[Sample]] = [[] for _ in prompt_ids]
     bar = tqdm.tqdm(total=len(prompt_ids) * n, desc=f'Sampling (T={temperature:g})', unit='sample',
                     disable=not progress, mininterval=1.0)
-    devices = [loaded.device] if loaded.device.type == 'cuda' else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
+    with seeded_random_state(seed):
         for batch in length_batches([len(p) for p in prompt_ids], batch_size):
             inputs = left_padded([prompt_ids[i] for i in batch], pad_id, loaded.device)
             output = model.generate(**inputs, max_new_tokens=max_new_tokens, num_return_sequences=n,
@@ -299,27 +372,63 @@ def completion_sample(tokenizer, tokens: List[int], stop_ids: Sequence[int], pro
     return Sample(prompt_index, sample_index, text, kept, stop is not None)
 
 
-@torch.no_grad()
+def sampled_token_logps(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0,
+                        top_p: float = 1.0) -> torch.Tensor:
+    """log π_T(token) under the distribution generate() samples from with sampling_kwargs(temperature, top_p), (N,)
+    float32, from the (N, V) logits before each token: the softmax of logits / T over the top-p nucleus, computed by
+    transformers' own TemperatureLogitsWarper and TopPLogitsWarper as generate() applies them. T = 1, top_p = 1 is
+    the model's own log π. T = 0 (greedy) is the point mass on the chosen token: log-probability 0.
+
+    A sampled token was inside the nucleus generate() computed; recomputed logits that differ from generate()'s in
+    their last bits could put a token on the nucleus's edge just outside it (−inf), so the sampled token is always
+    counted in, with its tempered logit.
+    """
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
+    if temperature == 0:
+        return torch.zeros(tokens.shape, dtype=torch.float32, device=logits.device)
+    scores = logits.float()
+    if temperature != 1:
+        scores = TemperatureLogitsWarper(temperature)(None, scores)
+    tempered = scores.gather(1, tokens[:, None])
+    if top_p < 1:
+        scores = TopPLogitsWarper(top_p)(None, scores).scatter(1, tokens[:, None], tempered)
+    return (tempered.squeeze(1) - scores.logsumexp(-1)).float()
+
+
 def sequence_logps(loaded: LoadedModel, prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Sequence[int]],
-                   batch_size: int = 8) -> List[float]:
-    """log π(y | x) summed over each completion's tokens (its stop token included), temperature 1, by one
+                   batch_size: int = 8, temperature: float = 1.0, top_p: float = 1.0) -> List[float]:
+    """log π_T(y | x) of each completion, summed over its tokens (its stop token included), under the distribution
+    generate(temperature, top_p) samples from (sampled_token_logps); the defaults give log π(y | x) itself."""
+    return sequence_logps_per_rule(loaded, prompt_ids, completion_ids, [(temperature, top_p)], batch_size)[0]
+
+
+@torch.no_grad()
+def sequence_logps_per_rule(loaded: LoadedModel, prompt_ids: Sequence[Sequence[int]],
+                            completion_ids: Sequence[Sequence[int]], rules: Sequence[Tuple[float, float]],
+                            batch_size: int = 8) -> List[List[float]]:
+    """sequence_logps under each (temperature, top_p) of `rules`, logps[r][i] for rule r and completion i, from one
     teacher-forced forward pass per batch of right-padded prompt + completion rows."""
-    from logps import _get_batch_logps
     model, pad_id = loaded.model, loaded.tokenizer.pad_token_id
-    logps = []
+    logps = [[] for _ in rules]
     for start in range(0, len(prompt_ids), batch_size):
-        rows = [list(p) + list(c) for p, c in zip(prompt_ids[start:start + batch_size], completion_ids[start:start + batch_size])]
+        prompts, completions = prompt_ids[start:start + batch_size], completion_ids[start:start + batch_size]
+        rows = [list(p) + list(c) for p, c in zip(prompts, completions)]
         width = max(len(r) for r in rows)
         input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
         attention_mask = torch.zeros_like(input_ids)
-        labels = torch.full_like(input_ids, -100)
-        for j, (row, p) in enumerate(zip(rows, prompt_ids[start:start + batch_size])):
+        labelled = torch.zeros_like(input_ids, dtype=torch.bool)  # positions whose next token is a completion token
+        for j, (row, p) in enumerate(zip(rows, prompts)):
             input_ids[j, :len(row)] = torch.tensor(row)
             attention_mask[j, :len(row)] = 1
-            labels[j, len(p):len(row)] = torch.tensor(row[len(p):], dtype=torch.long)
+            labelled[j, max(len(p), 1) - 1:len(row) - 1] = True  # a first token without context is not scored
         logits = model(input_ids.to(loaded.device), attention_mask=attention_mask.to(loaded.device),
                        use_cache=False).logits
-        logps += _get_batch_logps(logits, labels.to(loaded.device)).tolist()
+        labelled = labelled.to(logits.device)
+        tokens = input_ids.to(logits.device).roll(-1, dims=1)[labelled]
+        owner = torch.arange(len(rows), device=logits.device)[:, None].expand_as(labelled)[labelled]
+        for r, (temperature, top_p) in enumerate(rules):
+            token_logps = sampled_token_logps(logits[labelled], tokens, temperature, top_p)
+            logps[r] += torch.zeros(len(rows), device=logits.device).index_add_(0, owner, token_logps).tolist()
     return logps
 
 
@@ -355,12 +464,12 @@ def draw_samples(batches: Sequence[Dict], samplers: Dict[str, Callable[[Dict], L
     """The prompts of `batches` and, under each name of `samplers`, that sampler's texts for them, batch by batch
     in the samplers' order: sampler(batch) -> one decoded text per prompt (`generate_texts`).
 
-    Sampling draws from the global RNG; it is forked and seeded with `seed` here, so samples drawn during
-    evaluation depend only on the seed and the step, and never shift the training stream.
+    Sampling draws from the global RNGs, CPU and CUDA; both are forked and seeded with `seed` here
+    (seeded_random_state), so samples drawn during evaluation depend only on the seed and the step, and never shift
+    the training stream (LoRA dropout on a GPU draws from the CUDA one).
     """
     prompts, samples = [], {name: [] for name in samplers}
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded_random_state(seed):
         for batch in batches:
             prompts.extend(batch['prompt'])
             for name, sample in samplers.items():

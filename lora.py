@@ -101,9 +101,18 @@ def add_adapters(model: nn.Module, config: DictConfig) -> nn.Module:
 
 @contextlib.contextmanager
 def adapters_disabled(policy: nn.Module) -> Iterator[None]:
-    """The policy computes with its base weights only (the reference model) inside this context."""
-    with policy.disable_adapter():
-        yield
+    """The policy computes as the reference model inside this context: with its base weights only, in eval mode
+    as a separate frozen reference is (reference_cache.ReferenceLogps), so nothing that behaves differently in
+    training (dropout a config left on, a model's own train-mode behaviour) reaches π_ref. Each module's mode is
+    restored afterwards."""
+    modes = [(module, module.training) for module in policy.modules()]
+    policy.eval()
+    try:
+        with policy.disable_adapter():
+            yield
+    finally:
+        for module, training in modes:
+            module.training = training
 
 
 def archive_info(policy: nn.Module, config: DictConfig) -> Dict:

@@ -284,7 +284,7 @@ def load_gguf(gguf_path: Path) -> Tuple[torch.nn.Module, object]:
     template's end-of-turn token where that is another token.
     """
     import transformers
-    from data_sources import end_of_turn_token_id
+    from chat_format import end_of_turn_token_id
     check_gguf_file(gguf_path)
     where = dict(pretrained_model_name_or_path=str(gguf_path.parent), gguf_file=gguf_path.name)
     tokenizer = transformers.AutoTokenizer.from_pretrained(**where)
@@ -306,10 +306,21 @@ def load_gguf(gguf_path: Path) -> Tuple[torch.nn.Module, object]:
 
 
 def disable_dropout(model: torch.nn.Module) -> None:
-    """Set every dropout probability in `model` to 0 (DPO's log-ratios must be deterministic)."""
+    """Set every dropout probability in `model` to 0 (DPO's log-ratios must be deterministic; the original's
+    disable_dropout intends no dropout anywhere).
+
+    Three places hold a rate: nn.Dropout modules (`p`); float attributes of the modules themselves, which
+    transformers 5's attention classes copy from the config when they are built (Llama, Qwen2, GPT-NeoX, Mistral,
+    Phi...: `self.attention_dropout = config.attention_dropout`, passed to the attention function as
+    `dropout=0.0 if not self.training else self.attention_dropout`), so a config zeroed afterwards changes nothing
+    there; and the config, for modules built later from it.
+    """
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
+        for name, value in vars(module).items():
+            if isinstance(value, float) and ('dropout' in name or 'pdrop' in name):
+                setattr(module, name, 0.0)
     config = getattr(model, 'config', None)
     for name in ('attention_dropout', 'hidden_dropout', 'attn_pdrop', 'resid_pdrop', 'embd_pdrop',
                  'classifier_dropout', 'dropout'):
@@ -320,6 +331,30 @@ def disable_dropout(model: torch.nn.Module) -> None:
 # Files one of which every tokenizer directory holds (transformers' fast, BPE, WordPiece and SentencePiece formats)
 TOKENIZER_FILES = ('tokenizer.json', 'tokenizer_config.json', 'vocab.json', 'vocab.txt', 'merges.txt',
                    'tokenizer.model', 'spiece.model', 'sentencepiece.bpe.model', 'tekken.json')
+
+
+def missing_model_reason(name_or_path: Optional[str]) -> Optional[str]:
+    """Why `name_or_path` names no model, when that is clear without asking the Hub: it is no existing path, not
+    embedded:NAME, and not shaped as a Hub id either ('name' or 'namespace/name', as huggingface_hub's
+    validate_repo_id checks), e.g. '/no/such/model_dir', './model' or 'runs/x/hf_model'; or it names a .gguf file
+    that does not exist. None otherwise: a Hub-id-shaped name that is no local path ('gpt2', 'org/model') is left to
+    from_pretrained, which asks the Hub (or its cache). Without this check transformers takes any missing path for a
+    repo id, retries the Hub for about a minute without a network, and ends in a chained OSError about repo ids."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+    if not name_or_path or str(name_or_path).startswith(EMBEDDED_PREFIX):
+        return None
+    text = str(name_or_path)
+    path = Path(text).expanduser()
+    if path.exists():
+        return None
+    if text.endswith('.gguf'):
+        return 'no such GGUF file' + ('; run `make smollm2` to fetch it' if path.resolve() == SMOLLM2_GGUF else '')
+    try:
+        validate_repo_id(text)
+    except HFValidationError:
+        return ('no such directory, and not a Hub id; pass a model directory (written by save_pretrained), a .gguf '
+                'file, embedded:NAME or a Hub id such as EleutherAI/pythia-2.8b')
+    return None
 
 
 def local_directory(name_or_path: Optional[str]) -> Optional[Path]:
@@ -374,14 +409,18 @@ def safetensors_problem(path: Path) -> Optional[str]:
 
 def model_directory_problems(name_or_path: Optional[str], tokenizer_name_or_path: Optional[str],
                              trust_remote_code: bool, model_key: str = 'model.name_or_path') -> List[str]:
-    """Everything wrong with local model and tokenizer directories, found before anything is loaded: damaged files,
-    no tokenizer, and code a directory asks to run (config.json's or tokenizer_config.json's `auto_map`), which is
+    """Everything wrong with local model and tokenizer directories, found before anything is loaded: a path that does
+    not exist (missing_model_reason), damaged files, no tokenizer, and code a directory asks to run (config.json's or tokenizer_config.json's `auto_map`), which is
     refused unless trust_remote_code=true. Hub ids are checked by transformers itself, which runs no code from
     them either while trust_remote_code is false. model_key: the option that named the model, for the messages."""
     problems = []
     model_dir = local_directory(name_or_path)
     tokenizer_key = 'model.tokenizer_name_or_path' if tokenizer_name_or_path else model_key
     tokenizer_dir = local_directory(tokenizer_name_or_path or name_or_path)
+    for key, value in ((model_key, name_or_path), (tokenizer_key, tokenizer_name_or_path or name_or_path)):
+        reason = missing_model_reason(value)
+        if reason:
+            problems.append(f'{key}={value}: {reason}')
     if model_dir is not None:
         problems += model_file_problems(model_dir, model_key)
     for key, directory, file_name in ((model_key, model_dir, 'config.json'),
@@ -403,11 +442,11 @@ def model_directory_problems(name_or_path: Optional[str], tokenizer_name_or_path
 
 
 def check_model_directory(path: Union[str, Path]) -> None:
-    """ValueError naming every problem of model_directory_problems for a model directory given by path alone
+    """UserError naming every problem of model_directory_problems for a model directory given by path alone
     (generation.load_model: evaluate.py, sample_pairs.py), where trust_remote_code is never set."""
     problems = model_directory_problems(str(path), None, trust_remote_code=False, model_key='model')
     if problems:
-        raise ValueError(f'{path} cannot be loaded:\n  - ' + '\n  - '.join(problems))
+        raise UserError(f'{path} cannot be loaded:\n  - ' + '\n  - '.join(problems))
 
 
 def trusts_remote_code(config: DictConfig) -> bool:
@@ -417,12 +456,12 @@ def trusts_remote_code(config: DictConfig) -> bool:
 
 
 def refuse_bad_model_directories(config: DictConfig) -> None:
-    """ValueError naming every problem of model_directory_problems (build_model and load_tokenizer call it, so
+    """UserError naming every problem of model_directory_problems (build_model and load_tokenizer call it, so
     scripts other than train.py, which already validated them, are covered too)."""
     problems = model_directory_problems(config.model.name_or_path, config.model.tokenizer_name_or_path,
                                         trusts_remote_code(config))
     if problems:
-        raise ValueError('the model cannot be loaded:\n  - ' + '\n  - '.join(problems))
+        raise UserError('the model cannot be loaded:\n  - ' + '\n  - '.join(problems))
 
 
 # The lowest versions the code is run on. transformers 5.5: every call into a model is in 5.0's API (logps.py takes

@@ -45,21 +45,25 @@ import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Mapping, NamedTuple, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 import tqdm
 
 from checkpoints import DiskFullError, save_atomically, unreadable_because
-from data_sources import (DataWarning, PreferenceData, closed_turn, load_source, resolve_name, special_token_texts,
-                          split_file)
-from utils import file_identity, fingerprint, get_local_dir
+from chat_format import Messages, closed_turn, special_token_texts
+from data_sources import DataWarning, PreferenceData, load_source, resolve_name, split_file
+from utils import UserError, file_identity, fingerprint, get_local_dir
 
-CACHE_VERSION = 2  # 2: chat-rendered responses end at their end-of-turn token (no EOS after it)
+# 2: chat-rendered responses end at their end-of-turn token (no EOS after it); 3: a too long chat prompt is cut
+# inside its conversation and rendered again (chat_prompt_ids), so it keeps its generation prompt
+CACHE_VERSION = 3
 # No tokenizer we know has tokens of more than about 20 characters; texts are cut to this many
 # characters per token of max_length before tokenizing (see tokenize_split).
 MAX_CHARS_PER_TOKEN = 64
+# What stands for the middle of a message cut to fit max_prompt_length (chat_prompt_ids).
+ELISION = ' [...] '
 
 
 def get_dataset(name: str, split: str, silent: bool = False, cache_dir: Optional[str] = None, tokenizer=None,
@@ -78,16 +82,21 @@ def get_dataset(name: str, split: str, silent: bool = False, cache_dir: Optional
 
 
 def truncate_pair(prompt: List[int], chosen: List[int], rejected: List[int], truncation_mode: str,
-                  max_length: int, max_prompt_length: int) -> Tuple[List[int], List[int], List[int]]:
+                  max_length: int, max_prompt_length: int, shorter_prompt: Optional[Callable[[], List[int]]] = None
+                  ) -> Tuple[List[int], List[int], List[int]]:
     """The original's truncation of one (prompt, chosen + EOS, rejected + EOS) triple of token ids.
 
     If prompt + the longer response exceeds max_length, the prompt is cut to max_prompt_length (its end
-    kept for 'keep_end', its start for 'keep_start'); if that is still too long, both responses are cut to
-    max_length - max_prompt_length tokens (which can drop their EOS, as in the original).
+    kept for 'keep_end', its start for 'keep_start'; a chat-rendered prompt is instead replaced by
+    shorter_prompt(), its conversation cut and rendered again within max_prompt_length tokens, see
+    chat_prompt_ids); if that is still too long, both responses are cut to max_length - max_prompt_length
+    tokens (which can drop their EOS, as in the original).
     """
     longer = max(len(chosen), len(rejected))
     if len(prompt) + longer > max_length:
-        if truncation_mode == 'keep_start':
+        if shorter_prompt is not None:
+            prompt = shorter_prompt()
+        elif truncation_mode == 'keep_start':
             prompt = prompt[:max_prompt_length]
         elif truncation_mode == 'keep_end':
             prompt = prompt[-max_prompt_length:]
@@ -96,6 +105,60 @@ def truncate_pair(prompt: List[int], chosen: List[int], rejected: List[int], tru
     if len(prompt) + longer > max_length:
         chosen, rejected = chosen[:max_length - max_prompt_length], rejected[:max_length - max_prompt_length]
     return prompt, chosen, rejected
+
+
+def chat_prompt_ids(tokenizer, messages: Sequence[Mapping[str, str]], max_prompt_length: int) -> List[int]:
+    """Token ids of `messages` rendered by the tokenizer's chat template with its generation prompt, in at most
+    max_prompt_length tokens. A longer conversation is cut inside and rendered again, so that it still ends with
+    the generation prompt ('<|im_start|>assistant\\n' for SmolLM2) the response follows; cutting its tokens at
+    either end (keep_start) would leave the response after half a user message.
+
+    First the oldest turns go, a whole exchange at a time (what is left still opens with a user message, which
+    templates that check the roles require), down to the last message; a system message at the start stays, and
+    so does a template's own default one (SmolLM2's, which it writes whenever the messages have none). If that is
+    still too long, the longest message loses its middle: its first and last tokens stay, joined by ELISION; then
+    the next longest, and so on. A conversation that fits is rendered exactly as the data loader renders it.
+    UserError when even empty messages do not fit (the template's own text is longer than max_prompt_length).
+    """
+    limit = max_prompt_length * MAX_CHARS_PER_TOKEN  # as in tokenize_split: more text than that cannot fit anyway
+    messages = [{**m, 'content': m['content'] if len(m['content']) <= 2 * limit else
+                 m['content'][:limit] + ELISION + m['content'][-limit:]} for m in messages]
+    ids = _rendered_ids(tokenizer, messages)
+    system, turns = (messages[:1], messages[1:]) if messages and messages[0]['role'] == 'system' else ([], messages)
+    while len(ids) > max_prompt_length and len(turns) > 1:
+        turns = turns[1:]
+        while len(turns) > 1 and turns[0]['role'] != 'user':
+            turns = turns[1:]
+        ids = _rendered_ids(tokenizer, system + turns)
+    return _middles_cut(tokenizer, system + turns, ids, max_prompt_length) if len(ids) > max_prompt_length else ids
+
+
+def _rendered_ids(tokenizer, messages: Messages) -> List[int]:
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return encode_texts(tokenizer, [text], parse_special_tokens=True)[0]
+
+
+def _middles_cut(tokenizer, messages: Messages, ids: List[int], max_prompt_length: int) -> List[int]:
+    """chat_prompt_ids' second step: the longest message's middle cut out until the rendering fits."""
+    originals = [m['content'] for m in messages]
+    offsets = [tokenizer(text, add_special_tokens=False, split_special_tokens=True,
+                         return_offsets_mapping=True)['offset_mapping'] for text in originals]
+    kept = [len(o) for o in offsets]  # tokens of each message's text that stay
+    elision = len(encode_texts(tokenizer, [ELISION])[0])
+    messages = list(messages)
+    while len(ids) > max_prompt_length:
+        i = max(range(len(kept)), key=kept.__getitem__)  # the first of the longest
+        if kept[i] == 0:
+            raise UserError(f'max_prompt_length={max_prompt_length} is shorter than the chat template\'s own text '
+                            f'({len(ids)} tokens with every message emptied): raise max_prompt_length')
+        excess = len(ids) - max_prompt_length + (elision if kept[i] == len(offsets[i]) else 0)
+        kept[i] = max(0, kept[i] - excess)
+        head, tail = (kept[i] + 1) // 2, kept[i] // 2
+        text, spans = originals[i], offsets[i]
+        cut = text[:spans[head - 1][1]] + ELISION + (text[spans[len(spans) - tail][0]:] if tail else '') if head else ''
+        messages[i] = {**messages[i], 'content': cut}
+        ids = _rendered_ids(tokenizer, messages)
+    return ids
 
 
 def encode_texts(tokenizer, texts: List[str], parse_special_tokens: bool = False, silent: bool = True,
@@ -200,8 +263,13 @@ class TokenizedSplit:
 
 
 def tokenize_split(data: PreferenceData, tokenizer, truncation_mode: str, max_length: int, max_prompt_length: int,
-                   sft_mode: bool = False, chat_rendered: bool = False, silent: bool = True) -> TokenizedSplit:
-    """Every example of `data` tokenized: unique prompts and responses in batches, then truncated per pair."""
+                   sft_mode: bool = False, chat_rendered: bool = False, silent: bool = True,
+                   messages: Optional[Mapping[str, Messages]] = None) -> TokenizedSplit:
+    """Every example of `data` tokenized: unique prompts and responses in batches, then truncated per pair.
+
+    chat_rendered: the texts came out of the chat template, and `messages` holds each prompt's messages (a too
+    long prompt is rendered again from them within max_prompt_length, see chat_prompt_ids)."""
+    assert not chat_rendered or messages is not None, "a chat-rendered split needs the messages of its prompts"
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ValueError(f'tokenizer {tokenizer.name_or_path!r} has no EOS token; the responses need one appended')
@@ -233,8 +301,15 @@ def tokenize_split(data: PreferenceData, tokenizer, truncation_mode: str, max_le
     response_tokens = [ids if c is not None else ids + [eos] for ids, c in
                        zip(encode_texts(tokenizer, [c if c is not None else t for t, c in zip(texts, closed)],
                                         chat_rendered, silent), closed)]
+    shortened: Dict[int, List[int]] = {}  # a too long chat prompt, rendered again once for all its pairs
+
+    def shorter_prompt(g: int) -> List[int]:
+        if g not in shortened:
+            shortened[g] = chat_prompt_ids(tokenizer, messages[prompts[g]], max_prompt_length)
+        return shortened[g]
     truncated = [truncate_pair(prompt_tokens[g], response_tokens[c], response_tokens[c if r < 0 else r],
-                               truncation_mode, max_length, max_prompt_length) for g, c, r in examples]
+                               truncation_mode, max_length, max_prompt_length,
+                               (lambda g=g: shorter_prompt(g)) if chat_rendered else None) for g, c, r in examples]
     return TokenizedSplit(
         prompts, responses, np.asarray(group_offsets, dtype=np.int64),
         np.asarray([c for _, c, _ in examples], dtype=np.int64), np.asarray([r for _, _, r in examples], dtype=np.int64),
@@ -290,7 +365,7 @@ def load_tokenized(name: str, tokenizer, split: str = 'train', max_length: int =
             warnings.warn(f'{path}: unreadable tokenization cache ({unreadable_because(e)}); rebuilding it', DataWarning)
     loaded, source = load_source(name, split, silent, cache_dir, tokenizer, dataset_options)
     tokenized = tokenize_split(loaded.data, tokenizer, source.truncation_mode, max_length, max_prompt_length,
-                               sft_mode, loaded.chat_rendered, silent)
+                               sft_mode, loaded.chat_rendered, silent, loaded.messages)
     try:
         save_atomically(tokenized.state_dict(), path)
     except DiskFullError as e:  # the run goes on; only the next run's head start is lost

@@ -15,8 +15,9 @@ log-probabilities of every training and evaluation pair are computed once, saved
 The file is written atomically every `precompute_save_every_secs` during the pass and at its end, so a run
 killed during the pass computes only the rest when started again; a damaged file is recomputed.
 
-With LoRA (lora.r > 0) there is no second model: the reference is the policy itself inside `switch` (peft's
-disable_adapter), i.e. the weights the run started from.
+With LoRA (lora.r > 0) there is no second model: the reference is the policy itself inside `switch`
+(lora.adapters_disabled: peft's disable_adapter, in eval mode like a separate reference), i.e. the weights the
+run started from.
 """
 import contextlib
 import math
@@ -136,7 +137,8 @@ class ReferenceLogps:
 
     `forward(model, batch) -> (chosen, rejected)` computes them from a model (the trainer's concatenated
     forward). `switch(model)`, if given, is a context inside which `model` is the reference: the policy with its
-    LoRA adapters disabled; without it `model` is a separate frozen model, put in eval mode here. After
+    LoRA adapters disabled and every module in eval mode; without it `model` is a separate frozen model, put in eval
+    mode here. After
     `precompute` they come from the cache and the model is gone (`model` is None).
     """
 

@@ -427,6 +427,22 @@ class BasicTrainer(TrainerCheckpointing):
         """The optimizer and lr schedule of config (optimization.build_optimizer), over the trained parameters."""
         self.optimizer, self.scheduler = build_optimizer(
             [p for p in self.policy.parameters() if p.requires_grad], self.config, self.total_steps)
+        warning = self.warmup_warning()
+        if warning:
+            rank0_print(warning)
+
+    def warmup_warning(self) -> Optional[str]:
+        """A run that ends inside its warmup never trains at lr (a short SFT at the original's lr 5e-7 and 150 warmup
+        steps reaches 1.7e-8 after 4 steps and moves nothing): say so, with the lr it ends at."""
+        warmup = self.config.warmup_steps
+        if warmup == 0:
+            return None
+        steps = self.total_steps()
+        if warmup < steps:
+            return None
+        final_lr = self.config.lr * steps / (warmup + 1)  # LRSchedule's warmup factor (t + 1)/(warmup + 1) at t = steps − 1
+        return (f'WARNING: warmup_steps={warmup} ≥ this run\'s {steps} optimizer steps: the learning rate never reaches '
+                f'lr={self.config.lr:g} (it ends at {final_lr:.2g}); lower warmup_steps, e.g. warmup_steps={steps // 10}')
 
     def total_steps(self) -> int:
         return total_training_steps(self.config, self.data_kwargs)

@@ -6,7 +6,7 @@ and the synthetic task, with a report.
     python experiments/demo.py --seeds 0 1 2                # three seeds: mean and spread in the table
     python experiments/demo.py --threads 0                  # torch picks the threads per stage (default: 1, see --help)
     python experiments/demo.py --quick                      # a few steps of each stage, to check that it runs
-    python plots.py RUN_DIR --out DIR        # the same figures for any run
+    python scripts/plot_run.py RUN_DIR --out DIR            # the same figures for any run
 
 Each stage is an ordinary command (the report lists them): `python train.py loss=sft ...` on the synthetic
 task's gold answers; `python scripts/sample_pairs.py SFT_RUN ...`, the SFT model answering 8,192 training prompts, each
@@ -19,14 +19,11 @@ The output folder gets report.md (gold accuracy, reward accuracy and margin, wal
 gold_accuracy.png, loss.png, reward_margins.png, reward_accuracy.png, beta.png, results.json (every number in
 the tables), pairs/ (each seed's preference pairs), logs/ (each stage's output) and runs/ (the run directories
 with their checkpoints).
+The console shows each stage's command and log file when it starts, a progress bar while it runs (tqdm, where
+stderr is a terminal; one per stage side by side) and its time and outcome when it ends, then the report and, last,
+its path.
 """
 import argparse
-import json
-import os
-import platform
-import shlex
-import statistics
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -37,8 +34,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project root, for `python experiments/demo.py`
 
 import plots  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
+from experiments import report, stages  # noqa: E402
+from experiments.stages import ROOT, Process  # noqa: E402
 
 # Overrides of every stage, on top of the tiny preset (config/model/tiny.yaml: AdamW, batch 32, ...).
 COMMON = {
@@ -114,31 +111,6 @@ class Pairs:
     command: List[str]
 
 
-class Process:
-    """One command running in the background, its output into a log file under out/logs/."""
-
-    def __init__(self, command: List[str], log_path: Path, threads: int, what: str):
-        self.command, self.log_path, self.what = command, log_path, what
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        env = dict(os.environ, PYTHONUNBUFFERED='1', TOKENIZERS_PARALLELISM='false', HF_HUB_OFFLINE='1')
-        if threads:
-            env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-        print(f'{what}: {shlex.join(["python", *command[1:]])}', flush=True)
-        self.start = time.time()
-        with open(log_path, 'w') as log:
-            self.process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-
-    def wait(self) -> str:
-        """The log's text once the command has exited; RuntimeError with the log's end if it failed."""
-        returncode = self.process.wait()
-        self.wall_s = time.time() - self.start
-        text = self.log_path.read_text()
-        if returncode != 0:
-            raise RuntimeError(f'{self.what} failed with exit code {returncode}; the end of {self.log_path}:\n'
-                               + '\n'.join(text.splitlines()[-25:]))
-        return text
-
-
 def stage_args(stage: Stage, seed: int, out: Path, quick: bool, wandb: bool, archive: Optional[Path],
                pairs: Optional[Path]) -> List[str]:
     """The train.py arguments of one stage."""
@@ -152,37 +124,26 @@ def stage_args(stage: Stage, seed: int, out: Path, quick: bool, wandb: bool, arc
     return [f'{key}={value}' for key, value in overrides.items()]
 
 
-def run_dir_from_log(log_text: str, log_path: Path) -> Path:
-    """The run directory that train.py announces ('Writing to /ABSOLUTE/DIR')."""
-    for line in log_text.splitlines():
-        if line.startswith('Writing to '):
-            return Path(line[len('Writing to '):].strip())
-    raise RuntimeError(f'train.py did not announce its run directory; see {log_path}')
-
-
 def start_stage(stage: Stage, seed: int, out: Path, args, sft: Optional[StageRun], pairs: Optional[Pairs]) -> Process:
     archive = sft.run_dir / 'LATEST' / 'policy.pt' if sft is not None else None
-    command = [sys.executable, 'train.py', *stage_args(stage, seed, out, args.quick, args.wandb, archive,
-                                                       pairs.path if pairs is not None else None)]
-    return Process(command, out / 'logs' / f'{stage.name}_seed{seed}.log', args.threads, f'[seed {seed}] {stage.label}')
+    command = stages.python_command('train.py', *stage_args(stage, seed, out, args.quick, args.wandb, archive,
+                                                            pairs.path if pairs is not None else None))
+    return Process(command, out / 'logs' / f'{stage.name}_seed{seed}.log', args.threads, f'[seed {seed}] {stage.label}',
+                   stages.TRAINING)
 
 
 def finish_stage(stage: Stage, seed: int, process: Process, sft: Optional[StageRun]) -> StageRun:
     """Wait for a stage and read its run directory's metrics."""
-    run_dir = run_dir_from_log(process.wait(), process.log_path)
-    records = plots.read_metrics(run_dir)
-    evals = [r for r in records if r['split'] == 'eval']
-    betas = [r['record_train/beta_used'] for r in records if 'record_train/beta_used' in r]
-    kept = [r['record_train/kept_fraction'] for r in records if 'record_train/kept_fraction' in r]
+    run_dir = stages.run_dir_from_log(process.wait(), process.log_path)
+    metrics = report.run_metrics(run_dir)
     # plain DPO: its fixed β; SFT: None
-    beta_mean = statistics.fmean(betas) if betas else plots.configured_beta(run_dir)
-    run = StageRun(stage, seed, run_dir, process.wall_s, process.command, evals[-1] if evals else {}, beta_mean,
-                   statistics.fmean(kept) if kept else None)
+    beta_mean = metrics.beta_mean if metrics.beta_mean is not None else plots.configured_beta(run_dir)
+    run = StageRun(stage, seed, run_dir, process.wall_s, process.command, metrics.evals[-1] if metrics.evals else {},
+                   beta_mean, metrics.kept_mean)
     gold = run.final_eval.get('gold_eval/accuracy')
     if sft is not None and gold is not None and 'gold_eval/accuracy' in sft.final_eval:
         run.gold_change = gold - sft.final_eval['gold_eval/accuracy']
-    print(f'[seed {seed}] {stage.label}: {process.wall_s:.0f} s, gold accuracy '
-          f'{gold if gold is None else round(gold, 3)}, run directory {run_dir}', flush=True)
+    process.finish(f'gold accuracy {gold if gold is None else round(gold, 3)}, run directory {run_dir}')
     return run
 
 
@@ -190,11 +151,12 @@ def sample_pairs(sft: StageRun, seed: int, out: Path, args) -> Pairs:
     """sample_pairs.py on the SFT run: the pairs of the stages after SFT (the control reads their prompts)."""
     path = out.resolve() / 'pairs' / f'seed{seed}.jsonl'
     path.parent.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, 'scripts/sample_pairs.py', str(sft.run_dir), '--out', str(path), '--seed', str(seed),
-               *(QUICK_SAMPLE if args.quick else SAMPLE)]
-    process = Process(command, out / 'logs' / f'pairs_seed{seed}.log', args.threads, f'[seed {seed}] pairs')
-    summary = process.wait().strip().splitlines()[-1].split(': ', 1)[-1]
-    print(f'[seed {seed}] pairs: {process.wall_s:.0f} s, {summary}', flush=True)
+    command = stages.python_command('scripts/sample_pairs.py', str(sft.run_dir), '--out', str(path), '--seed',
+                                    str(seed), *(QUICK_SAMPLE if args.quick else SAMPLE))
+    process = Process(command, out / 'logs' / f'pairs_seed{seed}.log', args.threads, f'[seed {seed}] pairs',
+                      stages.PROMPTS)
+    summary = stages.pairs_summary(process.wait())
+    process.finish(summary)
     return Pairs(seed, path, summary, process.wall_s, command)
 
 
@@ -214,8 +176,7 @@ def run_pipeline(seed: int, out: Path, args) -> Tuple[List[StageRun], Pairs]:
             runs += [finish_stage(stage, seed, process, sft) for stage, process in zip(after_sft, processes)]
         finally:
             for process in processes:
-                if process.process.poll() is None:
-                    process.process.kill()
+                process.stop()
     return runs, pairs
 
 
@@ -233,33 +194,17 @@ COLUMNS = (  # (heading, how to read it from a StageRun, format)
 )
 
 
-def summary(values: Sequence[Optional[float]], fmt: str) -> str:
-    """'v' for one value, 'mean ± sd (min–max)' for several, '—' when the metric does not apply."""
-    values = [v for v in values if v is not None]
-    if not values:
-        return '—'
-    if len(values) == 1:
-        return fmt.format(values[0])
-    return (f'{fmt.format(statistics.fmean(values))} ± {fmt.replace("+", "").format(statistics.stdev(values))} '
-            f'({fmt.format(min(values))}–{fmt.format(max(values))})')
-
-
 def results_table(runs: Sequence[StageRun]) -> str:
     """Markdown table, one row per method, each cell summarised over the seeds."""
-    lines = ['| method | ' + ' | '.join(c[0] for c in COLUMNS) + ' |', '|---' + '|---:' * len(COLUMNS) + '|']
-    for stage in STAGES:
-        stage_runs = [r for r in runs if r.stage == stage]
-        lines.append(f'| {stage.label} | ' + ' | '.join(summary([read(r) for r in stage_runs], fmt)
-                                                        for _, read, fmt in COLUMNS) + ' |')
-    return '\n'.join(lines)
+    rows = [[stage.label, *(report.summary([read(r) for r in runs if r.stage == stage], fmt)
+                            for _, read, fmt in COLUMNS)] for stage in STAGES]
+    return report.markdown_table(['method', *(c[0] for c in COLUMNS)], rows)
 
 
 def per_seed_table(runs: Sequence[StageRun]) -> str:
-    lines = ['| seed | method | ' + ' | '.join(c[0] for c in COLUMNS) + ' |', '|---:|---' + '|---:' * len(COLUMNS) + '|']
-    for run in runs:
-        lines.append(f'| {run.seed} | {run.stage.label} | ' + ' | '.join(summary([read(run)], fmt)
-                                                                         for _, read, fmt in COLUMNS) + ' |')
-    return '\n'.join(lines)
+    rows = [[str(run.seed), run.stage.label, *(report.summary([read(run)], fmt) for _, read, fmt in COLUMNS)]
+            for run in runs]
+    return report.markdown_table(['seed', 'method', *(c[0] for c in COLUMNS)], rows, 'rl' + 'r' * len(COLUMNS))
 
 
 def report_curves(runs: Sequence[StageRun]) -> List[plots.Curve]:
@@ -273,32 +218,27 @@ def report_curves(runs: Sequence[StageRun]) -> List[plots.Curve]:
             for run in runs]
 
 
-def write_figures(runs: Sequence[StageRun], out: Path) -> List[Path]:
+def write_figures(runs: Sequence[StageRun], out: Path) -> List[Optional[Path]]:
     """gold_accuracy.png over the whole pipeline; the preference figures for DPO and β-DPO only."""
     curves = report_curves(runs)
     preference = [plots.Curve(c.label, c.records, c.color, 0, c.beta) for c, r in zip(curves, runs)
                   if r.stage.overrides['loss'] == 'dpo']
     figures = [plots.plot_gold_accuracy(curves, out, xlabel='training examples (SFT, then preference training)')]
-    figures += [plots.plot_loss(preference, out), plots.plot_reward_margins(preference, out),
-                plots.plot_reward_accuracy(preference, out), plots.plot_beta(preference, out)]
-    return [f for f in figures if f is not None]
+    return figures + [plots.plot_loss(preference, out), plots.plot_reward_margins(preference, out),
+                      plots.plot_reward_accuracy(preference, out), plots.plot_beta(preference, out)]
 
 
 def write_report(runs: Sequence[StageRun], pairs: Sequence[Pairs], out: Path, args, total_s: float) -> Path:
-    figures = write_figures(runs, out)
     seeds = sorted({r.seed for r in runs})
     spread = ('mean ± sample standard deviation (min–max) over seeds ' + ', '.join(map(str, seeds))
               if len(seeds) > 1 else f'seed {seeds[0]}')
     first = [r.command for r in runs if r.seed == seeds[0]]
     first.insert(1, next(p.command for p in pairs if p.seed == seeds[0]))
-    commands = '\n'.join(shlex.join(['python', *command[1:]]) for command in first)
     lines = [
         '# β-DPO demo: SFT → DPO and β-DPO on the synthetic task',
         '',
-        f'`{shlex.join(["python", "experiments/demo.py", *sys.argv[1:]])}` on {platform.node()} ({platform.machine()}, '
-        f'{os.cpu_count()} CPUs visible, torch threads per stage: {args.threads or "torch default"}), '
-        f'{time.strftime("%Y-%m-%d %H:%M")}, {total_s / 60:.1f} minutes in all.'
-        + (' **--quick: a few steps only, the numbers mean nothing.**' if args.quick else ''),
+        report.header_line('experiments/demo.py', [f'torch threads per stage: {args.threads or "torch default"}'],
+                           total_s, '**--quick: a few steps only, the numbers mean nothing.**' if args.quick else ''),
         '',
         f'Final evaluation of each stage, {spread}. Gold accuracy: greedy answers exactly right on held-out '
         'prompts (`gold_eval/accuracy`); Δ: that minus the gold accuracy of the SFT run it started from. Reward '
@@ -319,18 +259,15 @@ def write_report(runs: Sequence[StageRun], pairs: Sequence[Pairs], out: Path, ar
         '',
         results_table(runs),
         '',
+        *report.figure_lines(write_figures(runs, out)),
+        '', '## Per seed', '', per_seed_table(runs), '',
+        *report.commands_section('Commands (first seed)', [stages.typed(command) for command in first]),
+        *report.run_dirs_section([(f'{r.stage.label}, seed {r.seed}', r.run_dir) for r in runs]),
     ]
-    lines += [f'![{f.stem}]({f.name})' for f in figures]
-    lines += ['', '## Per seed', '', per_seed_table(runs), '',
-              '## Commands (first seed)', '', '```sh', commands, '```', '',
-              '## Run directories', ''] + [f'- {r.stage.label}, seed {r.seed}: `{r.run_dir}`' for r in runs] + ['']
-    path = out / 'report.md'
-    path.write_text('\n'.join(lines))
     results = [{'seed': r.seed, 'method': r.stage.label, 'run_dir': str(r.run_dir), 'wall_s': r.wall_s,
                 'beta_mean': r.beta_mean, 'kept_mean': r.kept_mean, 'gold_change': r.gold_change,
-                'final_eval': r.final_eval, 'command': shlex.join(['python', *r.command[1:]])} for r in runs]
-    (out / 'results.json').write_text(json.dumps(results, indent=1) + '\n')
-    return path
+                'final_eval': r.final_eval, 'command': stages.typed(r.command)} for r in runs]
+    return report.write_report(out, lines, results)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -358,8 +295,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             pairs.append(seed_pairs)
     except RuntimeError as e:
         sys.exit(f'demo.py: {e}')
-    report = write_report(runs, pairs, args.out, args, time.time() - start)
-    print(f'\n{report.read_text()}\nReport: {report}')
+    path = write_report(runs, pairs, args.out, args, time.time() - start)
+    print(f'\n{path.read_text()}\nReport: {path.resolve()}')
 
 
 if __name__ == '__main__':

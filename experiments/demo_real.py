@@ -28,26 +28,24 @@ frontier.png (reward against KL, one point per run, one colour per method), beta
 filter kept), loss.png, reward_margins.png, reward_accuracy.png (held-out code-made pairs), and task/, pairs/,
 evals/ and logs/ (each stage's files); the run directories go under --local-dir (default .cache/), beside the
 converted model and the caches the runs share.
+The console shows each command and its log file as it starts, a progress bar per running command (tqdm, where stderr
+is a terminal) and its time and outcome as it ends, then the report and, last, its path.
 """
 import argparse
 import json
 import os
-import platform
-import shlex
-import statistics
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project root, for `python experiments/demo_real.py`
 
 import plots  # noqa: E402
-from experiments import demo  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
+from experiments import report, stages  # noqa: E402
+from experiments.stages import ROOT, Finished, Job, run_jobs  # noqa: E402
 SMOLLM2 = 'HuggingFaceTB/SmolLM2-135M-Instruct'
 
 
@@ -163,81 +161,6 @@ class Outcome:
 # ----- the stages --------------------------------------------------------------------------------------
 
 
-@dataclass
-class Job:
-    """A command that may run once the jobs named in `after` have finished; `command` builds its arguments from
-    their results (a training run's directory is known only once it has started). A job with an `output` file is
-    not run again when that file exists beside a record (OUTPUT.done.json) of the same command: a later part of the
-    sweep reuses the pairs sampled for the same seed and condition, and the base model's evaluation."""
-    name: str
-    command: Callable[[Dict[str, 'Finished']], List[str]]
-    after: Tuple[str, ...] = ()
-    output: Optional[Path] = None
-
-    def record_path(self) -> Optional[Path]:
-        return None if self.output is None else self.output.with_name(self.output.name + '.done.json')
-
-    def reused(self, command: List[str]) -> Optional['Finished']:
-        """The recorded result of an earlier run of the same command, if its output is still there."""
-        record = self.record_path()
-        if record is None or not (record.is_file() and self.output.is_file()):
-            return None
-        saved = json.loads(record.read_text())
-        if saved['command'] != command[1:]:
-            return None
-        return Finished(self, command, saved['log_text'], saved['wall_s'])
-
-    def save_record(self, finished: 'Finished') -> None:
-        from checkpoints import atomic_write_text
-        if self.record_path() is not None:
-            atomic_write_text(self.record_path(), json.dumps(
-                {'command': finished.command[1:], 'log_text': finished.log_text, 'wall_s': finished.wall_s}))
-
-
-@dataclass
-class Finished:
-    job: Job
-    command: List[str]
-    log_text: str
-    wall_s: float
-
-
-def run_jobs(jobs: Sequence[Job], out: Path, parallel: int, threads: int) -> Dict[str, Finished]:
-    """Run `jobs` (in list order as their prerequisites allow), at most `parallel` at a time, each command's output
-    in out/logs/NAME.log, `threads` torch threads each (a job whose output is recorded is reused, see Job);
-    RuntimeError with the end of the log of the first that fails (the others are stopped)."""
-    pending, running, done = list(jobs), {}, {}
-    try:
-        while pending or running:
-            for job in [j for j in pending if all(a in done for a in j.after)]:
-                if len(running) >= parallel:
-                    break
-                pending.remove(job)
-                command = job.command(done)
-                reused = job.reused(command)
-                if reused is not None:
-                    done[job.name] = reused
-                    print(f'{job.name}: reused {job.output} (same command, {reused.wall_s:.0f} s then)', flush=True)
-                    continue
-                running[job.name] = (job, demo.Process(command, out / 'logs' / f'{job.name}.log', threads, job.name))
-            if not running:
-                if pending and not any(all(a in done for a in j.after) for j in pending):
-                    raise RuntimeError(f'jobs {[j.name for j in pending]} wait for jobs that never run')
-                continue
-            time.sleep(0.5)
-            for name, (job, process) in list(running.items()):
-                if process.process.poll() is not None:
-                    del running[name]
-                    done[name] = Finished(job, process.command, process.wait(), process.wall_s)
-                    job.save_record(done[name])
-                    print(f'{name}: done in {process.wall_s:.0f} s', flush=True)
-    finally:
-        for _, process in running.values():
-            if process.process.poll() is None:
-                process.process.kill()
-    return done
-
-
 def train_overrides(spec: RunSpec, pairs_dir: Path, sizes: Sizes, local_dir: Path) -> Dict[str, str]:
     """train.py's overrides of one run. Its local dir is the one where the model was converted (base_model_dir), so
     the run finds the conversion there, and the runs share their tokenized data and reference log-probabilities."""
@@ -296,25 +219,47 @@ def plan(args, sizes: Sizes, out: Path, base: str) -> List[Job]:
     jobs = []
     for seed in args.seeds:
         for condition in args.conditions:
-            jobs.append(Job(f'pairs_{condition}_seed{seed}', lambda done, condition=condition, seed=seed: [
-                sys.executable, 'scripts/sample_pairs.py', *pair_args(base, task_dir, sizes, CONDITIONS[condition], seed,
-                                                              pairs_file(out, condition, seed, task_dir, sizes))],
-                output=out / 'pairs' / f'{condition}_seed{seed}' / 'train.jsonl'))
-        jobs.append(Job(f'eval_base_seed{seed}', lambda done, seed=seed: [
-            sys.executable, 'evaluate.py', *evaluate_args(base, None, task_dir, sizes, seed,
-                                                          out / 'evals' / f'base_seed{seed}', local_dir)],
+            jobs.append(pairs_job(base, task_dir, sizes, condition, seed, out))
+        jobs.append(evaluation_job(f'eval_base_seed{seed}', lambda done, seed=seed: evaluate_args(
+            base, None, task_dir, sizes, seed, out / 'evals' / f'base_seed{seed}', local_dir),
             output=out / 'evals' / f'base_seed{seed}' / 'results.json'))
         for condition in args.conditions:
             for spec in run_specs(args, condition, seed):
-                jobs.append(Job(spec.name, lambda done, spec=spec: [
-                    sys.executable, 'train.py', *[f'{k}={v}' for k, v in train_overrides(
-                        spec, out / 'pairs' / f'{spec.condition}_seed{spec.seed}', sizes, local_dir).items()]],
-                    after=(f'pairs_{condition}_seed{seed}',)))
-                jobs.append(Job(f'eval_{spec.name}', lambda done, spec=spec: [
-                    sys.executable, 'evaluate.py', *evaluate_args(
-                        str(run_dir_of(done[spec.name]) / 'hf_model'), base, task_dir, sizes, spec.seed,
-                        out / 'evals' / spec.name, local_dir)], after=(spec.name,)))
+                jobs.append(training_job(spec, out / 'pairs' / f'{condition}_seed{seed}', sizes, local_dir))
+                jobs.append(evaluation_job(f'eval_{spec.name}', lambda done, spec=spec: evaluate_args(
+                    str(run_dir_of(done[spec.name]) / 'hf_model'), base, task_dir, sizes, spec.seed,
+                    out / 'evals' / spec.name, local_dir), after=(spec.name,)))
     return jobs
+
+
+def pairs_job(base: str, task_dir: Path, sizes: Sizes, condition: str, seed: int, out: Path) -> Job:
+    """sample_pairs.py on the base model's samples of the training prompts; its bar counts the samples, its console
+    line ends with what it made of them."""
+    return Job(f'pairs_{condition}_seed{seed}', lambda done: stages.python_command(
+        'scripts/sample_pairs.py', *pair_args(base, task_dir, sizes, CONDITIONS[condition], seed,
+                                              pairs_file(out, condition, seed, task_dir, sizes))),
+        output=out / 'pairs' / f'{condition}_seed{seed}' / 'train.jsonl', meter=lambda done: stages.SAMPLING,
+        outcome=lambda finished: stages.pairs_summary(finished.log_text))
+
+
+def training_job(spec: RunSpec, pairs_dir: Path, sizes: Sizes, local_dir: Path) -> Job:
+    """train.py on the pairs of its condition and seed, once they are sampled; its bar counts the examples of its one
+    epoch, the pairs in whole batches (the last partial batch is dropped, preference_datasets.get_batch_iterator)."""
+    def examples(done) -> stages.Meter:
+        n_pairs = len((pairs_dir / 'train.jsonl').read_text().splitlines())
+        return stages.TRAINING.with_total(n_pairs // sizes.batch_size * sizes.batch_size * sizes.epochs)
+    overrides = train_overrides(spec, pairs_dir, sizes, local_dir)
+    return Job(spec.name, lambda done: stages.python_command('train.py', *(f'{k}={v}' for k, v in overrides.items())),
+               after=(f'pairs_{spec.condition}_seed{spec.seed}',), meter=examples,
+               outcome=lambda finished: f'run directory {run_dir_of(finished)}')
+
+
+def evaluation_job(name: str, arguments, **job) -> Job:
+    """evaluate.py with the arguments that `arguments` builds from the finished jobs; its bar counts the samples,
+    its console line ends with its summary ('T=1: mean score 0.25 ± 0.04 (n=16), KL 3.2 nats')."""
+    return Job(name, lambda done: stages.python_command('evaluate.py', *arguments(done)),
+               meter=lambda done: stages.SAMPLING,
+               outcome=lambda finished: stages.evaluation_summary(finished.log_text), **job)
 
 
 def pairs_file(out: Path, condition: str, seed: int, task_dir: Path, sizes: Sizes) -> Path:
@@ -333,7 +278,7 @@ def run_specs(args, condition: str, seed: int) -> List[RunSpec]:
 
 
 def run_dir_of(finished: Finished) -> Path:
-    return demo.run_dir_from_log(finished.log_text, finished.job.name)
+    return stages.run_dir_from_log(finished.log_text, finished.job.name)
 
 
 def read_outcome(spec: Optional[RunSpec], seed: int, eval_dir: Path, finished: Optional[Finished]) -> Outcome:
@@ -344,13 +289,10 @@ def read_outcome(spec: Optional[RunSpec], seed: int, eval_dir: Path, finished: O
     outcome = Outcome(spec, seed, row['mean_score'], row['stderr'], kl['mean'], kl['stderr'], row['mean_new_tokens'])
     if finished is not None:
         outcome.run_dir, outcome.train_s = run_dir_of(finished), finished.wall_s
-        records = plots.read_metrics(outcome.run_dir)
-        evals = [r for r in records if r['split'] == 'eval']
-        outcome.final_eval = evals[-1] if evals else {}
-        betas = [r['record_train/beta_used'] for r in records if 'record_train/beta_used' in r]
-        kept = [r['record_train/kept_fraction'] for r in records if 'record_train/kept_fraction' in r]
-        outcome.beta_mean = statistics.fmean(betas) if betas else spec.beta
-        outcome.kept_mean = statistics.fmean(kept) if kept else None
+        metrics = report.run_metrics(outcome.run_dir)
+        outcome.final_eval = metrics.evals[-1] if metrics.evals else {}
+        outcome.beta_mean = metrics.beta_mean if metrics.beta_mean is not None else spec.beta
+        outcome.kept_mean = metrics.kept_mean
     return outcome
 
 
@@ -379,8 +321,7 @@ def group_key(outcome: Outcome) -> Tuple:
 def results_table(outcomes: Sequence[Outcome]) -> str:
     """One row per method, β and condition; each cell the value of one seed (with the standard error of the
     held-out mean for reward and KL), or mean ± sd (min–max) over seeds."""
-    lines = ['| condition | method | seeds | ' + ' | '.join(c[0] for c in COLUMNS) + ' |',
-             '|---|---|---:' + '|---:' * len(COLUMNS) + '|']
+    rows = []
     groups: Dict[Tuple, List[Outcome]] = {}
     for outcome in sorted(outcomes, key=group_key):
         groups.setdefault(group_key(outcome), []).append(outcome)
@@ -388,15 +329,16 @@ def results_table(outcomes: Sequence[Outcome]) -> str:
         first = group[0]
         cells = []
         for heading, read, fmt in COLUMNS:
-            cell = demo.summary([read(o) for o in group], fmt)
+            cell = report.summary([read(o) for o in group], fmt)
             se = {'gold reward (VADER)': first.reward_se, 'KL(π‖π_ref), nats': first.kl_se}.get(heading)
             if len(group) == 1 and se is not None:
                 cell += f' ± {fmt.format(se)}'
             cells.append(cell)
         condition = '—' if first.spec is None else first.spec.condition
         label = LABELS['base'] if first.spec is None else first.spec.label
-        lines.append(f'| {condition} | {label} | {len(group)} | ' + ' | '.join(cells) + ' |')
-    return '\n'.join(lines)
+        rows.append([condition, label, str(len(group)), *cells])
+    return report.markdown_table(['condition', 'method', 'seeds', *(c[0] for c in COLUMNS)], rows,
+                                 'llr' + 'r' * len(COLUMNS))
 
 
 def comparisons(outcomes: Sequence[Outcome]) -> List[str]:
@@ -450,7 +392,7 @@ def plot_frontier(outcomes: Sequence[Outcome], out: Path) -> Path:
     return path
 
 
-def write_figures(outcomes: Sequence[Outcome], out: Path) -> List[Path]:
+def write_figures(outcomes: Sequence[Outcome], out: Path) -> List[Optional[Path]]:
     """frontier.png; from the runs' metrics.jsonl beta.png, loss.png, reward_margins.png, reward_accuracy.png."""
     runs = [o for o in outcomes if o.spec is not None]
     palette = {'dpo': ('tab:blue', 'tab:cyan', 'navy'), 'beta_dpo': ('tab:orange', 'tab:red', 'saddlebrown'),
@@ -463,29 +405,24 @@ def write_figures(outcomes: Sequence[Outcome], out: Path) -> List[Path]:
                                      beta=plots.configured_beta(o.run_dir)))
     preference = [c for c, o in zip(curves, runs) if o.method != 'sft']
     # the control's loss (a negative log-likelihood of about 100 nats) would flatten the DPO losses (about ln 2)
-    figures = [plot_frontier(outcomes, out), plots.plot_beta(preference, out, smooth=4),
-               plots.plot_loss(preference, out), plots.plot_reward_margins(preference, out),
-               plots.plot_reward_accuracy(preference, out)]
-    return [f for f in figures if f is not None]
+    return [plot_frontier(outcomes, out), plots.plot_beta(preference, out, smooth=4),
+            plots.plot_loss(preference, out), plots.plot_reward_margins(preference, out),
+            plots.plot_reward_accuracy(preference, out)]
 
 
 def write_report(outcomes: Sequence[Outcome], plan_order: Sequence[Job], done: Dict[str, Finished], out: Path, args,
                  sizes: Sizes, total_s: float) -> Path:
-    figures = write_figures(outcomes, out)
-    pair_summaries = [f'- {job.name}: {done[job.name].log_text.strip().splitlines()[-1].split(": ", 1)[-1]} '
-                      f'({done[job.name].wall_s:.0f} s)' for job in plan_order if job.name.startswith('pairs_')]
-    commands = [shlex.join(['python', 'experiments/sentiment_task.py', '--out', str(out / 'task'), '--n-train',
-                            str(sizes.n_train_prompts), '--n-test', str(sizes.n_eval_prompts)])]
-    commands += [shlex.join(['python', *done[job.name].command[1:]]) for job in plan_order
-                 if job.name.endswith(f'seed{args.seeds[0]}')]
-    load = ' / '.join(f'{x:.1f}' for x in os.getloadavg())
+    pair_summaries = [f'- {job.name}: {stages.pairs_summary(done[job.name].log_text)} ({done[job.name].wall_s:.0f} s)'
+                      for job in plan_order if job.name.startswith('pairs_')]
+    commands = [stages.python_command('experiments/sentiment_task.py', '--out', str(out / 'task'), '--n-train',
+                                      str(sizes.n_train_prompts), '--n-test', str(sizes.n_eval_prompts))]
+    commands += [done[job.name].command for job in plan_order if job.name.endswith(f'seed{args.seeds[0]}')]
     lines = [
         '# β-DPO on a real model: controlled sentiment on SmolLM2-135M-Instruct',
         '',
-        f'`{shlex.join(["python", "experiments/demo_real.py", *sys.argv[1:]])}` on {platform.node()} ({os.cpu_count()} CPUs '
-        f'visible, {args.threads} torch thread(s) per process, up to {args.parallel} processes at a time, load '
-        f'average at the end {load}), {time.strftime("%Y-%m-%d %H:%M")}, {total_s / 60:.1f} minutes in all.'
-        + (' **--quick: a few prompts and steps only, the numbers mean nothing.**' if args.quick else ''),
+        report.header_line('experiments/demo_real.py', [f'{args.threads} torch thread(s) per process',
+                                                        f'up to {args.parallel} processes at a time'], total_s,
+                           '**--quick: a few prompts and steps only, the numbers mean nothing.**' if args.quick else ''),
         '',
         f'Gold reward: the mean VADER compound sentiment of {sizes.eval_samples} sample(s) at temperature 1 for each '
         f'of {sizes.n_eval_prompts} held-out prompts (reviews of films never seen in training), ± its standard '
@@ -507,23 +444,20 @@ def write_report(outcomes: Sequence[Outcome], plan_order: Sequence[Job], done: D
         '',
         *(comparisons(outcomes) or ['- no β-DPO run has a DPO run of the same β, condition and seed']),
         '',
+        *report.figure_lines(write_figures(outcomes, out)),
+        '', '## Time', '',
+        f'Wall time of each command (those of a stage ran side by side, up to {args.parallel} at a time):', '',
+        *(f'- {job.name}: {done[job.name].wall_s:.0f} s' for job in plan_order), '',
+        *report.commands_section(f'Commands (seed {args.seeds[0]})', [stages.typed(c) for c in commands]),
+        *report.run_dirs_section([(f'{o.spec.label}, {o.spec.condition}, seed {o.seed}', o.run_dir)
+                                  for o in outcomes if o.spec is not None]),
     ]
-    lines += [f'![{f.stem}]({f.name})' for f in figures]
-    lines += ['', '## Time', '', 'Wall time of each command (those of a stage ran side by side, up to '
-              f'{args.parallel} at a time):', '']
-    lines += [f'- {job.name}: {done[job.name].wall_s:.0f} s' for job in plan_order]
-    lines += ['', f'## Commands (seed {args.seeds[0]})', '', '```sh', *commands, '```', '',
-              '## Run directories', ''] + [f'- {o.spec.label}, {o.spec.condition}, seed {o.seed}: `{o.run_dir}`'
-                                           for o in outcomes if o.spec is not None] + ['']
-    path = out / 'report.md'
-    path.write_text('\n'.join(lines))
     rows = [{'method': o.method, 'beta': None if o.spec is None else o.spec.beta,
              'condition': None if o.spec is None else o.spec.condition, 'seed': o.seed, 'reward': o.reward,
              'reward_se': o.reward_se, 'kl': o.kl, 'kl_se': o.kl_se, 'mean_new_tokens': o.mean_new_tokens,
              'beta_mean': o.beta_mean, 'kept_mean': o.kept_mean, 'train_s': o.train_s,
              'run_dir': None if o.run_dir is None else str(o.run_dir), 'final_eval': o.final_eval} for o in outcomes]
-    (out / 'results.json').write_text(json.dumps(rows, indent=1) + '\n')
-    return path
+    return report.write_report(out, lines, rows)
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
@@ -560,7 +494,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     sizes = QUICK if args.quick else SIZES
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
-    # the GGUF copy of `make smollm2`, never the Hub: every stage (started with HF_HUB_OFFLINE=1 by demo.Process)
+    # the GGUF copy of `make smollm2`, never the Hub: every stage (started with HF_HUB_OFFLINE=1 by stages.Process)
     # and every run of the experiment use the same weights
     os.environ['HF_HUB_OFFLINE'] = '1'
     start = time.time()
@@ -580,8 +514,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                 outcome = read_outcome(spec, seed, out / 'evals' / spec.name, done[spec.name])
                 outcome.reward_gain = outcome.reward - start_reward[seed]
                 outcomes.append(outcome)
-    report = write_report(outcomes, jobs, done, out, args, sizes, time.time() - start)
-    print(f'\n{report.read_text()}\nReport: {report}')
+    path = write_report(outcomes, jobs, done, out, args, sizes, time.time() - start)
+    print(f'\n{path.read_text()}\nReport: {path}')
 
 
 if __name__ == '__main__':

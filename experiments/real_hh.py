@@ -20,15 +20,15 @@ Each run evaluates the held-out pairs before its first step and after its last. 
 reference, so its held-out margins start at 0 and its reward accuracy (the share of pairs with a positive margin) at
 0; what the table shows is where the runs end, and how the log-probabilities of the chosen and rejected responses
 moved. The SFT row shows the held-out log-likelihood of the chosen responses.
+
+The console shows each run's command and log file (OUT/logs/NAME.log) as it starts, a progress bar per running run
+(where stderr is a terminal) and its time and run directory as it ends, then the report and, last, its path.
 """
 import argparse
 import gzip
 import hashlib
 import json
 import os
-import platform
-import shlex
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -37,8 +37,9 @@ from typing import Dict, List, Optional, Sequence
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import plots  # noqa: E402
-from experiments.demo_real import SMOLLM2, Finished, Job, run_dir_of, run_jobs  # noqa: E402
+from experiments import report, stages  # noqa: E402
+from experiments.demo_real import SMOLLM2, run_dir_of  # noqa: E402
+from experiments.stages import Finished, Job, run_jobs  # noqa: E402
 
 HH_SLICE = REPO.parent / 'shared' / 'data' / 'hh-rlhf' / 'harmless-base-test.jsonl.gz'
 ASSISTANT = '\n\nAssistant:'
@@ -91,30 +92,32 @@ def common_overrides(args, data: Path) -> Dict[str, str]:
         'local_dirs': f'[{args.local_dir.resolve()}]', 'wandb.enabled': 'false'}
 
 
+# every job is a train.py run of n_examples: its bar counts them (the log has the total), its console line ends with
+# its run directory
+TRAIN_JOB = dict(meter=lambda done: stages.TRAINING, outcome=lambda finished: f'run directory {run_dir_of(finished)}')
+
+
 def plan(args, data: Path) -> List[Job]:
     base = common_overrides(args, data)
     sft = {**base, 'loss': 'sft', 'lr': args.full_lr, 'exp_name': 'hh_sft'}
-    jobs = [Job('sft', lambda done: [sys.executable, 'train.py', *(f'{k}={v}' for k, v in sft.items())])]
+    jobs = [Job('sft', lambda done: stages.python_command('train.py', *(f'{k}={v}' for k, v in sft.items())),
+                **TRAIN_JOB)]
     for name, _, overrides in RUNS:
         lr = args.lora_lr if 'lora.r' in overrides else args.full_lr
         run = {**base, 'loss': 'dpo', 'loss.beta': '0.1', 'precompute_ref_log_probs': 'true', 'lr': lr,
                'exp_name': f'hh_{name}', **overrides}
-        jobs.append(Job(name, lambda done, run=run: [
-            sys.executable, 'train.py', *(f'{k}={v}' for k, v in run.items()),
-            f'model.archive={run_dir_of(done["sft"]) / "LATEST" / "policy.pt"}'], after=('sft',)))
+        jobs.append(Job(name, lambda done, run=run: stages.python_command(
+            'train.py', *(f'{k}={v}' for k, v in run.items()),
+            f'model.archive={run_dir_of(done["sft"]) / "LATEST" / "policy.pt"}'), after=('sft',), **TRAIN_JOB))
     return jobs
 
 
 def summary(finished: Finished) -> dict:
     """The first and last evaluation of a run, β-DPO's mean β and kept fraction, its time and command."""
-    records = plots.read_metrics(run_dir_of(finished))
-    evals = [r for r in records if r['split'] == 'eval']
-    train = [r for r in records if r['split'] == 'train']
-    betas = [r['record_train/beta_used'] for r in train if 'record_train/beta_used' in r]
-    kept = [r['record_train/kept_fraction'] for r in train if 'record_train/kept_fraction' in r]
-    return {'before': evals[0], 'after': evals[-1], 'steps': len(train), 'wall_s': finished.wall_s,
-            'beta_mean': statistics.fmean(betas) if betas else None, 'kept_mean': statistics.fmean(kept) if kept else None,
-            'run_dir': str(run_dir_of(finished)), 'command': finished.command[1:]}
+    metrics = report.run_metrics(run_dir_of(finished))
+    return {'before': metrics.evals[0], 'after': metrics.evals[-1], 'steps': metrics.steps, 'wall_s': finished.wall_s,
+            'beta_mean': metrics.beta_mean, 'kept_mean': metrics.kept_mean, 'run_dir': str(run_dir_of(finished)),
+            'command': stages.typed(finished.command)}
 
 
 def cell(values: dict, key: str, fmt: str) -> str:
@@ -124,32 +127,25 @@ def cell(values: dict, key: str, fmt: str) -> str:
 
 def write_report(args, rows_per_split: Dict[str, int], results: Dict[str, dict], out: Path, total_s: float) -> Path:
     labels = {'sft': 'SFT, full', **{name: label for name, label, _ in RUNS}}
+    rows = [[labels[name], str(values['steps']), *(cell(values, key, fmt) for key, _, fmt in EVAL_KEYS),
+             '' if values['beta_mean'] is None else f'{values["beta_mean"]:.3f}',
+             '' if values['kept_mean'] is None else f'{values["kept_mean"]:.2f}', f'{values["wall_s"]:.0f}']
+            for name, values in results.items()]
     lines = ['# SmolLM2-135M-Instruct on HH harmless: SFT, DPO and β-DPO, full and LoRA', '',
-             f'`python experiments/real_hh.py {shlex.join(sys.argv[1:])}` on {platform.node()} ({len(os.sched_getaffinity(0))} '
-             f'CPUs, {args.threads} torch thread(s) per run, {args.parallel} run(s) at a time, load average at the end '
-             f'{" / ".join(f"{x:.1f}" for x in os.getloadavg())}), {time.strftime("%Y-%m-%d %H:%M")}, '
-             f'{total_s / 60:.1f} minutes in all.', '',
+             report.header_line('experiments/real_hh.py', [f'{args.threads} torch thread(s) per run',
+                                                           f'{args.parallel} run(s) at a time'], total_s), '',
              f'Data: {HH_SLICE.name} split by prompt, {rows_per_split["train"]} training and {rows_per_split["test"]} '
-             f'held-out rows; each run trains on the first {args.n_train} of its shuffled training stream (batch 8, one pass) '
-             f'and evaluates on {args.n_test} held-out pairs, prompt ≤ {args.max_length // 2} and pair ≤ {args.max_length} '
-             f'tokens (chat template). lr {args.full_lr} (full) and {args.lora_lr} (LoRA), AdamW, β = 0.1; β-DPO ρ = 0.2, '
-             'α = 0.6. Values are the held-out evaluation before the first step → after the last; log-probabilities '
-             'are per response, summed over its tokens.', '',
-             '| run | steps | ' + ' | '.join(title for _, title, _ in EVAL_KEYS) + ' | β used (mean) | kept | time (s) |',
-             '|---|---:|' + '---:|' * (len(EVAL_KEYS) + 3)]
-    for name, values in results.items():
-        beta = '' if values['beta_mean'] is None else f'{values["beta_mean"]:.3f}'
-        kept = '' if values['kept_mean'] is None else f'{values["kept_mean"]:.2f}'
-        lines.append(f'| {labels[name]} | {values["steps"]} | ' + ' | '.join(cell(values, key, fmt) for key, _, fmt in EVAL_KEYS)
-                     + f' | {beta} | {kept} | {values["wall_s"]:.0f} |')
-    lines += ['', '## Commands', '', '```sh', f'python experiments/real_hh.py --split-only --out {out}  # the data']
-    lines += [shlex.join(['python', *values['command']]) for values in results.values()]
-    lines += ['```', '', '## Run directories', '']
-    lines += [f'- {labels[name]}: `{values["run_dir"]}`' for name, values in results.items()]
-    path = out / 'report.md'
-    path.write_text('\n'.join(lines) + '\n')
-    (out / 'results.json').write_text(json.dumps(results, indent=1) + '\n')
-    return path
+             f'held-out rows; each run trains on the first {args.n_train} of its shuffled training stream (batch 8, '
+             f'one pass) and evaluates on {args.n_test} held-out pairs, prompt ≤ {args.max_length // 2} and pair ≤ '
+             f'{args.max_length} tokens (chat template). lr {args.full_lr} (full) and {args.lora_lr} (LoRA), AdamW, '
+             'β = 0.1; β-DPO ρ = 0.2, α = 0.6. Values are the held-out evaluation before the first step → after the '
+             'last; log-probabilities are per response, summed over its tokens.', '',
+             report.markdown_table(['run', 'steps', *(title for _, title, _ in EVAL_KEYS), 'β used (mean)', 'kept',
+                                    'time (s)'], rows), '',
+             *report.commands_section('Commands', [f'python experiments/real_hh.py --split-only --out {out}  # the data',
+                                                   *(values['command'] for values in results.values())]),
+             *report.run_dirs_section([(labels[name], values['run_dir']) for name, values in results.items()])]
+    return report.write_report(out, lines, results)
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
@@ -194,8 +190,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     except (RuntimeError, ValueError) as e:
         sys.exit(f'real_hh.py: {e}')
     results = {name: summary(done[name]) for name in ['sft', *(name for name, _, _ in RUNS)]}
-    report = write_report(args, rows_per_split, results, out, time.time() - start)
-    print(f'\n{report.read_text()}\nReport: {report}')
+    path = write_report(args, rows_per_split, results, out, time.time() - start)
+    print(f'\n{path.read_text()}\nReport: {path}')
 
 
 if __name__ == '__main__':

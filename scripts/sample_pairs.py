@@ -213,11 +213,12 @@ def synthetic_pairs(args: argparse.Namespace) -> None:
 # Pairs from any prompts, ranked by a judge
 
 
-def sample_scores(judge, prompts: Sequence[str], samples: Sequence[Sequence[str]],
+def sample_scores(judge, prompts: Sequence, samples: Sequence[Sequence[str]],
                   pairs: Sequence[Optional[Sequence[int]]]) -> List[List[Optional[float]]]:
     """A score per sample of each prompt, all prompts judged in one call (the judge batches them): the scorer's, or
     for a pairwise judge the wins against the prompt's other samples, each two compared in both orders (a tie worth
-    ½). Where pairs[k] holds two indices only those two samples of prompt k are compared (the others get None)."""
+    ½). Where pairs[k] holds two indices only those two samples of prompt k are compared (the others get None).
+    prompts: generation.Prompt (the judge reads its dialogue) or HH-format strings."""
     if not judge.pairwise:
         flat = judge.score([p for p, texts in zip(prompts, samples) for _ in texts], [t for texts in samples for t in texts])
         offsets = [0]
@@ -313,7 +314,7 @@ def judged_pairs(args: argparse.Namespace) -> None:
     texts = [[s.completion for s in row] for row in samples]
     rng = random.Random(args.seed)
     pairs = [rng.sample(range(len(t)), 2) if args.pairs == 'random' else None for t in texts]
-    scores = sample_scores(judge, [p.text for p in prompts], texts, pairs)
+    scores = sample_scores(judge, prompts, texts, pairs)
     choices = mixture_choices(len(prompts), args.seed, args.low_gap_fraction, args.flip_fraction or 0.0)
     rows = []
     for prompt, prompt_texts, prompt_scores, pair, (low_gap, flipped) in zip(prompts, texts, scores, pairs, choices):

@@ -220,6 +220,13 @@ def smollm2_local_dirs(tmp_path_factory, smollm2_gguf):
 
 
 @pytest.fixture(scope='session')
+def smollm2_tokenizer(smollm2_local_dirs):
+    """SmolLM2-135M-Instruct's tokenizer and chat template (EOS = <|im_end|> = 2, a default system message)."""
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(smollm2_local_dirs[1])
+
+
+@pytest.fixture(scope='session')
 def ultrafeedback_messages(tmp_path_factory):
     """A directory whose train/test.jsonl.gz are the UltraFeedback slice in its conversational form."""
     directory = tmp_path_factory.mktemp('uf')

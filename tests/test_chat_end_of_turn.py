@@ -5,18 +5,13 @@ import warnings
 import numpy as np
 import pytest
 
+import chat_format
+
 import data_sources as ds
 
 import preference_datasets as pd
 
 IM_END = 2  # SmolLM2's <|im_end|>: its chat template's end of turn and its EOS
-
-
-@pytest.fixture(scope='module')
-def smollm2_tokenizer(smollm2_local_dirs):
-    from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(smollm2_local_dirs[1])
-
 
 
 def tokenized(name, tokenizer, split, tmp_path, sft_mode=False, **options):
@@ -32,7 +27,7 @@ def test_ultrafeedback_responses_end_with_one_end_of_turn(smollm2_tokenizer, ult
     rejected response of the 996 train / 199 test pairs, and every SFT target, ends with <|im_end|> (id 2) and holds
     no other: no '\\n<|im_end|>' after it, as appending EOS gave. The first test pair's chosen ends
     ' for others.<|im_end|>' = [327, 1449, 30, 2]; every prompt ends '<|im_start|>assistant\\n' = [1, 520, 9531, 198]."""
-    assert ds.end_of_turn_token_id(smollm2_tokenizer) == IM_END == smollm2_tokenizer.eos_token_id
+    assert chat_format.end_of_turn_token_id(smollm2_tokenizer) == IM_END == smollm2_tokenizer.eos_token_id
     pairs = tokenized(str(ultrafeedback_messages), smollm2_tokenizer, split, tmp_path)
     sft = tokenized(str(ultrafeedback_messages), smollm2_tokenizer, split, tmp_path, sft_mode=True)
     assert pairs.n_examples == n_pairs == sft.n_examples
@@ -81,7 +76,7 @@ def test_hh_messages():
     """The HH dialogue format as messages: the Human and Assistant turns in order, texts stripped, the final
     empty Assistant turn (the one to answer) dropped."""
     prompt = '\n\nHuman: Hi there\n\nAssistant: Hello! How can I help?\n\nHuman: Name a colour.\n\nAssistant:'
-    assert ds.hh_messages(prompt) == [{'role': 'user', 'content': 'Hi there'},
+    assert chat_format.hh_messages(prompt) == [{'role': 'user', 'content': 'Hi there'},
                                       {'role': 'assistant', 'content': 'Hello! How can I help?'},
                                       {'role': 'user', 'content': 'Name a colour.'}]
 

@@ -1,13 +1,15 @@
-"""`make demo` shortened: demo.py --quick runs SFT → pairs sampled from it → DPO and β-DPO through train.py and
-sample_pairs.py, and writes the report; plot_run.py plots any run directory. (The full demo is measured by hand,
-see the README's "The demo".)"""
+"""`make demo` shortened: experiments/demo.py --quick runs SFT → pairs sampled from it → DPO and β-DPO through
+train.py and scripts/sample_pairs.py, shows each stage on the console and writes the report; scripts/plot_run.py
+plots any run directory. (The full demo is measured by hand, see docs/experiments.md.)"""
 import json
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 
+from experiments import stages
 from helpers import ROOT, TRAIN_ENV
 from synthetic_task import synthetic_gold_answer
 
@@ -25,10 +27,34 @@ def run_script(args, cwd):
 
 
 @pytest.fixture(scope='module')
-def quick_demo(tmp_path_factory):
+def quick_run(tmp_path_factory):
+    """The quick demo run from a folder outside the repository: its output folder and its console output."""
     out = tmp_path_factory.mktemp('demo') / 'report'
-    run_script([str(ROOT / 'experiments' / 'demo.py'), '--quick', '--threads', '1', '--out', str(out)], cwd=tmp_path_factory.getbasetemp())
-    return out
+    result = run_script([str(ROOT / 'experiments' / 'demo.py'), '--quick', '--threads', '1', '--out', str(out)],
+                        cwd=tmp_path_factory.getbasetemp())
+    return SimpleNamespace(out=out, stdout=result.stdout)
+
+
+@pytest.fixture(scope='module')
+def quick_demo(quick_run):
+    return quick_run.out
+
+
+def test_quick_demo_shows_each_stage_and_ends_with_the_report(quick_run):
+    """The console: for each of the 5 stages its command as typed from the repository root, a line naming its log
+    file when it starts and one with its time when it ends; the last line is the report's path. The bars' meters
+    read the stages' real logs: SFT trained 32 of 32 examples, the pairs stage answered 64 of 64 prompts."""
+    logs = quick_run.out / 'logs'
+    stage_logs = {'SFT': 'sft_seed0', 'pairs': 'pairs_seed0', 'DPO': 'dpo_seed0', 'β-DPO': 'beta_dpo_seed0',
+                  'SFT continued': 'sft_more_seed0'}
+    for what, log in stage_logs.items():
+        assert f'[seed 0] {what}: started, its output in {logs / log}.log\n' in quick_run.stdout, what
+        assert f'\n[seed 0] {what}: done in ' in quick_run.stdout, what
+    assert "[seed 0] SFT: python train.py 'datasets=[synthetic]' model=tiny " in quick_run.stdout
+    assert '[seed 0] pairs: python scripts/sample_pairs.py ' in quick_run.stdout
+    assert quick_run.stdout.rstrip().splitlines()[-1] == f'Report: {(quick_run.out / "report.md").resolve()}'
+    assert stages.TRAINING.reading((logs / 'sft_seed0.log').read_text()) == (32, 32)
+    assert stages.PROMPTS.reading((logs / 'pairs_seed0.log').read_text()) == (64, 64)
 
 
 def test_quick_demo_writes_the_report_figures_and_results(quick_demo):
@@ -62,6 +88,8 @@ def test_quick_demo_writes_the_report_figures_and_results(quick_demo):
     assert '| method | gold accuracy | Δ gold vs SFT | reward accuracy | reward margin |' in report
     assert f'- seed 0: {len(pair_rows)} pairs from 64 prompts' in report
     assert f'python scripts/sample_pairs.py {sft_dir} --out {pairs} --seed 0' in report
+    assert "\npython train.py 'datasets=[synthetic]' model=tiny n_epochs=null " in report
+    assert all(r['command'].startswith('python train.py ') for r in results)
     for name in FIGURES:
         assert (quick_demo / name).read_bytes()[:8] == PNG_MAGIC, name
         assert f'({name})' in report

@@ -2,6 +2,7 @@
 task, pairs of its own samples labelled by VADER, DPO, β-DPO and the SFT control with LoRA, evaluation of reward and
 KL on held-out prompts) with a few prompts and steps, and writes the report; the report's verdicts worked by hand.
 (The reduced and full experiments are measured by hand, see the README's "The real experiment".)"""
+import io
 import json
 import os
 import subprocess
@@ -9,7 +10,9 @@ import sys
 
 import pytest
 
-from experiments import demo_real
+import tqdm
+
+from experiments import demo_real, stages
 from experiments.demo_real import Outcome, RunSpec
 from helpers import ROOT, TRAIN_ENV
 
@@ -80,6 +83,48 @@ def test_quick_experiment_end_to_end(smollm2_local_dirs, tmp_path):
     assert '| clean | β-DPO, β = 0.1 | 1 |' in report and '- clean, β = 0.1, seed 0: β-DPO − DPO' in report
     for name in ('frontier.png', 'beta.png', 'loss.png'):
         assert (out / name).read_bytes()[:8] == PNG_MAGIC
+    for tool in ('experiments/sentiment_task.py', 'scripts/sample_pairs.py', 'evaluate.py', 'train.py'):
+        assert f'\npython {tool} ' in report, tool
+
+    # the console: each of the 8 jobs named with its log file when it starts, its time and outcome when it ends,
+    # the report's path last; the bars' meters read the jobs' real logs
+    logs = out / 'logs'
+    jobs = ['pairs_clean_seed0', 'eval_base_seed0', *(f'{m}_clean_seed0' for m in ('dpo_beta0.1', 'beta_dpo_beta0.1', 'sft'))]
+    for job in jobs + [f'eval_{j}' for j in jobs[2:]]:
+        assert f'{job}: started, its output in {logs / job}.log\n' in result.stdout, job
+        assert f'\n{job}: done in ' in result.stdout, job
+    assert ' pairs from 4 prompts' in result.stdout.split('pairs_clean_seed0: done in ', 1)[1].splitlines()[0]
+    assert ', T=1: mean score ' in result.stdout.split('\neval_base_seed0: done in ', 1)[1].splitlines()[0]
+    assert result.stdout.rstrip().splitlines()[-1] == f'Report: {out / "report.md"}'
+    assert stages.SAMPLING.reading((logs / 'pairs_clean_seed0.log').read_text()) == (8, 8)
+    assert stages.SAMPLING.reading((logs / 'eval_base_seed0.log').read_text()) == (2, 2)
+    # n_examples=null: the log counts the examples of the one epoch, the pairs in whole batches of 2
+    assert stages.TRAINING.reading((logs / 'dpo_beta0.1_clean_seed0.log').read_text()) == (len(pairs) // 2 * 2, None)
+
+
+def test_commands_are_absolute_and_shown_as_typed_from_the_root():
+    """A tool is launched by its absolute path (any working directory works) and shown as typed from the root."""
+    command = stages.python_command('scripts/sample_pairs.py', 'RUN DIR', '--seed', '0')
+    assert command == [sys.executable, str(ROOT / 'scripts' / 'sample_pairs.py'), 'RUN DIR', '--seed', '0']
+    assert stages.typed(command) == "python scripts/sample_pairs.py 'RUN DIR' --seed 0"
+    assert stages.typed(stages.python_command('train.py', 'loss=sft')) == 'python train.py loss=sft'
+
+
+def test_meters_read_the_last_state_of_a_tqdm_bar():
+    """The meters read what tqdm writes to a log (bars as the trainer and generate make them): the last state,
+    with the bar's total, or the meter's where the bar has none; nothing before the bar starts."""
+    def bar_output(desc, unit, total, steps):
+        log = io.StringIO()
+        with tqdm.tqdm(total=total, desc=desc, unit=unit, file=log, mininterval=0) as bar:
+            for step in steps:
+                bar.update(step)
+        return 'Writing to host:/run\n' + log.getvalue()
+    assert stages.TRAINING.reading(bar_output('Training', 'ex', 32, [8, 8, 8])) == (24, 32)
+    assert stages.TRAINING.reading(bar_output('Training', 'ex', None, [8, 8])) == (16, None)
+    assert stages.TRAINING.with_total(24).reading(bar_output('Training', 'ex', None, [8, 8])) == (16, 24)
+    assert stages.SAMPLING.reading(bar_output('Sampling (T=1)', 'sample', 8, [2, 2, 2])) == (6, 8)
+    assert stages.TRAINING.reading(bar_output('Computing eval metrics', 'it', 4, [4])) is None
+    assert stages.PROMPTS.reading('\r16/64 prompts, 3 pairs, 1 s\r32/64 prompts, 5 pairs, 2 s') == (32, 64)
 
 
 @pytest.mark.slow
@@ -87,8 +132,7 @@ def test_jobs_run_after_their_inputs_and_recorded_outputs_are_reused(tmp_path):
     """b runs after a and reads what a wrote; a second run_jobs with the same command for a reuses its recorded
     output (a is not run again: its file keeps the first run's text), a changed command runs again; a failing job
     stops the rest with the end of its log."""
-    import sys
-    from experiments.demo_real import Job, run_jobs
+    from experiments.stages import Job, run_jobs
     made = tmp_path / 'a.txt'
 
     def write(text):

@@ -52,22 +52,43 @@ def test_gold_reproduces_the_runs_gold_eval_accuracy(short_sft_run, tmp_path):
 
 
 def test_results_samples_and_plots_with_a_reference(short_sft_run, tmp_path):
-    """A reward model as judge, 3 samples at T=0.7 and 1 greedy, the run as its own reference: the KL estimate is 0 at
-    both temperatures, each sample's score is in samples.jsonl, and the plots are written."""
+    """A reward model as judge, 1 greedy sample and 3 at T=0.7 and T=1 per prompt, the run as its own reference. The
+    KL(π_T‖π_ref) estimate is 0 at T = 1 only: positive at T = 0.7 (π_0.7 is not π), and at T = 0 (greedy, a point
+    mass: logp_sampling 0) each sample's −log π_ref. Each sample's score and log-probabilities are in samples.jsonl,
+    results.json says what the KL is, and the plots are written."""
     reward_model = save_reward_model(tmp_path / 'rm')
     out = tmp_path / 'out'
     results = evaluate(eval_config([f'model={short_sft_run}', f'reference={short_sft_run}', f'judge=reward:{reward_model}',
-                                    'temperatures=[0,0.7]', 'n_samples=3', 'n_prompts=5', 'max_new_tokens=12',
+                                    'temperatures=[0,0.7,1.0]', 'n_samples=3', 'n_prompts=5', 'max_new_tokens=12',
                                     f'out={out}'], tmp_path))
-    assert [t['temperature'] for t in results['temperatures']] == [0.0, 0.7]
-    assert [t['n'] for t in results['temperatures']] == [5, 15]
-    assert all(t['kl'] == {'mean': 0.0, 'stderr': 0.0} for t in results['temperatures'])
+    assert [t['temperature'] for t in results['temperatures']] == [0.0, 0.7, 1.0]
+    assert [t['n'] for t in results['temperatures']] == [5, 15, 15]
+    greedy, tempered, plain = (t['kl'] for t in results['temperatures'])
+    assert plain == {'mean': 0.0, 'stderr': 0.0}
+    assert tempered['mean'] > 2 * tempered['stderr'] > 0
+    assert results['kl_definition'].startswith('KL(π_T‖π_ref) per sequence')
     rows = [json.loads(line) for line in (out / 'samples.jsonl').read_text().splitlines()]
-    assert len(rows) == 20 and all(r['kl'] == 0.0 for r in rows)
+    assert len(rows) == 35 and all(r['kl'] == r['logp_sampling'] - r['logp_reference'] for r in rows)
+    assert all(r['kl'] == 0.0 for r in rows if r['temperature'] == 1.0)
+    assert all(r['logp_sampling'] == 0.0 and r['kl'] == -r['logp_reference'] for r in rows if r['temperature'] == 0)
+    assert greedy['mean'] == pytest.approx(sum(-r['logp_reference'] for r in rows if r['temperature'] == 0) / 5)
     sampled = [r['score'] for r in rows if r['temperature'] == 0.7]
     assert results['temperatures'][1]['mean_score'] == pytest.approx(sum(sampled) / 15)
     assert json.loads((out / 'results.json').read_text()) == results
     assert {p.name for p in out.glob('*.png')} == {'score_vs_temperature.png', 'score_vs_kl.png'}
+
+
+def test_a_judge_without_verdicts_gives_no_win_rate(short_sft_run, tmp_path, capsys):
+    """A local judge model that always answers 'C', no verdict: results.json has no win rate (None) and 12 unparsed
+    verdicts for 6 pairs, the printed line says so, and no win-rate plot is drawn from nothing."""
+    judge = save_letter_judge(tmp_path / 'judge', 'C', tmp_path)
+    results = evaluate(eval_config([f'model={short_sft_run}', f'judge=llm:{judge}', 'datasets=[synthetic]',
+                                    'temperatures=[1.0]', 'n_prompts=6', 'max_new_tokens=8', f'out={tmp_path / "out"}'],
+                                   tmp_path))
+    summary = results['temperatures'][0]
+    assert (summary['win_rate'], summary['ci95'], summary['n'], summary['unparsed_verdicts']) == (None, None, 6, 12)
+    assert 'T=1: no verdicts (all 12 verdicts of 6 pairs unparsed): no win rate' in capsys.readouterr().out
+    assert not list((tmp_path / 'out').glob('*.png'))
 
 
 def test_a_judge_answering_a_wins_half_of_the_pairs(short_sft_run, tmp_path):

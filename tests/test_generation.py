@@ -86,7 +86,7 @@ def test_model_sources_that_are_not_models_are_named(tmp_path, short_sft_run):
     assert model_kind(str(short_sft_run)) == 'run'
     assert model_kind(str(short_sft_run / 'hf_model')) == 'hf'
     assert model_kind('embedded:tiny') == 'embedded'
-    with pytest.raises(ValueError, match=r'nowhere: no such model directory or file'):
+    with pytest.raises(ValueError, match=r'nowhere: no such directory, and not a Hub id'):
         model_kind(str(tmp_path / 'nowhere'))
     with pytest.raises(ValueError, match=r'not a model directory \(no config.yaml of a train.py run, no config.json'):
         model_kind(str(tmp_path))

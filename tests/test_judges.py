@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from eval_helpers import save_letter_judge, save_reward_model
-from judges import (DIALOGUE_PROMPT, comparison, dialogue_query, judge_problems, make_judge, parse_verdict)
+from judges import (DIALOGUE_PROMPT, JudgeQuery, comparison, dialogue_query, judge_problems, make_judge, parse_verdict)
 from synthetic_task import synthetic_prompt
 
 HH_PROMPT = '\n\nHuman: How do I boil an egg?\n\nAssistant:'
@@ -90,7 +90,7 @@ def test_a_judge_that_always_answers_a_gives_one_half(letter_judges):
     responses = [' Boil it for nine minutes.', ' Hello! How can I help?', ' No.']
     references = [' No.', ' Go away.', ' Boil it for nine minutes.']
     for letter, judge in letter_judges.items():
-        assert judge.verdict_texts(['anything', DIALOGUE_PROMPT.format(query='q', a='x', b='y')]) == [letter, letter]
+        assert judge.verdict_texts([JudgeQuery('anything', '', ''), JudgeQuery('q', 'x', 'y')]) == [letter, letter]
         comparisons = judge.compare(prompts, responses, references)
         assert [(c.verdict_response_first, c.verdict_response_second, c.score) for c in comparisons] == \
             [(letter, letter, 0.5)] * 3
@@ -116,8 +116,8 @@ def test_unusable_judges_are_named(tmp_path):
     assert judge_problems(f'reward:{tmp_path / "causal"}') == [
         f'judge=reward:{tmp_path / "causal"}: {tmp_path / "causal"} is a GPTNeoXForCausalLM, not a sequence-'
         f'classification reward model (…ForSequenceClassification)']
-    assert judge_problems(f'llm:{tmp_path / "none"}') == [f'judge=llm:{tmp_path / "none"}: {tmp_path / "none"}: no such '
-                                                          f'model directory or file']
+    assert judge_problems(f'llm:{tmp_path / "none"}')[0].startswith(
+        f'judge=llm:{tmp_path / "none"}: {tmp_path / "none"}: no such directory, and not a Hub id')
     with pytest.raises(ValueError, match="judge='gpt4' is unknown"):
         make_judge('gpt4')
 

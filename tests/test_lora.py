@@ -150,7 +150,7 @@ def test_lora_settings_are_checked_before_anything_loads(tmp_path):
                              'trainer=TensorParallelTrainer'], tmp_path)
     assert validate_config(config) == [
         'lora.alpha=0 (α; the adapters are scaled by α/r) must be a positive number',
-        'lora.dropout=1.0 must be in [0, 1)',
+        'lora.dropout=1.0 must be a number in [0, 1)',
         "lora.target_modules='q_proj' must be null (the attention and MLP projections) or a non-empty list of module "
         "names, e.g. lora.target_modules=[q_proj,v_proj]",
         "lora.r > 0 does not work with trainer=TensorParallelTrainer (its plan splits the plain model's layers, not "

@@ -111,7 +111,7 @@ def test_a_resume_may_not_change_the_length_of_a_decaying_schedule(tmp_path):
 
 @pytest.mark.parametrize('overrides, message', [
     (['lr_scheduler=step'], "lr_scheduler='step' is unknown; choose one of constant, cosine, linear"),
-    (['weight_decay=-0.1'], "weight_decay=-0.1 must be a number ≥ 0, or null for the optimizer's default"),
+    (['weight_decay=-0.1'], "weight_decay=-0.1 must be a number ≥ 0, or null (the optimizer's default)"),
     (['optimizer=LBFGS', 'weight_decay=0.1'], 'weight_decay=0.1: optimizer=LBFGS has no weight decay; set '
                                               'weight_decay=null'),
 ])
@@ -119,3 +119,14 @@ def test_bad_schedule_settings_are_named(tmp_path, overrides, message):
     from helpers import FAST, compose_config
     from train import validate_config
     assert message in validate_config(compose_config([*FAST, *overrides], tmp_path))
+
+
+def test_a_run_that_ends_inside_its_warmup_says_so(tmp_path, capsys):
+    """32 examples in batches of 8 = 4 steps against 150 warmup steps at lr 3e-3 (the tiny preset): the lr ends at
+    3e-3·4/151 = 7.9e-05, and the run says so before it starts; with warmup_steps=0 nothing is said."""
+    from helpers import FAST, start_run
+    start_run([*FAST, 'n_examples=32', 'warmup_steps=150'], tmp_path / 'long')
+    assert ("WARNING: warmup_steps=150 ≥ this run's 4 optimizer steps: the learning rate never reaches lr=0.003 "
+            "(it ends at 7.9e-05); lower warmup_steps, e.g. warmup_steps=0") in capsys.readouterr().out
+    start_run([*FAST, 'n_examples=32'], tmp_path / 'none')
+    assert 'warmup_steps' not in capsys.readouterr().out
