@@ -91,7 +91,8 @@ def test_rewards_use_beta0_and_losses_cover_every_pair(tmp_path):
 
 def test_plain_dpo_logs_no_beta_used_or_kept_versions(tmp_path):
     """loss.mode_loss=mean: β_used = β0 and every pair is kept, so only the original's keys are logged."""
-    trainer = make_trainer(tmp_path, ['loss.mode_loss=mean'])
+    # β-DPO's switches back at their defaults: set with mode_loss=mean they would be refused as doing nothing
+    trainer = make_trainer(tmp_path, ['loss.mode_loss=mean', 'loss.mode_weight=0.2', 'loss.a=0.0'])
     _, metrics = trainer.get_batch_metrics(first_train_batch(trainer), train=True)
     assert not [key for key in metrics if key.endswith(('_beta_used', '_kept')) or key.startswith('record_')]
     assert len(metrics['loss/train']) == 8 and len(metrics['rewards_train/chosen']) == 8

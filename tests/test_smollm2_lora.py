@@ -40,4 +40,6 @@ def test_beta_dpo_steps_with_lora(smollm2_gguf, smollm2_local_dirs, ultrafeedbac
         merged = AutoModelForCausalLM.from_pretrained(run_dir / 'hf_model')(input_ids).logits
         adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(converted),
                                             run_dir / 'hf_model' / 'adapter')(input_ids).logits
-    torch.testing.assert_close(merged, adapted, rtol=0, atol=1e-4)
+    # W + (α/r)·B·A merged into one matrix rounds differently from the two products added: float32 relative error
+    #   through 30 layers, on logits of magnitude ~10-30 (measured: at most 1.5e-4 absolute, 6e-5 relative)
+    torch.testing.assert_close(merged, adapted, rtol=1e-4, atol=1e-4)
