@@ -224,9 +224,9 @@ def main(config: DictConfig) -> None:
     rank0_print('=' * 80)
     rank0_print(f'Writing to {run_dir}')
     rank0_print('=' * 80)
-    for note in (starting_point_note(config),):
-        if note:
-            rank0_print(note)
+    note = starting_point_note(config)
+    if note:
+        rank0_print(note)
     with removed_if_unused(config.local_run_dir, new_run=config.resume_from is None):
         if parallelism.sharded:
             launch(config, parallelism, functools.partial(sharded_worker, parallelism=parallelism))
