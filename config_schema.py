@@ -118,6 +118,7 @@ TRAIN_SCHEMA: Dict[str, Rule] = {
     'local_run_dir': TEXT,
     'lr': positive(),
     'gradient_accumulation_steps': positive_int(),
+    'fsdp_gradient_sync': one_of('step', 'microbatch'),
     'max_grad_norm': positive(),
     'max_length': positive_int(), 'max_prompt_length': positive_int(),
     'n_epochs': positive_int(or_null=True), 'n_examples': positive_int(or_null=True),

@@ -509,9 +509,10 @@ class FSDPTrainer(ShardedTrainer):
 
     @contextlib.contextmanager
     def no_sync_unless(self, last: bool):
-        """Gradients reduce-scattered after the step's last microbatch only (FSDP2's set_requires_gradient_sync):
-        before it, each rank accumulates them unsharded, one reduce-scatter per step instead of one per microbatch."""
-        self.policy.set_requires_gradient_sync(last)
+        """fsdp_gradient_sync=step: gradients reduce-scattered after the step's last microbatch only (FSDP2's
+        set_requires_gradient_sync); before it, each rank accumulates them unsharded, one reduce-scatter per step
+        instead of one per microbatch. fsdp_gradient_sync=microbatch: FSDP2's default, a reduce-scatter each time."""
+        self.policy.set_requires_gradient_sync(last or self.config.fsdp_gradient_sync == 'microbatch')
         try:
             yield
         finally:

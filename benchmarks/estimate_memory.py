@@ -16,7 +16,8 @@ head + communication buffers + the gradients of a step's earlier microbatches), 
     max_length), recorded with saved_tensors_hooks in a meta-device forward in the compute dtype, with the model's own
     activation checkpointing when activation_checkpointing=true (then one block's activations recomputed on top);
   - FSDP's sharding: each parameter's first dimension padded to a multiple of the processes (FSDP2's Shard(0));
-    between microbatches of a step the gradients stay unsharded in float32 (FSDPTrainer.no_sync_unless); the root
+    between microbatches of a step the gradients stay unsharded in float32 with fsdp_gradient_sync=step (the default;
+    FSDPTrainer.no_sync_unless), sharded with fsdp_gradient_sync=microbatch; the root
     module (embeddings, final norm, head) stays unsharded from the forward to the end of the backward; two blocks are
     unsharded at once (the running one and the prefetched next) and one block's gradients wait for their reduce-scatter.
 The head is logps.py's chunked head: a chunk × vocabulary float32 buffer, the float32 accumulator of the head's weight
@@ -195,8 +196,12 @@ def estimate(config, n_gpus: int, gpu_memory_gib: float) -> dict:
              'gradients': sharded_bytes([(p.shape, p.element_size()) for p in trained], n_gpus, fsdp),
              'optimizer_state': sharded_bytes([s[:2] for s in optimizer_state(trained, config)], n_gpus, fsdp)}
     accumulation = int(config.gradient_accumulation_steps)
-    if fsdp and accumulation > 1:  # no_sync_unless: unsharded float32 (reduce dtype) gradients until the last microbatch
-        parts['gradients'] += sum(p.numel() for p in trained) * 4
+    # fsdp_gradient_sync=step (FSDPTrainer.no_sync_unless): unsharded float32 (reduce dtype) gradients until the last
+    # microbatch
+    deferred_sync = fsdp and accumulation > 1
+    unsharded_accumulated = sum(p.numel() for p in trained) * 4 if deferred_sync else 0
+    if config.fsdp_gradient_sync == 'step':
+        parts['gradients'] += unsharded_accumulated
     reference_dtype = config.model.policy_dtype if lora else config.model.reference_dtype
     reference_params = [(p.shape, BYTES[reference_dtype]) for p in policy.parameters()]
     parts['reference'] = (sharded_bytes(reference_params, n_gpus, fsdp)
@@ -248,17 +253,24 @@ def estimate(config, n_gpus: int, gpu_memory_gib: float) -> dict:
     # activation is alive and the gradients are those of the step's earlier microbatches (none without accumulation;
     # FSDP's unsharded float32 ones, counted above); at the end of the step the gradients are whole and the
     # activations gone.
-    unsharded_accumulated = sum(p.numel() for p in trained) * 4 if fsdp and accumulation > 1 else 0
-    earlier_gradients = (unsharded_accumulated if fsdp else parts['gradients']) if accumulation > 1 else 0
-    backward_start = parts['activations'] + parts['head'] + parts['communication_buffers'] + earlier_gradients
-    step_end = parts['gradients'] + parts['communication_buffers']
     static = parts['parameters'] + parts['optimizer_state'] + parts['reference']
-    peak = static + max(backward_start, step_end)
+    sharded_gradients = parts['gradients'] - (unsharded_accumulated if config.fsdp_gradient_sync == 'step' else 0)
+
+    def peak_bytes(sync: str) -> int:
+        if not fsdp:
+            earlier_gradients, gradients = (parts['gradients'] if accumulation > 1 else 0), parts['gradients']
+        elif sync == 'step':
+            earlier_gradients, gradients = unsharded_accumulated, sharded_gradients + unsharded_accumulated
+        else:  # reduce-scattered after every microbatch: the earlier microbatches' gradients are sharded
+            earlier_gradients, gradients = (sharded_gradients if accumulation > 1 else 0), sharded_gradients
+        backward_start = parts['activations'] + parts['head'] + parts['communication_buffers'] + earlier_gradients
+        return static + max(backward_start, gradients + parts['communication_buffers'])
+
+    peak = peak_bytes(config.fsdp_gradient_sync)
     extra = {}
-    if unsharded_accumulated:  # what no_sync_unless costs: the same run reduce-scattering after every microbatch
-        sharded_gradients = parts['gradients'] - unsharded_accumulated
-        extra['peak_gib_if_synced_every_microbatch'] = round((static + max(
-            backward_start - unsharded_accumulated + sharded_gradients, step_end - unsharded_accumulated)) / GIB, 3)
+    if deferred_sync:  # the other choice of fsdp_gradient_sync, for the same run
+        other = 'microbatch' if config.fsdp_gradient_sync == 'step' else 'step'
+        extra[f'peak_gib_if_fsdp_gradient_sync_{other}'] = round(peak_bytes(other) / GIB, 3)
     return {'peak_gib_per_gpu': round(peak / GIB, 3), 'fits': peak <= 0.9 * gpu_memory_gib * GIB,
             'gpu_memory_gib': gpu_memory_gib, 'n_gpus': n_gpus, 'trainer': trainer,
             'parts_gib': {k: round(v / GIB, 3) for k, v in parts.items()},

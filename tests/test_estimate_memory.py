@@ -17,7 +17,6 @@ from helpers import ROOT, compose_config
 sys.path.insert(0, str(ROOT / 'benchmarks'))
 import estimate_memory  # noqa: E402
 
-pytestmark = pytest.mark.slow
 PROMPT, RESPONSE = 64, 64  # tokens (bytes of the byte-level tokenizer)
 
 
@@ -68,6 +67,7 @@ def measured_peak(overrides, tmp_path):
     return tracker.get_tracker_snapshot('peak')[torch.device('cpu')]['Total']
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('shape, extra', [
     ((128, 2, 4096), []),
     ((256, 4, 2048), ['activation_checkpointing=true']),
@@ -88,3 +88,19 @@ def test_estimate_is_within_15_percent_of_the_measured_peak(tmp_path, shape, ext
     print(f'{shape} {extra}: measured {measured / 2 ** 20:.1f} MiB, estimated {estimated / 2 ** 20:.1f} MiB '
           f'({estimated / measured - 1:+.1%}); parts {estimate["parts_gib"]}')
     assert estimated == pytest.approx(measured, rel=0.15)
+
+
+def test_fsdp_gradient_sync_choices_cost_the_unsharded_float32_gradients(tmp_path):
+    """The README's Pythia-2.8B β-DPO run on 4 GPUs (accumulation 2): each choice of fsdp_gradient_sync reports the
+    other's peak, and `step` costs what it holds between microbatches, the gradients unsharded in float32 (4 bytes per
+    parameter) instead of one quarter of them (the peak is at the start of the last microbatch's backward pass)."""
+    run = ['model=pythia28', 'loss=dpo', 'loss.mode_loss=beta_DPO', 'trainer=FSDPTrainer', 'batch_size=64',
+           'gradient_accumulation_steps=2', 'model.fsdp_policy_mp=bfloat16']
+    step, microbatch = (estimate_memory.estimate(compose_config([*run, f'fsdp_gradient_sync={sync}'], tmp_path),
+                                                 n_gpus=4, gpu_memory_gib=80) for sync in ('step', 'microbatch'))
+    assert step['peak_gib_if_fsdp_gradient_sync_microbatch'] == microbatch['peak_gib_per_gpu']
+    assert microbatch['peak_gib_if_fsdp_gradient_sync_step'] == step['peak_gib_per_gpu']
+    parameters = step['parameters_total']
+    assert parameters == pytest.approx(2.78e9, rel=0.01)
+    assert step['peak_gib_per_gpu'] - microbatch['peak_gib_per_gpu'] == pytest.approx(
+        parameters * 4 * (1 - 1 / 4) / 2 ** 30, abs=0.01)
