@@ -137,6 +137,10 @@ TRAIN_SCHEMA: Dict[str, Rule] = {
     'allow_tf32': BOOLEAN,
     'policy_autocast': optional(DTYPE, 'no autocast'),
     'compile_policy': BOOLEAN,
+    # mallopt(3): M_MMAP_THRESHOLD is at most HEAP_MAX/2 = 32 MiB on 64-bit systems
+    'cpu_malloc_mmap_threshold': optional(Rule(lambda v: is_int(v) and 0 <= v <= 32 * 2 ** 20,
+                                               'must be an integer of bytes from 0 to 33554432 (32 MiB)'),
+                                          "glibc's dynamic threshold"),
     'eval_every': positive_int(),
     'minimum_log_interval_secs': number(0, what='(seconds) '),
     'n_cpu_processes': positive_int(),

@@ -42,6 +42,7 @@ import torch.nn as nn
 from omegaconf import DictConfig, OmegaConf
 
 import trainers
+from allocator import set_malloc_mmap_threshold
 from checkpoints import atomic_write_text, removed_if_unused, resume_changes
 from config_schema import unknown_key_problems, validate_config
 from distributed import (DistributedSetup, Parallelism, decide_parallelism, init_distributed, launch, precision_warnings,
@@ -119,7 +120,18 @@ def build_run_models(config: DictConfig, parallelism: Parallelism, setup: Option
     sharded run, which receive rank 0's weights once the models are split. With LoRA the DPO family's reference
     is the policy with its adapters disabled, so no reference model is built."""
     with_reference = LossMode.from_config(config.loss).uses_reference_model and not lora_enabled(config)
+    set_cpu_allocator(config)
     return build_models(config, parallelism, with_reference, empty=setup is not None and setup.rank != 0)
+
+
+def set_cpu_allocator(config: DictConfig) -> None:
+    """cpu_malloc_mmap_threshold: glibc malloc's fixed mmap threshold, set before the models load on a machine without
+    CUDA (allocator.py; there the CUDA caching allocator holds the tensors, and host malloc is left alone)."""
+    if torch.cuda.is_available():
+        return
+    note = set_malloc_mmap_threshold(config.cpu_malloc_mmap_threshold)
+    if note is not None and config.debug:
+        rank0_print(note)
 
 
 def set_tf32(enabled: bool) -> None:

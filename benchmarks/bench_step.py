@@ -47,6 +47,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 MODELS = {
     'tiny': dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256, vocab_size=512),
@@ -215,14 +216,44 @@ def child_ours(args) -> dict:
     trainer = BasicTrainer(policy, config, config.seed, config.local_run_dir, reference_model=reference)
     del policy, reference  # the trainer holds the only references (precompute frees the reference model)
     trainer.start()  # optimizer, seeds, and the reference pass when precompute_ref_log_probs=true
-    times, tokens = [], []
+    times, tokens, padded = [], [], []
+    profiler = None
+    if args.profile:
+        import torch.profiler
+        from profile_scopes import module_scopes
+        module_scopes(trainer.policy)
+        profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True)
     for batch in trainer.train_batches():
+        if profiler is not None and len(times) == 1:  # the first step (allocations, lazy inits) left out, as timed
+            profiler.start()
         start = time.perf_counter()
         trainer.train_step(batch)
         times.append(time.perf_counter() - start)
-        tokens.append(sum(int(batch[k].sum()) for k in ('chosen_attention_mask', 'rejected_attention_mask') if k in batch))
-    return {'times': times, 'tokens': tokens, 'peak_rss_mib': peak_rss_mib(),
+        tokens.append(sum(int(batch[k].sum()) for k in ('chosen_attention_mask', 'rejected_attention_mask')
+                          if k in batch))
+        # positions the concatenated forward runs: 2 · batch × the longer of the two halves
+        padded.append(2 * len(batch['prompt']) * max(batch['chosen_input_ids'].shape[1],
+                                                      batch['rejected_input_ids'].shape[1])
+                      if 'rejected_input_ids' in batch else batch['chosen_input_ids'].numel())
+    if profiler is not None:
+        profiler.stop()
+        write_profile(profiler, Path(args.profile), times[1:])
+    return {'padded_tokens': padded, 'times': times, 'tokens': tokens, 'peak_rss_mib': peak_rss_mib(),
             'reference_in_step': trainer.reference.model is not None, 'lora': trainer.lora}
+
+
+def write_profile(profiler, out: Path, times: list) -> None:
+    """The profiler's operator table (self CPU time, shapes grouped) and where the profiled steps' time went
+    (profile_scopes.breakdown, µs over all profiled steps, with their wall time), under `out`."""
+    from profile_scopes import breakdown
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix('.scopes.json').write_text(json.dumps({'wall_us': 1e6 * sum(times), 'steps': len(times),
+                                                           'breakdown': breakdown(profiler.events())}, indent=1))
+    averages = profiler.key_averages(group_by_input_shape=True)
+    out.with_suffix('.txt').write_text(averages.table(sort_by='self_cpu_time_total', row_limit=200, max_name_column_width=60, max_shapes_column_width=80))
+    rows = [{'name': e.key, 'shapes': str(e.input_shapes), 'self_us': e.self_cpu_time_total, 'total_us': e.cpu_time_total,
+             'count': e.count} for e in averages]
+    out.with_suffix('.ops.json').write_text(json.dumps(rows))
 
 
 def lora_rank(overrides) -> int:
@@ -288,7 +319,9 @@ def run_child(python: str, impl: str, model_dir: Path, data: Path, overrides, wo
         command = [python, __file__, '--child', impl, '--model-dir', str(model_dir), '--data-dir', str(data),
                    '--steps', str(args.steps), '--batch-size', str(args.batch_size), '--max-length',
                    str(args.max_length), '--scratch', str(scratch),
-                   *(['--activation-checkpointing'] if args.activation_checkpointing else []), '--', *overrides]
+                   *(['--activation-checkpointing'] if args.activation_checkpointing else []),
+                   *(['--profile', str(Path(args.profile).absolute() / slug(model_dir.name, impl, overrides))]
+                     if args.profile and impl == 'ours' else []), '--', *overrides]
         env = dict(os.environ, TOKENIZERS_PARALLELISM='false', WANDB_MODE='disabled', HF_HUB_OFFLINE='1',
                    PYTHONWARNINGS='ignore')
         result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=str(scratch))
@@ -299,13 +332,20 @@ def run_child(python: str, impl: str, model_dir: Path, data: Path, overrides, wo
         shutil.rmtree(scratch, ignore_errors=True)
 
 
+def slug(*parts) -> str:
+    """A file name of a run's model, implementation and overrides."""
+    text = '_'.join(p if isinstance(p, str) else '-'.join(p) for p in parts)
+    return ''.join(c if c.isalnum() or c in '.-_' else '-' for c in text)[:150]
+
+
 def summarise(run: dict, n_params: int, peak_gflops: float, batch_size: int) -> dict:
     times, tokens = run['times'][1:], run['tokens'][1:]
     step_time = sum(times) / len(times)
     flops = ((4 if run['lora'] else 6) + (2 if run['reference_in_step'] else 0)) * n_params * statistics.mean(tokens)
     return {'pairs_per_s': batch_size / step_time, 'tokens_per_s': statistics.mean(tokens) / step_time, 'step_s': step_time, 'peak_rss_mib': run['peak_rss_mib'],
             'gflop_per_step': flops / 1e9, 'peak_fraction': flops / step_time / 1e9 / peak_gflops,
-            'tokens': statistics.mean(tokens), 'steps_timed': len(times)}
+            'tokens': statistics.mean(tokens), 'steps_timed': len(times),
+            'padding': 1 - sum(tokens) / sum(run['padded_tokens'][1:]) if 'padded_tokens' in run else None}
 
 
 def main():
@@ -328,6 +368,12 @@ def main():
                         help="interpreter of the environment with TRL installed (benchmarks/requirements-bench.txt)")
     parser.add_argument('--workdir', default=str(REPO / '.cache' / 'bench_step'))
     parser.add_argument('--out', default=None, help='write the Markdown table here too')
+    parser.add_argument('--variant', action='append', default=[], metavar="'LABEL|KEY=VALUE ...'",
+                        help="also run each of our rows with these config overrides, labelled LABEL (repeatable), "
+                             "e.g. 'glibc dynamic mmap threshold|cpu_malloc_mmap_threshold=null'")
+    parser.add_argument('--no-trl', action='store_true', help='leave out the TRL rows')
+    parser.add_argument('--profile', default=None, metavar='DIR',
+                        help="torch.profiler over our timed steps: DIR/<row>.txt (operator table) and .json (trace)")
     parser.add_argument('--child', choices=['ours', 'trl'], help=argparse.SUPPRESS)
     parser.add_argument('--model-dir', help=argparse.SUPPRESS)
     parser.add_argument('--data-dir', dest='data_dir', help=argparse.SUPPRESS)
@@ -357,7 +403,8 @@ def main():
                             peak, args.batch_size)
             key = (model, mode, impl)
             print(f'[{repeat + 1}/{args.repeats}] {model:16s} {mode:6s} {impl:40s} {row["pairs_per_s"]:7.2f} pairs/s '
-                  f'{row["peak_rss_mib"]:7.0f} MiB', flush=True)
+                  f'{row["peak_rss_mib"]:7.0f} MiB {100 * row["peak_fraction"]:5.1f}% of matmul'
+                  + (f', padding {100 * row["padding"]:.0f}%' if row['padding'] is not None else ''), flush=True)
             if key not in best or row['pairs_per_s'] > best[key]['pairs_per_s']:
                 best[key] = {**row, 'peak_rss_mib': min(row['peak_rss_mib'], best.get(key, row)['peak_rss_mib'])}
     table = render(best, peak, args)
@@ -374,12 +421,16 @@ def configurations(models: dict, args) -> list:
         for mode, overrides in OURS_MODES.items():
             if (mode == 'SFT' and args.no_sft) or (mode != 'SFT' and mode not in args.modes.split(',')):
                 continue
-            runs.append((model, mode, 'ours', sys.executable, overrides))
-            if mode != 'SFT' and not args.no_precomputed:
-                runs.append((model, mode, 'ours, precomputed reference', sys.executable,
-                             [*overrides, 'precompute_ref_log_probs=true']))
-            if mode != 'SFT' and args.lora:
-                runs.append((model, mode, f'ours, LoRA r={args.lora}', sys.executable, [*overrides, *lora]))
+            for label, extra in [('', []), *variants(args)]:
+                runs.append((model, mode, 'ours' + label, sys.executable, [*overrides, *extra]))
+                if mode != 'SFT' and not args.no_precomputed:
+                    runs.append((model, mode, f'ours, precomputed reference{label}', sys.executable,
+                                 [*overrides, 'precompute_ref_log_probs=true', *extra]))
+                if mode != 'SFT' and args.lora:
+                    runs.append((model, mode, f'ours, LoRA r={args.lora}{label}', sys.executable,
+                                 [*overrides, *lora, *extra]))
+        if args.no_trl:
+            continue
         runs.append((model, 'DPO', 'TRL DPOTrainer', args.trl_python, []))
         if not args.no_precomputed:
             runs.append((model, 'DPO', 'TRL DPOTrainer, precomputed reference', args.trl_python,
@@ -387,6 +438,15 @@ def configurations(models: dict, args) -> list:
         if args.lora:
             runs.append((model, 'DPO', f'TRL DPOTrainer, LoRA r={args.lora}', args.trl_python, lora))
     return runs
+
+
+def variants(args) -> list:
+    """(', LABEL', [overrides]) of every --variant."""
+    out = []
+    for spec in args.variant:
+        label, _, overrides = spec.partition('|')
+        out.append((f', {label}', overrides.split()))
+    return out
 
 
 def render(best: dict, peak: float, args) -> str:
@@ -397,7 +457,10 @@ def render(best: dict, peak: float, args) -> str:
     data = ('real HH harmless-base rows (HH text format; the first that fit max_length untruncated)'
             if args.data == 'hh' else 'generated 64 + 64-token pairs')
     checkpointing = 'activation checkpointing' if args.activation_checkpointing else 'no activation checkpointing'
-    allocator = ', '.join(f'{k}={v}' for k, v in os.environ.items() if k.startswith('MALLOC_')) or 'glibc malloc defaults'
+    environment = ', '.join(f'{k}={v}' for k, v in os.environ.items() if k.startswith('MALLOC_'))
+    allocator = (f'{environment} (environment)' if environment else
+                 "glibc malloc: ours with the config's cpu_malloc_mmap_threshold (set in-process; default 131072) "
+                 "unless a row says otherwise, TRL's with glibc's defaults")
     lines = [f'Batch {args.batch_size} pairs of {data}, max_length {args.max_length}, float32, AdamW, {checkpointing}, '
              f'{allocator}; {args.steps} steps per run, the first not timed; fastest of {args.repeats} runs. Machine: '
              f'{os.cpu_count()} CPU cores, float32 matmul {peak:.1f} GFLOP/s (2048³, best of 5).', '',
