@@ -220,8 +220,9 @@ def child_ours(args) -> dict:
     profiler = None
     if args.profile:
         import torch.profiler
-        from profile_scopes import module_scopes
+        from profile_scopes import module_scopes, reference_scope
         module_scopes(trainer.policy)
+        reference_scope(trainer.reference)
         profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True)
     for batch in trainer.train_batches():
         if profiler is not None and len(times) == 1:  # the first step (allocations, lazy inits) left out, as timed

@@ -5,7 +5,7 @@
 
 `module_scopes(model)` wraps every submodule's forward in a torch.profiler range named after its kind (attention
 projections, MLP, LoRA adapters, norms, attention, embedding); `breakdown(events)` then sums every operator's self
-CPU time by (pass, kind): the pass is forward, backward (an autograd node's work, attributed through its sequence
+CPU time by (pass, kind): the pass is the reference's forward (`reference_scope`), the policy's forward, backward (an autograd node's work, attributed through its sequence
 number to the forward operator that made it, hence to that operator's module) or optimizer; matmuls are counted
 by their module, SDPA by its kernel, the rest of the attention module (rotary embeddings, reshapes) apart.
 """
@@ -57,6 +57,19 @@ def module_scopes(model: torch.nn.Module) -> None:
             module.register_forward_hook(post)
 
 
+def reference_scope(reference) -> None:
+    """The trainer's reference log-probabilities (reference_cache.ReferenceLogps) inside a `module::reference` range,
+    so that its forward pass counts apart even when it runs through the policy's modules (LoRA's adapters off).
+    A subclass of the object's own class, for the profiled child process only."""
+    base = type(reference)
+
+    def scoped_call(self, batch):
+        with record_function('module::reference'):
+            return base.__call__(self, batch)
+
+    reference.__class__ = type(f'Profiled{base.__name__}', (base,), {'__call__': scoped_call})
+
+
 def classify(event, scope: str) -> str:
     name = event.name
     if 'scaled_dot_product' in name or 'flash_attention' in name:
@@ -87,6 +100,9 @@ def breakdown(events) -> dict:
             if parent.name.startswith('Optimizer.'):
                 phase = 'optimizer'
                 break
+            if parent.name == 'module::reference':
+                phase = 'reference forward'
+                break
             parent = parent.cpu_parent
         if phase == 'forward' and event.sequence_nr >= 0 and scope is not None:
             scope_of_seq.setdefault(event.sequence_nr, scope)
@@ -104,6 +120,6 @@ def breakdown(events) -> dict:
             scope = scope_of_seq.get(seq)
         else:
             scope = where
-        kind = 'optimizer' if phase == 'optimizer' else classify(event, scope)
+        kind = phase if phase in ('optimizer', 'reference forward') else classify(event, scope)
         totals[phase][kind] += event.self_cpu_time_total
     return {phase: dict(kinds) for phase, kinds in totals.items()}
