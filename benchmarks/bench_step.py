@@ -12,8 +12,12 @@ The script builds its own fixtures under --workdir: two GPT-NeoX models with ran
 50,304, the size of EleutherAI/pythia-14m) with a byte-level tokenizer, and 256 + 16 preference pairs whose
 prompts and responses are 64 bytes (= tokens) each. Every measurement runs in a fresh child process, so its
 peak resident set size (getrusage ru_maxrss, model loading and any reference precompute pass included) is its
-own; ours under this interpreter, TRL's under --trl-python, both with the same environment (glibc malloc with
-its defaults unless the caller sets MALLOC_* or LD_PRELOAD, which both children inherit). Steps are timed
+own; ours under this interpreter, TRL's under --trl-python, both with the same environment (MALLOC_* or LD_PRELOAD,
+if the caller sets them, reach both children); our children also set glibc's mmap threshold in-process from the
+config's cpu_malloc_mmap_threshold (train.build_run_models; --variant '...|cpu_malloc_mmap_threshold=null' for
+glibc's dynamic one), TRL's keep glibc's defaults. --variant 'LABEL|KEY=VALUE ...' adds our rows with those
+overrides; --profile DIR profiles our timed steps (benchmarks/profile_scopes.py); each row prints the padding share
+of the positions the step computes. Steps are timed
 after the first (excluded) and pairs/s is batch_size × timed steps / their total time; each configuration runs
 --repeats times, interleaved, and the table keeps the fastest run (the machine may be shared); its peak RSS
 column is that run's, or an earlier (slower) run's when that was lower.
