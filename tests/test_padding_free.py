@@ -90,8 +90,8 @@ def test_ultrafeedback_smollm2_packed_equals_padded(smollm2_tokenizer, ultrafeed
 
 @pytest.mark.parametrize('loss', [['loss=sft'], ['loss=dpo', 'loss.beta=0.1'],
                                   ['loss=dpo', 'loss.beta=0.1', 'loss.mode_loss=beta_DPO', 'loss.mode_weight=0.25'],
-                                  ['loss=dpo', 'loss.beta=0.1', 'activation_checkpointing=true',
-                                   'precompute_ref_log_probs=true']])
+                                  pytest.param(['loss=dpo', 'loss.beta=0.1', 'activation_checkpointing=true',
+                                                'precompute_ref_log_probs=true'], marks=pytest.mark.slow)])
 def test_trainer_packed_equals_padded(tmp_path, loss):
     """One training batch through BasicTrainer.get_batch_metrics: the same loss, metrics (log-probabilities, β used,
     pairs kept) and gradients with padding_free=true as without; also with activation checkpointing and the
