@@ -132,6 +132,8 @@ TRAIN_SCHEMA: Dict[str, Rule] = {
     'activation_checkpointing': BOOLEAN,
     'logps_chunk_size': positive_int(or_null=True, example=' (e.g. 1024)'),
     'length_bucket_batches': positive_int(or_null=True, example=' (e.g. 50)'),
+    'padding_free': BOOLEAN,
+    'padding_free_row_tokens': positive_int(or_null=True, example=' (e.g. 1024)'),
     'precompute_ref_log_probs': BOOLEAN,
     'precompute_save_every_secs': number(0, what='(seconds) '),
     'allow_tf32': BOOLEAN,
@@ -326,6 +328,10 @@ def parallelism_problems(get: Callable, parallelism: Optional[Parallelism], loss
     if parallelism.tensor_parallel and isinstance(get('lora.r'), int) and get('lora.r') > 0:
         problems.append('lora.r > 0 does not work with trainer=TensorParallelTrainer (its plan splits the plain '
                         'model\'s layers, not LoRA\'s wrapped ones); use trainer=FSDPTrainer or BasicTrainer, or lora.r=0')
+    if parallelism.tensor_parallel and get('padding_free'):
+        problems.append('padding_free=true is not supported with trainer=TensorParallelTrainer (its packed forward '
+                        'pass is untested with the split attention); use trainer=FSDPTrainer or BasicTrainer, or '
+                        'padding_free=false')
     return problems
 
 

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch.distributed.tensor import DTensor
 
-from utils import pad_to_length
+from utils import UserError, pad_to_length
 
 
 class _ChunkedLabelLogps(torch.autograd.Function):
@@ -290,7 +290,8 @@ def on_head_device(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor) 
 
 
 def forward_logps(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
-                  chunk_size: Optional[int], average_log_prob: bool = False) -> torch.Tensor:
+                  chunk_size: Optional[int], average_log_prob: bool = False,
+                  pack_tokens: Optional[int] = None) -> torch.Tensor:
     """(batch,) summed (or, average_log_prob, mean) log-probabilities of the label tokens under `model` (a Hugging
     Face causal LM), on the device of `labels`.
 
@@ -303,6 +304,8 @@ def forward_logps(model: nn.Module, input_ids: torch.Tensor, attention_mask: tor
     called as a module on chunks of the labelled positions instead (`sharded_head_label_logps`). Without
     chunk_size: the full logits and `_get_batch_logps`, as the original.
     """
+    if pack_tokens:
+        return packed_logps(model, input_ids, attention_mask, labels, chunk_size, average_log_prob, pack_tokens)
     if not chunk_size:
         logits = model(input_ids, attention_mask=attention_mask, use_cache=False).logits
         return _get_batch_logps(logits, labels.to(logits.device), average_log_prob=average_log_prob).to(labels.device)
@@ -333,12 +336,131 @@ def concatenated_inputs(batch: Dict[str, Union[List, torch.Tensor]]) -> Dict[str
     return concatenated
 
 
-def concatenated_logps(model: nn.Module, batch: Dict, chunk_size: Optional[int], average_log_prob: bool = False
-                       ) -> Tuple[torch.Tensor, torch.Tensor]:
+def concatenated_logps(model: nn.Module, batch: Dict, chunk_size: Optional[int], average_log_prob: bool = False,
+                       pack_tokens: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """(chosen, rejected) log-probabilities under `model`, each (batch,), from one forward pass over both halves
-    (`concatenated_inputs`, then `forward_logps`)."""
+    (`concatenated_inputs`, then `forward_logps`; packed without padding when pack_tokens is set)."""
     concatenated = concatenated_inputs(batch)
     all_logps = forward_logps(model, concatenated['concatenated_input_ids'], concatenated['concatenated_attention_mask'],
-                              concatenated['concatenated_labels'], chunk_size, average_log_prob)
+                              concatenated['concatenated_labels'], chunk_size, average_log_prob, pack_tokens)
     n = batch['chosen_input_ids'].shape[0]
     return all_logps[:n], all_logps[n:]
+
+
+# ----- padding-free (packed) forward passes -----------------------------------------------------------------
+
+def pack_sequences(input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor, row_tokens: int
+                   ) -> Dict[str, torch.Tensor]:
+    """The real tokens of the (n, seq) right-padded batch packed into rows of at most `row_tokens` tokens, first fit.
+
+    Sequences go, in order, into the first row with room for them (a sequence longer than row_tokens gets a row of its
+    own); rows are padded to the longest row only. `position_ids` restart at 0 at each sequence, and its first label
+    is −100, so no position predicts across a boundary. transformers' masking_utils (`find_packed_sequence_indices`,
+    5.x) reads the restarts of position_ids when attention_mask is None and builds the block-diagonal causal mask for
+    SDPA and eager attention (and flash-attention's variable-length path): no sequence attends to another.
+
+    Returns input_ids, position_ids, labels (rows, L) and sequence (rows, L): the batch row each token came from,
+    −1 on the row padding.
+    """
+    lengths = attention_mask.sum(-1).tolist()
+    rows: List[List[int]] = []
+    room: List[int] = []
+    for i, length in enumerate(lengths):
+        for r, free in enumerate(room):
+            if free >= length:
+                rows[r].append(i)
+                room[r] -= length
+                break
+        else:
+            rows.append([i])
+            room.append(row_tokens - length)
+    width = max(sum(lengths[i] for i in row) for row in rows)
+    shape = (len(rows), width)
+    packed = {'input_ids': torch.zeros(shape, dtype=input_ids.dtype),
+              'position_ids': torch.zeros(shape, dtype=torch.long),
+              'labels': torch.full(shape, -100, dtype=labels.dtype),
+              'sequence': torch.full(shape, -1, dtype=torch.long)}
+    for r, row in enumerate(rows):
+        start = 0
+        for i in row:
+            span = slice(start, start + lengths[i])
+            real = attention_mask[i].bool()
+            packed['input_ids'][r, span] = input_ids[i][real]
+            packed['position_ids'][r, span] = torch.arange(lengths[i])
+            packed['labels'][r, span] = labels[i][real]
+            packed['labels'][r, start] = -100
+            packed['sequence'][r, span] = i
+            start += lengths[i]
+        # the row's padding counts as one more sequence (positions from 0), attending to itself only
+        packed['position_ids'][r, start:] = torch.arange(width - start)
+    return {k: v.to(input_ids.device) for k, v in packed.items()}
+
+
+def packed_logps(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+                 chunk_size: Optional[int], average_log_prob: bool, row_tokens: int) -> torch.Tensor:
+    """`forward_logps` of the (n, seq) batch, computed on its packed rows (`pack_sequences`): (n,) float32, the same
+    values within float32 rounding, each sequence's labelled tokens summed from its own span."""
+    packed = pack_sequences(input_ids, attention_mask, labels, row_tokens)
+    n = input_ids.shape[0]
+    if not chunk_size:
+        logits = model(packed['input_ids'], attention_mask=None, position_ids=packed['position_ids'],
+                       use_cache=False).logits
+        plabels = packed['labels'].to(logits.device)
+        loss_mask = plabels[:, 1:] != -100
+        token_logps = logits[:, :-1][loss_mask].float().log_softmax(-1).gather(
+            1, plabels[:, 1:][loss_mask][:, None]).squeeze(1)
+    else:
+        head = model.get_output_embeddings()
+        hook = head_input(head)
+        hook.active = True
+        try:
+            model(packed['input_ids'], attention_mask=None, position_ids=packed['position_ids'], use_cache=False)
+        finally:
+            hook.active = False
+        hidden, hook.hidden = hook.hidden, None
+        if hidden is None:
+            raise RuntimeError(f'{type(model).__name__}: its forward did not call its output embeddings '
+                               f'({type(head).__name__}); the log-probabilities need logps_chunk_size=null')
+        hidden, plabels = on_head_device(head, hidden, packed['labels'])
+        loss_mask = plabels[:, 1:] != -100
+        with torch.autocast(device_type=hidden.device.type, enabled=False):
+            if isinstance(head.weight, DTensor):
+                rows = hidden[:, :-1][loss_mask]
+                targets = plabels[:, 1:][loss_mask]
+                token_logps = torch.cat([_head_chunk_logps(head, rows[s:s + chunk_size], targets[s:s + chunk_size])
+                                         for s in range(0, rows.shape[0], chunk_size)])
+            else:
+                token_logps = _ChunkedLabelLogps.apply(hidden[:, :-1][loss_mask], head.weight, head.bias,
+                                                       plabels[:, 1:][loss_mask], chunk_size)
+    # token t + 1's label belongs to the sequence of token t + 1 (its first position is never labelled)
+    owner = packed['sequence'][:, 1:].to(loss_mask.device)[loss_mask]
+    summed = torch.zeros(n, dtype=torch.float32, device=token_logps.device).index_add(0, owner.to(token_logps.device),
+                                                                                      token_logps.float())
+    if average_log_prob:
+        counts = torch.zeros(n, device=token_logps.device).index_add(
+            0, owner.to(token_logps.device), torch.ones_like(token_logps, dtype=torch.float32))
+        summed = summed / counts.clamp(min=1)
+    return summed.to(labels.device)
+
+
+def check_packing(model: nn.Module, device: torch.device) -> None:
+    """Raise a UserError naming the model type if `model`'s attention does not keep packed sequences apart.
+
+    Measured, not listed: two sequences of 6 tokens, packed in one row, must get the log-probabilities they get
+    apart. A model whose forward ignores position_ids, or builds its mask without masking_utils' packed-sequence
+    detection, lets the second sequence attend to the first and fails. Measured on transformers 5.23: GPT-NeoX,
+    Llama and GPT-2 (absolute positions, which take position_ids too) pass, with SDPA and eager attention.
+    """
+    vocab = model.get_input_embeddings().weight.shape[0]
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (2, 6), generator=generator).to(device)
+    mask = torch.ones_like(ids)
+    labels = ids.clone()
+    with torch.no_grad():
+        apart = forward_logps(model, ids, mask, labels, None)
+        packed = forward_logps(model, ids, mask, labels, None, pack_tokens=12)
+    if not torch.allclose(apart, packed, rtol=1e-3, atol=1e-3):
+        model_type = getattr(getattr(model, 'config', None), 'model_type', type(model).__name__)
+        raise UserError(f'padding_free=true: model type {model_type!r} does not keep packed sequences apart (its '
+                        f'attention ignores the restarts of position_ids; log-probabilities {apart.tolist()} apart, '
+                        f'{packed.tolist()} packed). Set padding_free=false for this model.')

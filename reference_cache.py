@@ -66,7 +66,7 @@ def cache_path_here(config: DictConfig, tokenizer, world_size: int, device_type:
 
     What is computed: the model files, model.archive, the data and the length settings, and whether they are
     means per token (loss.average_log_prob). How: the reference's dtype, TF32 (allow_tf32, on GPUs), the
-    head's chunking (logps_chunk_size), the device type, and the trainer with its `world_size` processes (they
+    head's chunking (logps_chunk_size), padding_free with its row length, the device type, and the trainer with its `world_size` processes (they
     split each batch and sum in another order: FSDP's values agree with BasicTrainer's within 1e-5 relative,
     not bit for bit; tests/test_distributed.py). model.fsdp_policy_mp is not in the key: it sets the policy's
     compute dtype only, never the reference's (distributed.fsdp_split).
@@ -81,7 +81,11 @@ def cache_path_here(config: DictConfig, tokenizer, world_size: int, device_type:
         config.logps_chunk_size, config.trainer, world_size, device_type,
         tokenizer_identity(tokenizer), config.max_length, config.max_prompt_length, list(config.datasets),
         [data_identity(name, split, dataset_options(config)) for name in config.datasets for split in ('train', 'test')],
-        dataset_options(config), *(['average_log_prob'] if config.loss.average_log_prob else []))
+        dataset_options(config), *(['average_log_prob'] if config.loss.average_log_prob else []),
+        # packed rows sum in another order: equal within float32 rounding (tests/test_padding_free.py), not bit for
+        # bit, so keyed as logps_chunk_size is; absent when off, so the keys of unpacked runs stay what they were
+        *([['padding_free', config.get('padding_free_row_tokens') or config.max_length]]
+          if config.get('padding_free') else []))
     return Path(local_dir) / 'beta_dpo' / 'reference_logps' / f'{key}.pt'
 
 

@@ -25,7 +25,7 @@ from checkpoints import TrainerCheckpointing, append_metrics, kept_checkpoint
 from distributed import (all_gather_if_needed, any_process, clip_grad_norm, fsdp_split, gathered_model_state,
                          gathered_optimizer_state, load_gathered_optimizer_state, split_and_load, tensor_parallel_split)
 from generation import draw_samples, generate_texts, log_sample_tables, print_samples
-from logps import concatenated_logps, forward_logps
+from logps import check_packing, concatenated_logps, forward_logps
 from losses import BetaDPO, BetaDPOBatch, LossMode, chosen_nll, logratio_margins
 from lora import lora_enabled
 from models import enable_activation_checkpointing, first_device, load_tokenizer
@@ -77,6 +77,11 @@ class BasicTrainer(TrainerCheckpointing):
                                                self.mode.uses_reference_model)
         self.tokenizer = load_tokenizer(config)
         self.beta_dpo = BetaDPO(config.loss, seed, self.device)
+        # padding_free: the tokens per packed row of a forward pass (logps.pack_sequences), None when padded
+        self.pack_tokens = (config.get('padding_free_row_tokens') or config.max_length) \
+            if config.get('padding_free') else None
+        if self.pack_tokens:
+            check_packing(self.policy, self.device)
 
         # examples and optimizer steps so far, batches skipped (on_nonfinite=skip), the last evaluation's step
         self.example_counter = self.batch_counter = self.skipped_batches = 0
@@ -223,7 +228,8 @@ class BasicTrainer(TrainerCheckpointing):
 
     def concatenated_forward(self, model: nn.Module, batch: Dict) -> Tuple[torch.Tensor, torch.Tensor]:
         """Log-probabilities of the chosen and rejected responses from one forward pass over both."""
-        return concatenated_logps(model, batch, self.config.logps_chunk_size, self.mode.average_log_prob)
+        return concatenated_logps(model, batch, self.config.logps_chunk_size, self.mode.average_log_prob,
+                                  self.pack_tokens)
 
     def precompute_reference_logps(self) -> None:
         """The reference pass of precompute_ref_log_probs (reference_cache.ReferenceLogps.precompute). Collective."""
@@ -322,7 +328,8 @@ class BasicTrainer(TrainerCheckpointing):
         split = 'train' if train else 'eval'
         with self.policy_autocast():
             policy_chosen_logps = forward_logps(self.policy, batch['chosen_input_ids'], batch['chosen_attention_mask'],
-                                                batch['chosen_labels'], self.config.logps_chunk_size)
+                                                batch['chosen_labels'], self.config.logps_chunk_size,
+                                                pack_tokens=self.pack_tokens)
         loss = -policy_chosen_logps.mean()
         metrics = {f'logps_{split}/chosen': self.gather(policy_chosen_logps),
                    f'loss/{split}': self.gather(loss.reshape(1))}

@@ -1,4 +1,4 @@
-"""Padding with and without length buckets (`length_bucket_batches`), on real data.
+"""Padding with and without length buckets (`length_bucket_batches`), and packed (`padding_free=true`), on real data.
 
     python benchmarks/bench_padding.py             # real HH harmless-base test slice, GPT-NeoX tokenizer
     python benchmarks/bench_padding.py --data ../shared/data/hh-rlhf/harmless-base-test.jsonl.gz \\
@@ -7,7 +7,9 @@
 For each setting, over `--epochs` shuffled epochs of the training stream: the mean padding fraction of the
 policy's forward pass (`padding/fraction`, chosen and rejected padded to the longer of the two) and the tokens
 the policy processes per pair (batch rows × padded width / pairs), the part of a step's compute that padding
-inflates. Token ids are the same in every setting; only which examples share a batch changes.
+inflates. Token ids are the same in every setting; only which examples share a batch changes. The `packed` row:
+random batches, their 2 × batch sequences packed first-fit into rows of max_length tokens (logps.pack_sequences,
+padding_free=true), rows padded to the longest row.
 
 --steps N also times N DPO steps of `python train.py` per setting (batch --step-batch-size, the first step not
 timed) on a GPT-NeoX of the size of EleutherAI/pythia-14m with random weights and the tokenizer's vocabulary,
@@ -28,16 +30,24 @@ import preference_datasets as pd  # noqa: E402
 SHARED = REPO.parent / 'shared' / 'data'
 
 
-def measure(name: str, tokenizer, args, buckets, cache_dir: str):
-    """(mean padding fraction, padded tokens per pair, batches) of the stream with these buckets."""
+def measure(name: str, tokenizer, args, buckets, cache_dir: str, packed: bool = False):
+    """(mean padding fraction, padded tokens per pair, batches) of the stream with these buckets (or packed)."""
+    from logps import concatenated_inputs, pack_sequences
     fractions, tokens, pairs = [], 0, 0
     for batch in pd.get_batch_iterator([name], tokenizer, split='train', batch_size=args.batch_size,
                                        n_epochs=args.epochs, max_length=args.max_length,
                                        max_prompt_length=args.max_prompt_length, silent=True, cache_dir=cache_dir,
                                        bucket_batches=buckets):
-        fractions.append(pd.padding_fraction(batch))
-        width = max(batch['chosen_input_ids'].shape[1], batch['rejected_input_ids'].shape[1])
-        tokens += 2 * len(batch['prompt']) * width
+        if packed:
+            both = concatenated_inputs(batch)
+            rows = pack_sequences(both['concatenated_input_ids'], both['concatenated_attention_mask'],
+                                  both['concatenated_labels'], args.max_length)['sequence']
+            fractions.append((rows < 0).float().mean().item())
+            tokens += rows.numel()
+        else:
+            fractions.append(pd.padding_fraction(batch))
+            width = max(batch['chosen_input_ids'].shape[1], batch['rejected_input_ids'].shape[1])
+            tokens += 2 * len(batch['prompt']) * width
         pairs += len(batch['prompt'])
     return sum(fractions) / len(fractions), tokens / pairs, len(fractions)
 
@@ -57,12 +67,16 @@ def build_model(tokenizer_path: str, target: Path) -> Path:
     return target
 
 
-def time_steps(model_dir: Path, name: str, args, buckets, workdir: Path) -> float:
-    """Pairs/s of `python train.py loss=dpo` over args.steps steps after the first (from its metrics.jsonl)."""
+def time_steps(model_dir: Path, name: str, args, buckets, workdir: Path, packed: bool = False,
+               beta_dpo: bool = False) -> float:
+    """Pairs/s of `python train.py loss=dpo` (β-DPO with beta_dpo) over args.steps steps after the first (from its
+    metrics.jsonl)."""
     import json
     import subprocess
-    local = workdir / f'runs-{buckets}'
+    local = workdir / f'runs-{buckets}-{packed}-{beta_dpo}'
     overrides = [f'model.name_or_path={model_dir}', 'model.name=bench', f'datasets=[{name}]', 'loss=dpo', 'loss.beta=0.1',
+                 f'padding_free={str(packed).lower()}',
+                 *(['loss.mode_loss=beta_DPO', 'loss.mode_weight=0.2'] if beta_dpo else []),
                  f'batch_size={args.step_batch_size}', f'n_examples={args.step_batch_size * (args.steps + 1)}',
                  'eval_every=1000000', 'do_first_eval=false', f'eval_batch_size={args.step_batch_size}',
                  f'n_eval_examples={args.step_batch_size}', f'max_length={args.max_length}',
@@ -97,18 +111,21 @@ def main() -> None:
         print(f'{args.data.name}, batch {args.batch_size}, max_length {args.max_length}, '
               f'max_prompt_length {args.max_prompt_length}, {args.epochs} epochs')
         model_dir = build_model(args.tokenizer, Path(cache_dir) / 'model') if args.steps else None
-        step_columns = f' DPO pairs/s (batch {args.step_batch_size}) | × |' if args.steps else ''
+        step_columns = (f' DPO pairs/s (batch {args.step_batch_size}) | × | β-DPO pairs/s | × |'
+                        if args.steps else '')
         print('| length_bucket_batches | batches | padding fraction | tokens per pair | vs random batches |' + step_columns)
-        print('|---|---:|---:|---:|---:|' + ('---:|---:|' if args.steps else ''))
-        base = base_rate = None
-        for buckets in [None, *args.buckets]:
-            fraction, per_pair, n = measure(name, tokenizer, args, buckets, cache_dir)
+        print('|---|---:|---:|---:|---:|' + ('---:|---:|---:|---:|' if args.steps else ''))
+        base = base_rates = None
+        for buckets, packed in [(None, False), *[(b, False) for b in args.buckets], (None, True)]:
+            fraction, per_pair, n = measure(name, tokenizer, args, buckets, cache_dir, packed)
             base = base or per_pair
-            row = f'| {buckets} | {n} | {fraction:.3f} | {per_pair:.0f} | {per_pair / base:.2f}× |'
+            label = 'null, packed (padding_free=true)' if packed else buckets
+            row = f'| {label} | {n} | {fraction:.3f} | {per_pair:.0f} | {per_pair / base:.2f}× |'
             if args.steps:
-                rate = time_steps(model_dir, name, args, buckets, Path(cache_dir))
-                base_rate = base_rate or rate
-                row += f' {rate:.2f} | {rate / base_rate:.2f}× |'
+                rates = [time_steps(model_dir, name, args, buckets, Path(cache_dir), packed, beta_dpo)
+                         for beta_dpo in (False, True)]
+                base_rates = base_rates or rates
+                row += ''.join(f' {rate:.2f} | {rate / b:.2f}× |' for rate, b in zip(rates, base_rates))
             print(row, flush=True)
 
 

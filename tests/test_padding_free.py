@@ -1,0 +1,140 @@
+"""padding_free=true (logps.pack_sequences / packed_logps): the packed forward pass gives the padded one's
+log-probabilities, losses, β-DPO decisions and gradients; sequences in a row do not see each other; models whose
+attention ignores packed position_ids are refused."""
+import pytest
+import torch
+import transformers
+
+import preference_datasets as pd
+from helpers import FAST, start_run
+from logps import check_packing, concatenated_logps, forward_logps, pack_sequences
+from utils import UserError
+
+
+def tiny(kind: str, vocab: int):
+    configs = {'neox': transformers.GPTNeoXConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64,
+                                                  num_hidden_layers=2, num_attention_heads=4),
+               'llama': transformers.LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64,
+                                                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
+               'gpt2': transformers.GPT2Config(vocab_size=vocab, n_embd=32, n_layer=2, n_head=4,
+                                               bos_token_id=0, eos_token_id=0)}
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(configs[kind]).eval()
+
+
+def test_pack_sequences_layout():
+    """First fit: lengths 3, 4, 2 into rows of 6 -> [seq0, seq2] and [seq1]; positions restart, first labels −100."""
+    ids = torch.tensor([[5, 6, 7, 0], [8, 9, 10, 11], [12, 13, 0, 0]])
+    mask = (ids != 0).long()
+    labels = ids.masked_fill(mask == 0, -100)
+    packed = pack_sequences(ids, mask, labels, 6)
+    assert packed['input_ids'].tolist() == [[5, 6, 7, 12, 13], [8, 9, 10, 11, 0]]
+    assert packed['position_ids'].tolist() == [[0, 1, 2, 0, 1], [0, 1, 2, 3, 0]]
+    assert packed['labels'].tolist() == [[-100, 6, 7, -100, 13], [-100, 9, 10, 11, -100]]
+    assert packed['sequence'].tolist() == [[0, 0, 0, 2, 2], [1, 1, 1, 1, -1]]
+
+
+@pytest.mark.parametrize('kind', ['neox', 'llama'])
+def test_a_sequence_never_sees_its_row_neighbours(kind):
+    """Changing every token of one sequence moves its own log-probability, never the others' in its row."""
+    model = tiny(kind, 64)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, 64, (4, 9), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[:, :2] = -100
+    with torch.no_grad():
+        before = forward_logps(model, ids, mask, labels, 16, pack_tokens=36)
+        changed = ids.clone()
+        changed[2] = (changed[2] + 7) % 63 + 1
+        after = forward_logps(model, changed, mask, labels.where(labels == -100, changed), 16, pack_tokens=36)
+    assert pack_sequences(ids, mask, labels, 36)['input_ids'].shape[0] == 1  # all four share one row
+    assert (after[2] - before[2]).abs() > 1e-3
+    torch.testing.assert_close(after[[0, 1, 3]], before[[0, 1, 3]], rtol=1e-6, atol=1e-6)
+
+
+def real_batch(name, tokenizer, tmp_path, n=8):
+    return next(pd.get_batch_iterator([name], tokenizer, 'test', batch_size=n, shuffle=True, max_length=512,
+                                      max_prompt_length=256, n_epochs=1, seed=3, silent=True, cache_dir=str(tmp_path)))
+
+
+def assert_packed_equals_padded(model, batch, chunk_size):
+    results = []
+    for pack in (None, 512):
+        model.zero_grad()
+        chosen, rejected = concatenated_logps(model, batch, chunk_size, pack_tokens=pack)
+        (chosen - 0.5 * rejected).sum().backward()
+        results.append((chosen.detach(), rejected.detach(),
+                        {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (c0, r0, g0), (c1, r1, g1) = results
+    torch.testing.assert_close(c1, c0, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(r1, r0, rtol=1e-5, atol=1e-4)
+    for name in g0:
+        torch.testing.assert_close(g1[name], g0[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize('chunk_size', [pytest.param(None, marks=pytest.mark.slow), 2048])
+def test_real_hh_packed_equals_padded(neox_tokenizer, hh_slice_dir, tmp_path, chunk_size):
+    """8 real HH pairs (GPT-NeoX tokenizer), a tiny GPT-NeoX of its vocabulary: the same chosen/rejected
+    log-probabilities and gradients packed as padded, with the full logits and with the chunked head."""
+    batch = real_batch(f'hh:{hh_slice_dir}', neox_tokenizer, tmp_path)
+    assert_packed_equals_padded(tiny('neox', 50304), batch, chunk_size)
+
+
+def test_ultrafeedback_smollm2_packed_equals_padded(smollm2_tokenizer, ultrafeedback_messages, tmp_path):
+    """8 UltraFeedback message pairs, SmolLM2's tokenizer and a tiny Llama of its vocabulary."""
+    batch = real_batch(str(ultrafeedback_messages), smollm2_tokenizer, tmp_path)
+    assert_packed_equals_padded(tiny('llama', len(smollm2_tokenizer)), batch, 2048)
+
+
+@pytest.mark.parametrize('loss', [['loss=sft'], ['loss=dpo', 'loss.beta=0.1'],
+                                  ['loss=dpo', 'loss.beta=0.1', 'loss.mode_loss=beta_DPO', 'loss.mode_weight=0.25'],
+                                  pytest.param(['loss=dpo', 'loss.beta=0.1', 'activation_checkpointing=true',
+                                                'precompute_ref_log_probs=true'], marks=pytest.mark.slow)])
+def test_trainer_packed_equals_padded(tmp_path, loss):
+    """One training batch through BasicTrainer.get_batch_metrics: the same loss, metrics (log-probabilities, β used,
+    pairs kept) and gradients with padding_free=true as without; also with activation checkpointing and the
+    precomputed reference (whose pass packs too)."""
+    outcomes = []
+    batch = None
+    for packed in ('false', 'true'):
+        trainer = start_run([*FAST, *loss, f'padding_free={packed}'], tmp_path / packed)
+        batch = batch or next(iter(trainer.train_batches()))
+        trainer.policy.zero_grad()
+        value, metrics = trainer.get_batch_metrics(batch, train=True)
+        value.backward()
+        outcomes.append((value.detach(), metrics, {n: p.grad.clone() for n, p in trainer.policy.named_parameters()
+                                                   if p.grad is not None}))
+    (l0, m0, g0), (l1, m1, g1) = outcomes
+    torch.testing.assert_close(l1, l0, rtol=1e-5, atol=1e-6)
+    assert m1.keys() == m0.keys()
+    for key in m0:
+        assert m1[key] == pytest.approx(m0[key], rel=1e-4, abs=1e-5), key
+    for name in g0:
+        torch.testing.assert_close(g1[name], g0[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+class IgnoresPositionIds(transformers.GPTNeoXForCausalLM):
+    """A model whose forward drops position_ids (as one without packed-sequence support would)."""
+    def forward(self, *args, position_ids=None, **kwargs):
+        return super().forward(*args, **kwargs)
+
+
+def test_a_model_ignoring_position_ids_is_refused_naming_its_model_type():
+    """Measured, not listed: a model whose attention lets packed sequences see each other is refused (UserError,
+    exit 2); GPT-2 (absolute positions), GPT-NeoX and Llama pass the same probe."""
+    torch.manual_seed(0)
+    broken = IgnoresPositionIds(tiny('neox', 64).config).eval()
+    with pytest.raises(UserError, match="padding_free=true: model type 'gpt_neox' does not keep packed sequences"):
+        check_packing(broken, torch.device('cpu'))
+    for kind in ('gpt2', 'neox', 'llama'):
+        check_packing(tiny(kind, 64), torch.device('cpu'))
+
+
+def test_tensor_parallel_is_refused(tmp_path):
+    from config_schema import cross_field_problems
+    from helpers import compose_config
+    config = compose_config(['trainer=TensorParallelTrainer', 'padding_free=true'], tmp_path)
+    assert any(p.startswith('padding_free=true is not supported with trainer=TensorParallelTrainer')
+               for p in cross_field_problems(config, None))
