@@ -413,6 +413,9 @@ def adaptive_beta_problems(get: Callable, parallelism: Optional[Parallelism], lo
             problems.append('loss.mode_loss=epsilon_DPO does not work with trainer=TensorParallelTrainer (its head '
                             'stays sharded); use trainer=FSDPTrainer or BasicTrainer')
     if loss_type in losses.OBJECTIVES and losses.OBJECTIVES[loss_type].reference_point:
+        if get('loss.reference_free'):
+            problems.append('loss=kto needs the reference model (its log-ratios and z0 read it); set '
+                            'loss.reference_free=false')
         if get('precompute_ref_log_probs'):
             problems.append('loss=kto cannot use precompute_ref_log_probs=true: its z0 needs the reference\'s '
                             'log-probabilities of mismatched pairs, which the cache does not hold; set '

@@ -65,6 +65,7 @@ def test_mismatched_pairs():
     assert out['attention_mask'].tolist() == [[1, 1, 1, 0], [1, 1, 1, 1]]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('overrides, first_loss', [
     (['loss=dpo', 'loss.beta=0.1', 'loss.mode_loss=epsilon_DPO'], math.log(2)),
     (['loss=kto', 'loss.beta=0.1'], 0.5),
@@ -87,6 +88,7 @@ def test_first_step_at_policy_equal_reference(tmp_path, overrides, first_loss):
     (['loss=dpo', 'loss.beta=0.1', 'loss.mode_loss=epsilon_DPO', 'precompute_ref_log_probs=true'],
      'precompute_ref_log_probs'),
     (['loss=kto', 'loss.beta=0.1', 'precompute_ref_log_probs=true'], 'precompute_ref_log_probs'),
+    (['loss=kto', 'loss.beta=0.1', 'loss.reference_free=true'], 'loss.reference_free=false'),
     (['loss=dpo', 'loss.beta=0.1', 'loss.epsilon=0.05'], 'loss.epsilon=0.05 does nothing'),
     (['loss=ipo', 'loss.beta=0.1', 'loss.mode_loss=epsilon_DPO'], 'sigmoid loss only'),
     (['loss=kto', 'loss.beta=0.1', 'batch_size=2', 'gradient_accumulation_steps=2'], 'at least 2 pairs')])
