@@ -665,7 +665,9 @@ class TrainerCheckpointing:
         CUDA where it is in use: cuda_rng_devices)."""
         return {'example_counter': self.example_counter, 'batch_counter': self.batch_counter,
                 'skipped_batches': self.skipped_batches, 'last_eval_example': self.last_eval_example,
-                **self.beta_dpo.state_dict(), 'torch_rng': torch.get_rng_state(),
+                **self.beta_dpo.state_dict(),
+                **(self.epsilon_beta.state_dict() if getattr(self, 'epsilon_beta', None) is not None else {}),
+                'torch_rng': torch.get_rng_state(),
                 'cuda_rng': cuda_rng_states(cuda_rng_devices(self.world_size))}
 
     def save(self, metrics: Optional[Dict] = None) -> None:
@@ -697,6 +699,8 @@ class TrainerCheckpointing:
         self.batch_counter = state['batch_counter']
         self.skipped_batches = state['skipped_batches']
         self.beta_dpo.load_state_dict(state)
+        if getattr(self, 'epsilon_beta', None) is not None:
+            self.epsilon_beta.load_state_dict(state)
         torch.set_rng_state(state['torch_rng'])
         restore_cuda_rng_states(state.get('cuda_rng', []), cuda_rng_devices(self.world_size))
         self.last_eval_example = state['last_eval_example']

@@ -175,7 +175,9 @@ PREFERENCE_SCHEMA: Dict[str, Rule] = {
     'beta': Rule(lambda v: is_number(v) and v > 0, 'must be a positive number (e.g. loss.beta=0.1)'),
     'label_smoothing': number(*losses.LABEL_SMOOTHING, what='(ε of conservative DPO) '),
     'reference_free': BOOLEAN,
-    'mode_loss': Rule(lambda v: v in losses.MODE_LOSSES, 'is unknown; use mean (the plain loss) or beta_DPO'),
+    'mode_loss': Rule(lambda v: v in losses.MODE_LOSSES,
+                      'is unknown; use mean (the plain loss), beta_DPO or epsilon_DPO'),
+    'epsilon': number(0, 1, what='(ε of ε-DPO) '),
     'mode_weight': number(0, 1, what='(ρ, the fraction of pairs the filter drops) '),
     'a': number(what='(α) '),
     'loss_type': ANY,  # checked against its family by cross_field_problems
@@ -384,12 +386,59 @@ def loss_problems(get: Callable, parallelism: Optional[Parallelism], loss_defaul
                             f'{"does" if len(changed) == 1 else "do"} nothing without loss.mode_loss=beta_DPO '
                             f'(β-DPO\'s switches); add loss.mode_loss=beta_DPO, or leave '
                             f'{"it" if len(changed) == 1 else "them"} at the default')
+    problems += adaptive_beta_problems(get, parallelism, loss_type, loss_defaults)
     used = set(losses.OBJECTIVES[loss_type].hyperparameters)
     unused = {key for o in losses.OBJECTIVES.values() for key in o.hyperparameters} - used
     for key in sorted(unused):
         if loss_defaults is not None and key in loss_defaults and to_plain(get(f'loss.{key}')) != loss_defaults[key]:
             problems.append(f'loss.{key}={get(f"loss.{key}")} does nothing with loss.loss_type={loss_type}; leave it '
                             f'at {loss_defaults[key]}')
+    return problems
+
+
+def adaptive_beta_problems(get: Callable, parallelism: Optional[Parallelism], loss_type: str,
+                           loss_defaults) -> List[str]:
+    """ε-DPO's and KTO's limits: what each needs that the pipeline cannot give it."""
+    problems = []
+    mode = get('loss.mode_loss')
+    epsilon_default = loss_defaults.get('epsilon') if loss_defaults is not None else None
+    if mode != 'epsilon_DPO' and epsilon_default is not None and get('loss.epsilon') != epsilon_default:
+        problems.append(f'loss.epsilon={get("loss.epsilon")} does nothing without loss.mode_loss=epsilon_DPO; add it, '
+                        f'or leave loss.epsilon at {epsilon_default}')
+    if mode == 'epsilon_DPO':
+        if get('loss.name') != 'dpo' or loss_type != 'sigmoid':
+            problems.append('loss.mode_loss=epsilon_DPO is ε-DPO on DPO\'s sigmoid loss only (as the authors\' code); '
+                            'use loss=dpo loss.loss_type=sigmoid')
+        if get('loss.reference_free'):
+            problems.append('loss.mode_loss=epsilon_DPO needs the reference model (its perturbed policies mix the '
+                            'reference\'s logits); set loss.reference_free=false')
+        if get('precompute_ref_log_probs'):
+            problems.append('loss.mode_loss=epsilon_DPO cannot use precompute_ref_log_probs=true: it needs the '
+                            'reference\'s per-token logits, and the cache holds per-sequence log-probabilities only; '
+                            'set precompute_ref_log_probs=false')
+        if not get('logps_chunk_size'):
+            problems.append('loss.mode_loss=epsilon_DPO computes its perturbed log-probabilities from the hidden states '
+                            'a chunk at a time; set logps_chunk_size (e.g. 2048)')
+        if get('padding_free'):
+            problems.append('loss.mode_loss=epsilon_DPO reads the hidden states of padded rows; set padding_free=false')
+        if parallelism is not None and parallelism.tensor_parallel:
+            problems.append('loss.mode_loss=epsilon_DPO does not work with trainer=TensorParallelTrainer (its head '
+                            'stays sharded); use trainer=FSDPTrainer or BasicTrainer')
+    if loss_type in losses.OBJECTIVES and losses.OBJECTIVES[loss_type].reference_point:
+        if get('loss.reference_free'):
+            problems.append('loss=kto needs the reference model (its log-ratios and z0 read it); set '
+                            'loss.reference_free=false')
+        if get('precompute_ref_log_probs'):
+            problems.append('loss=kto cannot use precompute_ref_log_probs=true: its z0 needs the reference\'s '
+                            'log-probabilities of mismatched pairs, which the cache does not hold; set '
+                            'precompute_ref_log_probs=false')
+        n_processes = parallelism.data_parallel_size if parallelism is not None else 1
+        batch_size, accumulation = get('batch_size'), get('gradient_accumulation_steps')
+        if is_int(batch_size) and is_int(accumulation) and accumulation > 0 and \
+                batch_size // (accumulation * n_processes) < 2:
+            problems.append(f'loss=kto needs at least 2 pairs per microbatch on each process for its mismatched pairs '
+                            f'(z0); batch_size={batch_size} / (gradient_accumulation_steps={accumulation} × '
+                            f'{n_processes} processes) is less; raise batch_size')
     return problems
 
 

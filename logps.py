@@ -290,8 +290,8 @@ def on_head_device(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor) 
 
 
 def forward_logps(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
-                  chunk_size: Optional[int], average_log_prob: bool = False,
-                  pack_tokens: Optional[int] = None) -> torch.Tensor:
+                  chunk_size: Optional[int], average_log_prob: bool = False, pack_tokens: Optional[int] = None,
+                  return_hidden: bool = False):
     """(batch,) summed (or, average_log_prob, mean) log-probabilities of the label tokens under `model` (a Hugging
     Face causal LM), on the device of `labels`.
 
@@ -303,7 +303,11 @@ def forward_logps(model: nn.Module, input_ids: torch.Tensor, attention_mask: tor
     weight can be used here. A head whose weight stays sharded (tensor parallelism's colwise lm_head) is
     called as a module on chunks of the labelled positions instead (`sharded_head_label_logps`). Without
     chunk_size: the full logits and `_get_batch_logps`, as the original.
+    return_hidden (chunk_size set): also the head's input, detached, (batch, seq, hidden) on the head's device, for
+    ε-DPO's perturbed log-probabilities (`perturbed_label_logps`); returns (logps, hidden).
     """
+    if return_hidden and (pack_tokens or not chunk_size):
+        raise ValueError('return_hidden needs chunk_size and padded rows')
     if pack_tokens:
         return packed_logps(model, input_ids, attention_mask, labels, chunk_size, average_log_prob, pack_tokens)
     if not chunk_size:
@@ -318,7 +322,48 @@ def forward_logps(model: nn.Module, input_ids: torch.Tensor, attention_mask: tor
             logps = sharded_head_label_logps(head, hidden, head_labels, average_log_prob, chunk_size)
         else:
             logps = label_logps_from_hidden(hidden, head.weight, head.bias, head_labels, chunk_size, average_log_prob)
+    if return_hidden:
+        return logps.to(labels.device), hidden.detach()
     return logps.to(labels.device)
+
+
+@torch.no_grad()
+def perturbed_label_logps(policy_hidden: torch.Tensor, policy_head: nn.Module, reference_hidden: torch.Tensor,
+                          reference_head: nn.Module, labels: torch.Tensor, epsilon: float, chunk_size: int,
+                          average_log_prob: bool = False) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ε-DPO's log-probabilities (losses.py, ε-DPO), without gradients: (reference, plus, minus), each (batch,),
+    of the label tokens under log_softmax(z_ref), log_softmax((1+ε)·z_π − ε·z_ref) and log_softmax((1−ε)·z_π + ε·z_ref),
+    z = W·h + b the per-token full-vocabulary logits of the policy and the reference.
+
+    policy_hidden, reference_hidden: (batch, seq, hidden), the heads' inputs (`forward_logps(..., return_hidden=True)`,
+    `last_hidden_state`); labels (batch, seq), −100 where no loss is taken. Only the labelled positions are projected,
+    chunk_size rows at a time: at most two (chunk_size, vocab) float32 logits blocks live at once, never the whole
+    (batch, seq, vocab) logits of either model. The reference's log-probabilities come from the same logits, so no
+    separate reference pass is needed. The heads' weights must be whole on this rank (FSDP2 leaves the root's
+    parameters unsharded after the forward; tensor parallelism's sharded head is refused by config_schema).
+    """
+    policy_hidden, head_labels = on_head_device(policy_head, policy_hidden, labels)
+    loss_mask = head_labels[:, 1:] != -100
+    rows_policy = policy_hidden[:, :-1][loss_mask]
+    rows_reference = reference_hidden.to(rows_policy.device)[:, :-1][loss_mask]
+    targets = head_labels[:, 1:][loss_mask]
+    out = ([], [], [])
+    with torch.autocast(device_type=rows_policy.device.type, enabled=False):
+        for start in range(0, rows_policy.shape[0], chunk_size):
+            rows = slice(start, start + chunk_size)
+            z_policy = F.linear(rows_policy[rows].to(policy_head.weight.dtype), policy_head.weight,
+                                policy_head.bias).float()
+            z_reference = F.linear(rows_reference[rows].to(reference_head.weight.dtype),
+                                   reference_head.weight.to(rows_policy.device),
+                                   None if reference_head.bias is None else reference_head.bias.to(rows_policy.device)
+                                   ).float()
+            target = targets[rows].unsqueeze(1)
+            for values, logits in zip(out, (z_reference, (1 + epsilon) * z_policy - epsilon * z_reference,
+                                            (1 - epsilon) * z_policy + epsilon * z_reference)):
+                values.append(logits.log_softmax(-1).gather(1, target).squeeze(1))
+    empty = torch.zeros(0, device=rows_policy.device)
+    return tuple(_per_sequence(torch.cat(v) if v else empty, loss_mask, average_log_prob).to(labels.device)
+                 for v in out)
 
 
 def concatenated_inputs(batch: Dict[str, Union[List, torch.Tensor]]) -> Dict[str, torch.Tensor]:

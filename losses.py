@@ -34,6 +34,8 @@ References:
     RPO: Pang et al. 2024, "Iterative Reasoning Preference Optimization" (DPO + NLL of the chosen response).
     β-DPO: Wu et al. 2024, "β-DPO: Direct Preference Optimization with Dynamic β", Eq. 6 (batch-level β) and
         Eq. 7 (β-guided data filtering).
+    KTO: Ethayarajh et al. 2024, "KTO: Model Alignment as Prospect Theoretic Optimization", Eq. 8.
+    ε-DPO: Lee et al. 2025, "KL Penalty Control via Perturbation for Direct Preference Optimization", arXiv 2502.13177.
 """
 import math
 from dataclasses import dataclass
@@ -55,16 +57,19 @@ class Objective:
     # the loss.* keys passed to `loss` by name, each a number in [low, high) (None: no bound on that side)
     hyperparameters: Dict[str, Tuple[Optional[float], Optional[float]]]
     uses_reference: bool                # False: h has no reference term and no reference model is ever loaded
+    # True: not a function of the margin h but of each response's log-ratio and a reference point z0 (KTO):
+    #   loss(chosen_logratios, rejected_logratios, z0, beta, **hyperparameters) -> (N,)
+    reference_point: bool = False
 
 
 OBJECTIVES: Dict[str, Objective] = {}
 
 
 def objective(name: str, family: str, hyperparameters: Optional[Dict[str, Tuple[Optional[float], Optional[float]]]] = None,
-              uses_reference: bool = True):
+              uses_reference: bool = True, reference_point: bool = False):
     """Register the decorated function as the objective `name` (loss.loss_type) of `loss=family`."""
     def register(loss: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
-        OBJECTIVES[name] = Objective(name, family, loss, dict(hyperparameters or {}), uses_reference)
+        OBJECTIVES[name] = Objective(name, family, loss, dict(hyperparameters or {}), uses_reference, reference_point)
         return loss
     return register
 
@@ -107,6 +112,36 @@ def simpo_loss(h: torch.Tensor, beta: Beta, gamma: float, label_smoothing: float
     −log σ(−0.5) = 0.974077."""
     z = beta * h - gamma
     return -(1 - label_smoothing) * F.logsigmoid(z) - label_smoothing * F.logsigmoid(-z)
+
+
+# KTO's weights λ_D, λ_U: non-negative; (0, None) admits 0, which drops that half of the loss
+KTO_WEIGHT = (0.0, None)
+
+
+@objective('kto', family='kto', hyperparameters={'desirable_weight': KTO_WEIGHT, 'undesirable_weight': KTO_WEIGHT},
+           reference_point=True)
+def kto_loss(chosen_logratios: torch.Tensor, rejected_logratios: torch.Tensor, z0: Union[float, torch.Tensor],
+             beta: Beta, desirable_weight: float = 1.0, undesirable_weight: float = 1.0) -> torch.Tensor:
+    """KTO (Ethayarajh et al. 2024, Eq. 8) on pairs, the chosen response desirable and the rejected undesirable
+    (as TRL 1.16 builds a KTO dataset from pairs), per pair, shape (N,):
+
+        ½·[λ_D·(1 − σ(β·(r_c − z0))) + λ_U·(1 − σ(β·(z0 − r_r)))],   r = log π(y|x) − log π_ref(y|x)
+
+    chosen_logratios r_c, rejected_logratios r_r: (N,); z0: KTO's reference point (`kto_reference_point`, detached);
+    λ_D = desirable_weight, λ_U = undesirable_weight. The ½ makes the mean over pairs TRL's mean over the 2N
+    examples. r_c = r_r = z0 = 0 (policy = reference) gives ½·(λ_D + λ_U)·½ = 0.5 at weights 1, whatever β.
+    """
+    desirable = 1 - torch.sigmoid(beta * (chosen_logratios - z0))
+    undesirable = 1 - torch.sigmoid(beta * (z0 - rejected_logratios))
+    return 0.5 * (desirable_weight * desirable + undesirable_weight * undesirable)
+
+
+def kto_reference_point(mismatched_logratios: torch.Tensor) -> torch.Tensor:
+    """KTO's z0 (Ethayarajh et al. 2024, Eq. 8 and §4.1): the batch estimate of KL(π‖π_ref), the mean over the
+    whole batch (all ranks) of log π(y'|x) − log π_ref(y'|x) for mismatched pairs (x, y') (each prompt with another
+    pair's completion), clamped at 0 and detached, as TRL 1.16's KTOTrainer (its `kl` term). (M,) -> 0-dim."""
+    m = mismatched_logratios.detach().float().reshape(-1)
+    return m.mean().clamp(min=0) if m.numel() else torch.zeros((), device=m.device)
 
 
 def family_objectives(family: str) -> List[str]:
@@ -200,7 +235,7 @@ MIN_DYNAMIC_BETA = 1e-3
 MIN_MARGIN_STD = 1e-8
 
 # The values of β-DPO's switches (config/loss/dpo.yaml); the config's schema checks against them.
-MODE_LOSSES = ('mean', 'beta_DPO')              # loss.mode_loss
+MODE_LOSSES = ('mean', 'beta_DPO', 'epsilon_DPO')   # loss.mode_loss
 BETA_LEVELS = ('batch', 'instance')             # loss.beta_level
 FILTERS = ('gaussian', 'tail', 'head', 'none')  # loss.filter
 BETA_DPO_SCOPES = ('microbatch', 'step')        # loss.beta_dpo_scope
@@ -454,6 +489,61 @@ class BetaDPO:
         self.filter_generator.set_state(state['filter_generator'])
 
 
+# ----- ε-DPO ------------------------------------------------------------------------------------------------------
+#
+# Lee et al. 2025, "KL Penalty Control via Perturbation for Direct Preference Optimization" (arXiv 2502.13177), and
+# the authors' code (github oddqueue/e-dpo, trainer.py). The policy trained with β is, in the optimum of DPO,
+# π_β ∝ π_ref·exp(r/β); the policy at the perturbed β' = β/(1 ± ε) is then ∝ π_ref^(∓ε)·π_β^(1 ± ε), which the authors
+# estimate token by token from the logits z: the ε-perturbed policies have logits (1 + ε)·z_π − ε·z_ref (β/(1+ε),
+# weaker KL penalty) and (1 − ε)·z_π + ε·z_ref (β/(1 − ε), stronger), so they need the reference's per-token full-vocabulary logits, not its per-sequence log-probabilities:
+# logps.perturbed_label_logps computes them from both models' hidden states a chunk at a time, and the precomputed
+# reference (reference_cache, per-sequence log-probabilities only) cannot serve ε-DPO (config_schema refuses it).
+#
+# Per pair i, with ℓ = log π(y_w|x) − log π(y_l|x) under the policy and ℓ⁺, ℓ⁻ under the two perturbed policies
+# (no reference term: the code compares the policies' own log-ratios), the step
+#     s_i = +1 if ℓ⁺ > ℓ > ℓ⁻ (relaxing the penalty makes the policy a more confident preference model),
+#           −1 if ℓ⁻ > ℓ > ℓ⁺, else 0,
+# and the pair's β_i = β/(1 + ε·s_i) (the code's `updated_beta`). After each optimizer step the baseline β itself
+# moves: β ← β/(1 + ε·s̄), s̄ the mean of s over the step's pairs on all ranks (the code accumulates the microbatch
+# means over gradient accumulation and gathers over processes). At the first step policy = reference, ℓ⁺ = ℓ = ℓ⁻,
+# every s_i = 0 and the loss is ln 2.
+
+def epsilon_steps(logratios: torch.Tensor, plus_logratios: torch.Tensor, minus_logratios: torch.Tensor) -> torch.Tensor:
+    """ε-DPO's step s_i ∈ {−1, 0, +1} per pair, (N,) float32, from the policy's log-ratio ℓ and the perturbed
+    policies' ℓ⁺ (logits (1+ε)z_π − εz_ref) and ℓ⁻ (logits (1−ε)z_π + εz_ref): +1 where ℓ⁺ > ℓ > ℓ⁻, −1 where
+    ℓ⁻ > ℓ > ℓ⁺, 0 otherwise (strict inequalities, as the authors' code)."""
+    l, plus, minus = logratios.detach().float(), plus_logratios.detach().float(), minus_logratios.detach().float()
+    up = (plus > l) & (l > minus)
+    down = (minus > l) & (l > plus)
+    return up.float() - down.float()
+
+
+def epsilon_betas(beta: Union[float, torch.Tensor], epsilon: float, steps: torch.Tensor) -> torch.Tensor:
+    """ε-DPO's per-pair β_i = β/(1 + ε·s_i), (N,) float32, detached; β = 0.1, ε = 0.01: s = +1 → 0.0990099,
+    s = −1 → 0.1010101, s = 0 → 0.1."""
+    return (float(beta) / (1 + epsilon * steps.detach().float()))
+
+
+class EpsilonBeta:
+    """ε-DPO's baseline β over a run: β ← β/(1 + ε·s̄) after each optimizer step, s̄ the mean step of its pairs
+    over all ranks and microbatches. Saved with the trainer's state (`state_dict`)."""
+
+    def __init__(self, beta: float, epsilon: float):
+        self.beta = float(beta)
+        self.epsilon = float(epsilon)
+
+    def update(self, mean_step: float) -> None:
+        if math.isfinite(mean_step):
+            self.beta = self.beta / (1 + self.epsilon * mean_step)
+
+    def state_dict(self) -> dict:
+        return {'epsilon_beta': self.beta}
+
+    def load_state_dict(self, state: dict) -> None:
+        if 'epsilon_beta' in state:
+            self.beta = float(state['epsilon_beta'])
+
+
 @dataclass(frozen=True)
 class LossMode:
     """What the configured loss needs, derived once from config.loss (as torchtune's `is_reference_free`)."""
@@ -464,6 +554,13 @@ class LossMode:
     reference_free: bool = False       # the loss's margin has no reference term (loss.reference_free, SimPO)
     step_scope: bool = False           # loss.beta_dpo_scope=step: β-DPO decides once per optimizer step
     average_log_prob: bool = False     # loss.average_log_prob: responses scored by their mean token log-prob
+    epsilon_dpo: bool = False          # loss.mode_loss=epsilon_DPO: ε-DPO's per-pair β (needs the reference's logits)
+    epsilon: float = 0.0               # loss.epsilon, ε-DPO's ε
+
+    @property
+    def kto(self) -> bool:
+        """The objective is KTO's (a function of each response's log-ratio and the reference point z0)."""
+        return self.objective is not None and self.objective.reference_point
 
     @property
     def uses_reference_model(self) -> bool:
@@ -478,6 +575,11 @@ class LossMode:
         """The objective's (N,) per-pair losses of margins `h` (without the reference term if `reference_free`)."""
         return self.objective.loss(h, beta, **dict(self.hyperparameters))
 
+    def kto_losses(self, chosen_logratios: torch.Tensor, rejected_logratios: torch.Tensor, z0: torch.Tensor,
+                   beta: Beta) -> torch.Tensor:
+        """KTO's (N,) per-pair losses (`kto_loss`) with this config's weights."""
+        return self.objective.loss(chosen_logratios, rejected_logratios, z0, beta, **dict(self.hyperparameters))
+
     @classmethod
     def from_config(cls, loss_config: DictConfig) -> 'LossMode':
         if loss_config.name == SFT:
@@ -488,4 +590,5 @@ class LossMode:
                    hyperparameters=tuple((key, loss_config[key]) for key in chosen.hyperparameters),
                    reference_free=bool(loss_config.reference_free) or not chosen.uses_reference,
                    step_scope=beta_dpo and loss_config.beta_dpo_scope == 'step',
-                   average_log_prob=bool(loss_config.average_log_prob))
+                   average_log_prob=bool(loss_config.average_log_prob),
+                   epsilon_dpo=loss_config.mode_loss == 'epsilon_DPO', epsilon=float(loss_config.get('epsilon', 0.0)))

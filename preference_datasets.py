@@ -413,6 +413,40 @@ def collate(examples: List[Dict[str, Any]], pad_id: int) -> Dict[str, Union[List
     return batch
 
 
+def mismatched_partners(n: int) -> List[int]:
+    """KTO's mismatched pairing of a microbatch of n ≥ 2 pairs: pair i takes the completion of pair i XOR 1 (neighbours
+    swap), and in an odd microbatch the last pair takes the first's. TRL 1.16 rotates the completions by one over the
+    batch instead; swapping neighbours gives every data-parallel split of a batch into even slices the same
+    mismatched pairs (the same z0 under FSDPTrainer as under BasicTrainer), and both are draws of the same estimate."""
+    if n < 2:
+        raise ValueError('KTO\'s mismatched pairs need at least 2 pairs per microbatch')
+    return [i ^ 1 if (i ^ 1) < n else 0 for i in range(n)]
+
+
+def mismatched_batch(batch: Mapping[str, Any]) -> Dict[str, torch.Tensor]:
+    """KTO's mismatched (prompt, completion) sequences of a collated microbatch (`collate`): prompt i followed by the
+    chosen completion of pair `mismatched_partners(n)[i]`, as (n, width) input_ids, attention_mask and labels (−100 on
+    the prompt and the padding), right-padded; at most as wide as the batch's chosen sequences (a longer mismatched
+    completion is cut at the end), on the batch's device."""
+    ids, mask, labels = batch['chosen_input_ids'], batch['chosen_attention_mask'], batch['chosen_labels']
+    n, width = ids.shape
+    rows = []
+    for i, j in enumerate(mismatched_partners(n)):
+        prompt = ids[i][(mask[i] == 1) & (labels[i] == -100)]
+        completion = ids[j][labels[j] != -100][:max(1, width - prompt.numel())]
+        rows.append((prompt, completion))
+    width = max(p.numel() + c.numel() for p, c in rows)
+    out_ids = torch.zeros(n, width, dtype=ids.dtype, device=ids.device)
+    out_mask = torch.zeros(n, width, dtype=mask.dtype, device=ids.device)
+    out_labels = torch.full((n, width), -100, dtype=labels.dtype, device=ids.device)
+    for i, (prompt, completion) in enumerate(rows):
+        length = prompt.numel() + completion.numel()
+        out_ids[i, :length] = torch.cat([prompt, completion])
+        out_mask[i, :length] = 1
+        out_labels[i, prompt.numel():length] = completion
+    return {'input_ids': out_ids, 'attention_mask': out_mask, 'labels': out_labels}
+
+
 def padding_fraction(batch: Mapping[str, Any]) -> float:
     """Share of the policy's forward pass that is padding: chosen and rejected are run together, padded to
     the longer of the two (the original's concatenated_inputs), so padded / (rows * that length)."""

@@ -25,12 +25,14 @@ from checkpoints import TrainerCheckpointing, append_metrics, kept_checkpoint
 from distributed import (all_gather_if_needed, any_process, clip_grad_norm, fsdp_split, gathered_model_state,
                          gathered_optimizer_state, load_gathered_optimizer_state, split_and_load, tensor_parallel_split)
 from generation import draw_samples, generate_texts, log_sample_tables, print_samples
-from logps import check_packing, concatenated_logps, forward_logps
-from losses import BetaDPO, BetaDPOBatch, LossMode, chosen_nll, logratio_margins
+from logps import (check_packing, concatenated_inputs, concatenated_logps, forward_logps, last_hidden_state,
+                   perturbed_label_logps)
+from losses import (BetaDPO, BetaDPOBatch, EpsilonBeta, LossMode, chosen_nll, epsilon_betas, epsilon_steps,
+                    kto_reference_point, logratio_margins)
 from lora import lora_enabled
 from models import enable_activation_checkpointing, first_device, load_tokenizer
 from optimization import build_optimizer, total_training_steps
-from preference_datasets import batch_iterator_kwargs, get_batch_iterator, padding_fraction
+from preference_datasets import batch_iterator_kwargs, get_batch_iterator, mismatched_batch, padding_fraction
 from reference_cache import ReferenceLogps, reference_cache_path, reference_pass_batches
 from synthetic_task import gold_eval_accuracy
 from utils import (DummyWandb, StopRequest, extend_metrics, formatted_dict, mean_metrics, rank0_print,
@@ -82,6 +84,9 @@ class BasicTrainer(TrainerCheckpointing):
             if config.get('padding_free') else None
         if self.pack_tokens:
             check_packing(self.policy, self.device)
+        # ε-DPO's baseline β (moved after every optimizer step) and the steps s_i of the current step's pairs
+        self.epsilon_beta = EpsilonBeta(config.loss.beta, self.mode.epsilon) if self.mode.epsilon_dpo else None
+        self.epsilon_step_values: List[torch.Tensor] = []
 
         # examples and optimizer steps so far, batches skipped (on_nonfinite=skip), the last evaluation's step
         self.example_counter = self.batch_counter = self.skipped_batches = 0
@@ -192,10 +197,14 @@ class BasicTrainer(TrainerCheckpointing):
         locally_finite = bool(torch.isfinite(torch.stack(losses)).all()) and math.isfinite(grad_norm)
         if not any_process(not locally_finite, self.device):
             self.optimizer.step()
+            if self.epsilon_beta is not None and self.epsilon_step_values:
+                # β ← β/(1 + ε·s̄), s̄ over every pair of the step on all ranks (the authors' accumulated mean)
+                self.epsilon_beta.update(torch.cat(self.epsilon_step_values).mean().item())
         else:
             self.handle_nonfinite(batch, losses, grad_norm)
             # a skipped batch leaves no trace in β-DPO's statistics
             self.beta_dpo.margin_stats.load_state_dict(stats_before)
+        self.epsilon_step_values = []
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
 
@@ -267,9 +276,15 @@ class BasicTrainer(TrainerCheckpointing):
             return self.sft_metrics(batch, train)
         split = 'train' if train else 'eval'
         loss_config = self.config.loss
-        with self.policy_autocast():
-            policy_chosen_logps, policy_rejected_logps = self.concatenated_forward(self.policy, batch)
-        reference_chosen_logps, reference_rejected_logps = self.reference(batch)
+        if self.mode.epsilon_dpo:
+            (policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
+             pair_betas, steps) = self.epsilon_forward(batch)
+            if train:
+                self.epsilon_step_values.append(steps.cpu())
+        else:
+            with self.policy_autocast():
+                policy_chosen_logps, policy_rejected_logps = self.concatenated_forward(self.policy, batch)
+            reference_chosen_logps, reference_rejected_logps = self.reference(batch)
         # The implicit reward margin with the reference term even when reference_free drops it from the loss:
         # β-DPO's statistics, filter and β read it so (the original's A_gap), and the rewards are logged so. Without
         # a reference model (SimPO; reference_free without β-DPO) the reference log-probabilities are 0.
@@ -287,8 +302,23 @@ class BasicTrainer(TrainerCheckpointing):
             beta = decision.betas[offset:offset + n_local].to(margins.device)
             local_keep = decision.keep[offset:offset + n_local].to(margins.device).float()
 
-        losses = self.mode.losses(logratio_margins(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
-                                                   reference_rejected_logps, self.mode.reference_free), beta)
+        if self.mode.epsilon_dpo:
+            beta = pair_betas.to(margins.device)
+            metrics[f'epsilon_{split}/beta'] = self.gather(beta)      # β_i = β/(1 + ε·s_i) of every pair
+            metrics[f'epsilon_{split}/steps'] = steps.tolist()       # s_i ∈ {−1, 0, +1}, already all ranks'
+            metrics[f'epsilon_{split}/baseline_beta'] = [self.epsilon_beta.beta]
+        if self.mode.kto:
+            # β-DPO on KTO (loss=kto loss.mode_loss=beta_DPO): its statistics, β and filter read the pair's margin
+            # h = r_c − r_r above, which equals KTO's two arguments summed, (r_c − z0) + (z0 − r_r): z0 cancels, so
+            # the margin is the same quantity as under DPO and a pair is kept or dropped whole (both its halves).
+            z0 = self.kto_z0(batch)
+            metrics[f'kto_{split}/z0'] = [z0.item()]
+            losses = self.mode.kto_losses(policy_chosen_logps - reference_chosen_logps,
+                                          policy_rejected_logps - reference_rejected_logps, z0.to(margins.device), beta)
+        else:
+            losses = self.mode.losses(logratio_margins(policy_chosen_logps, policy_rejected_logps,
+                                                       reference_chosen_logps, reference_rejected_logps,
+                                                       self.mode.reference_free), beta)
         if loss_config.rpo_alpha:
             counts = (batch['chosen_labels'][:, 1:] != -100).sum(-1)  # labelled tokens; 1 for mean log-probs
             nll = chosen_nll(policy_chosen_logps, torch.ones_like(counts) if self.mode.average_log_prob else counts)
@@ -322,6 +352,44 @@ class BasicTrainer(TrainerCheckpointing):
             f'loss/{split}': self.gather(losses.detach()),
         })
         return loss, {k: (v.float().cpu().tolist() if torch.is_tensor(v) else v) for k, v in metrics.items()}
+
+    def epsilon_forward(self, batch: Dict) -> Tuple[torch.Tensor, ...]:
+        """ε-DPO's forward (losses.py, ε-DPO): the policy's (chosen, rejected) log-probs with gradients, the
+        reference's, each pair's β_i and step s_i (the steps gathered over all ranks), from one pass of each model:
+        the reference's log-probabilities and both perturbed policies' come from the two models' hidden states
+        (logps.perturbed_label_logps), never from the full (batch, seq, vocab) logits."""
+        concatenated = concatenated_inputs(batch)
+        ids, mask = concatenated['concatenated_input_ids'], concatenated['concatenated_attention_mask']
+        labels = concatenated['concatenated_labels']
+        chunk = self.config.logps_chunk_size
+        with self.policy_autocast():
+            policy_logps, policy_hidden = forward_logps(self.policy, ids, mask, labels, chunk,
+                                                        self.mode.average_log_prob, return_hidden=True)
+        model = self.reference.model
+        with torch.no_grad(), self.reference.active():
+            reference_head = model.get_output_embeddings()
+            reference_hidden = last_hidden_state(model, reference_head, ids, mask)
+            reference_logps, plus, minus = perturbed_label_logps(
+                policy_hidden, self.policy.get_output_embeddings(), reference_hidden, reference_head, labels,
+                self.mode.epsilon, chunk, self.mode.average_log_prob)
+        n = batch['chosen_input_ids'].shape[0]
+        steps = epsilon_steps(policy_logps[:n] - policy_logps[n:], plus[:n] - plus[n:], minus[:n] - minus[n:])
+        betas = epsilon_betas(self.epsilon_beta.beta, self.mode.epsilon, steps)
+        return (policy_logps[:n], policy_logps[n:], reference_logps[:n], reference_logps[n:], betas,
+                self.gather(steps))
+
+    def kto_z0(self, batch: Dict) -> torch.Tensor:
+        """KTO's z0 (losses.kto_reference_point) of this microbatch over all ranks: one more forward pass of the policy
+        and of the reference, without gradients, on the mismatched pairs (preference_datasets.mismatched_batch)."""
+        mismatched = mismatched_batch(batch)
+        args = (mismatched['input_ids'], mismatched['attention_mask'], mismatched['labels'], self.config.logps_chunk_size,
+                self.mode.average_log_prob)
+        with torch.no_grad():
+            with self.policy_autocast():
+                policy = forward_logps(self.policy, *args, pack_tokens=self.pack_tokens)
+            with self.reference.active():
+                reference = forward_logps(self.reference.model, *args, pack_tokens=self.pack_tokens)
+        return kto_reference_point(self.gather(policy - reference))
 
     def sft_metrics(self, batch: Dict, train: bool) -> Tuple[torch.Tensor, Dict[str, List[float]]]:
         """SFT: the mean negative log-likelihood of the chosen responses, and its metrics."""

@@ -11,7 +11,7 @@ LOSSES = sorted(p.stem for p in (ROOT / 'config' / 'loss').glob('*.yaml'))
 
 def test_the_original_presets_are_all_there():
     assert {'pythia28', 'pythia69', 'gpt2-large', 'gpt2-xl', 'gptj', 'llama7b', 'blank_model', 'tiny'} <= set(MODELS)
-    assert LOSSES == ['dpo', 'ipo', 'sft', 'simpo']
+    assert LOSSES == ['dpo', 'ipo', 'kto', 'sft', 'simpo']
 
 
 @pytest.mark.parametrize('model', MODELS)
@@ -20,7 +20,7 @@ def test_every_model_and_loss_composes_and_validates(tmp_path, model, loss):
     """As in the original, a run names itself (exp_name), DPO and IPO need loss.beta (SimPO has its paper's), a blank model
     its name_or_path; the embedded default (tiny) sets its own exp_name. With those given, every pair validates."""
     config = compose_config([f'model={model}', f'loss={loss}'], tmp_path)
-    missing = [key for key, required in (('exp_name', model != 'tiny'), ('loss.beta', loss in ('dpo', 'ipo')),
+    missing = [key for key, required in (('exp_name', model != 'tiny'), ('loss.beta', loss in ('dpo', 'ipo', 'kto')),
                                          ('model.name_or_path', model.startswith('blank_model'))) if required]
     expected = [f'missing values for: {", ".join(missing)} (set them on the command line, e.g. {missing[0]}=...)'] \
         if missing else []

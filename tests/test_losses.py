@@ -149,7 +149,8 @@ def test_the_registry_says_which_loss_needs_a_reference_model(tmp_path):
 
     def needs(*overrides):
         return LossMode.from_config(compose_config(list(overrides), tmp_path).loss).uses_reference_model
-    assert LOSS_NAMES == ('sft', 'dpo', 'ipo', 'simpo')
+    assert LOSS_NAMES == ('sft', 'dpo', 'ipo', 'simpo', 'kto')
+    assert needs('loss=kto', 'loss.beta=0.1') and needs('loss=dpo', 'loss.beta=0.1', 'loss.mode_loss=epsilon_DPO')
     assert needs('loss=dpo', 'loss.beta=0.1') and needs('loss=ipo', 'loss.beta=0.1')
     assert needs('loss=dpo', 'loss.beta=0.1', 'loss.loss_type=hinge')
     assert not needs('loss=simpo') and not needs('loss=simpo', 'loss.mode_loss=beta_DPO') and not needs('loss=sft')
