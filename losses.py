@@ -195,8 +195,9 @@ def preference_loss(policy_chosen_logps: torch.Tensor,
         detached, with the β actually used.
     """
     name = 'ipo' if ipo else loss_type
-    if name not in OBJECTIVES:
-        raise ValueError(f'loss_type={loss_type!r} is not one of {", ".join(OBJECTIVES)}')
+    pairwise = [key for key, objective in OBJECTIVES.items() if not objective.reference_point]
+    if name not in pairwise:  # KTO takes each response's own log-ratio and z0, not the pair's margin h
+        raise ValueError(f'loss_type={loss_type!r} is not one of {", ".join(pairwise)}')
     chosen = OBJECTIVES[name]
     h = logratio_margins(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
                          reference_free or not chosen.uses_reference)

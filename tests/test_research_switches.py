@@ -182,8 +182,9 @@ def test_loss_type_defaults_and_aliases():
         assert torch.equal(a, b)
     for a, b in zip(preference_loss(*x, beta=0.3, ipo=True), preference_loss(*x, beta=0.3, loss_type='ipo')):
         assert torch.equal(a, b)
-    with pytest.raises(ValueError, match="loss_type='kto' is not one of sigmoid, hinge, ipo"):
-        preference_loss(*x, beta=0.3, loss_type='kto')
+    for unknown in ('orpo', 'kto'):  # kto: a registered objective, but not of a pair's margin
+        with pytest.raises(ValueError, match=f"loss_type='{unknown}' is not one of sigmoid, hinge, ipo, simpo$"):
+            preference_loss(*x, beta=0.3, loss_type=unknown)
 
 
 def test_chosen_nll_worked_by_hand():
@@ -278,7 +279,7 @@ def test_defaults_compose_and_are_the_originals(tmp_path):
 
 BAD_SWITCHES = [
     (['loss=dpo', 'loss.loss_type=ipo'], "loss.loss_type='ipo' is not a loss of loss=dpo; use loss=ipo"),
-    (['loss=dpo', 'loss.loss_type=kto'], "loss.loss_type='kto' is not a loss of loss=dpo; use sigmoid or hinge"),
+    (['loss=dpo', 'loss.loss_type=orpo'], "loss.loss_type='orpo' is not a loss of loss=dpo; use sigmoid or hinge"),
     (['loss=ipo', 'loss.loss_type=hinge'], "loss.loss_type='hinge' is not a loss of loss=ipo; use loss=dpo"),
     (['loss=dpo', 'loss.average_log_prob=maybe'], "loss.average_log_prob='maybe' must be true or false"),
     (['loss=dpo', 'loss.rpo_alpha=-1'], 'loss.rpo_alpha=-1 (α_RPO, the weight of the chosen NLL) must be a number ≥ 0'),
