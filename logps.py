@@ -252,8 +252,9 @@ def head_input(head: nn.Module) -> HeadInput:
 
 
 def last_hidden_state(model: nn.Module, head: nn.Module, input_ids: torch.Tensor,
-                      attention_mask: torch.Tensor) -> torch.Tensor:
-    """(batch, seq, hidden): what `model`'s forward feeds its output `head`, from the model's own forward.
+                      attention_mask: Optional[torch.Tensor], **model_kwargs) -> torch.Tensor:
+    """(batch, seq, hidden): what `model`'s forward feeds its output `head`, from the model's own forward
+    (model_kwargs: e.g. the packed rows' position_ids).
 
     The whole model runs (its head on one position only), not its base model alone: FSDP's root unshards the embeddings, final norm and head
     in its forward pre-hook, and peft's, torch.compile's and tensor parallelism's wrappers act on the model's
@@ -265,7 +266,7 @@ def last_hidden_state(model: nn.Module, head: nn.Module, input_ids: torch.Tensor
     hook = head_input(head)
     hook.active = True
     try:
-        model(input_ids, attention_mask=attention_mask, use_cache=False)
+        model(input_ids, attention_mask=attention_mask, use_cache=False, **model_kwargs)
     finally:
         hook.active = False
     hidden, hook.hidden = hook.hidden, None
@@ -456,16 +457,7 @@ def packed_logps(model: nn.Module, input_ids: torch.Tensor, attention_mask: torc
             1, plabels[:, 1:][loss_mask][:, None]).squeeze(1)
     else:
         head = model.get_output_embeddings()
-        hook = head_input(head)
-        hook.active = True
-        try:
-            model(packed['input_ids'], attention_mask=None, position_ids=packed['position_ids'], use_cache=False)
-        finally:
-            hook.active = False
-        hidden, hook.hidden = hook.hidden, None
-        if hidden is None:
-            raise RuntimeError(f'{type(model).__name__}: its forward did not call its output embeddings '
-                               f'({type(head).__name__}); the log-probabilities need logps_chunk_size=null')
+        hidden = last_hidden_state(model, head, packed['input_ids'], None, position_ids=packed['position_ids'])
         hidden, plabels = on_head_device(head, hidden, packed['labels'])
         loss_mask = plabels[:, 1:] != -100
         with torch.autocast(device_type=hidden.device.type, enabled=False):
