@@ -330,11 +330,10 @@ def parallelism_problems(get: Callable, parallelism: Optional[Parallelism], loss
     if parallelism.tensor_parallel and isinstance(get('lora.r'), int) and get('lora.r') > 0:
         problems.append('lora.r > 0 does not work with trainer=TensorParallelTrainer (its plan splits the plain '
                         'model\'s layers, not LoRA\'s wrapped ones); use trainer=FSDPTrainer or BasicTrainer, or lora.r=0')
-    if parallelism.sharded and get('padding_free'):
-        # FSDPTrainer packed ended in SIGSEGV on 2 gloo ranks (tests/test_padding_free.py, not yet understood);
-        # tensor parallelism's split attention was never tried packed
-        problems.append(f'padding_free=true is not supported with trainer={parallelism.trainer} yet (only BasicTrainer '
-                        f'packs); use trainer=BasicTrainer, or padding_free=false')
+    if parallelism.tensor_parallel and get('padding_free'):
+        problems.append('padding_free=true is not supported with trainer=TensorParallelTrainer (its packed forward '
+                        'pass was never tried with the split attention); use trainer=FSDPTrainer or BasicTrainer, or '
+                        'padding_free=false')
     return problems
 
 

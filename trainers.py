@@ -83,7 +83,7 @@ class BasicTrainer(TrainerCheckpointing):
         self.pack_tokens = (config.get('padding_free_row_tokens') or config.max_length) \
             if config.get('padding_free') else None
         if self.pack_tokens:
-            check_packing(self.policy, self.device)
+            self.check_packing()
         # ε-DPO's baseline β (moved after every optimizer step) and the steps s_i of the current step's pairs
         self.epsilon_beta = EpsilonBeta(config.loss.beta, self.mode.epsilon) if self.mode.epsilon_dpo else None
         self.epsilon_step_values: List[torch.Tensor] = []
@@ -96,6 +96,11 @@ class BasicTrainer(TrainerCheckpointing):
         self.eval_batches = list(get_batch_iterator(**self.data_kwargs, split='test', n_examples=config.n_eval_examples,
                                                     batch_size=config.eval_batch_size, seed=seed))
         rank0_print(f'Loaded {len(self.eval_batches)} eval batches of size {config.eval_batch_size}')
+
+    def check_packing(self) -> None:
+        """padding_free=true: refuse a policy whose attention lets packed sequences see each other (logps.check_packing,
+        one small forward pass)."""
+        check_packing(self.policy, self.device)
 
     def checkpoint_activations(self) -> None:
         """activation_checkpointing=true: each transformer block of the policy keeps only its input and
@@ -581,6 +586,17 @@ class FSDPTrainer(ShardedTrainer):
 
     def split(self, model: nn.Module, reference: bool) -> nn.Module:
         return fsdp_split(model, self.config, reference)
+
+    def check_packing(self) -> None:
+        """BasicTrainer's probe, then the root's parameters sharded again. FSDP2 leaves the root module's parameters
+        unsharded after its forward (until the next backward pass), and while they are, the module holds the
+        unsharded plain tensors in place of its sharded DTensors. The probe runs before the optimizer exists, which
+        would then be handed those unsharded tensors for the embeddings, final norm and head: FSDP2 frees their
+        storage when it reshards after the first backward pass, and the optimizer's first write into one (the
+        checkpoint's zero step of torch.distributed.checkpoint's _init_optim_state) ended in a SIGSEGV on 2 gloo
+        ranks. FSDPModule.reshard() puts the sharded parameters back."""
+        super().check_packing()
+        self.policy.reshard()
 
     @contextlib.contextmanager
     def no_sync_unless(self, last: bool):
