@@ -18,7 +18,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch.distributed.tensor import DTensor
 
-from utils import UserError, pad_to_length
+from utils import UserError, first_fit, pad_to_length
 
 
 class _ChunkedLabelLogps(torch.autograd.Function):
@@ -409,17 +409,7 @@ def pack_sequences(input_ids: torch.Tensor, attention_mask: torch.Tensor, labels
     −1 on the row padding.
     """
     lengths = attention_mask.sum(-1).tolist()
-    rows: List[List[int]] = []
-    room: List[int] = []
-    for i, length in enumerate(lengths):
-        for r, free in enumerate(room):
-            if free >= length:
-                rows[r].append(i)
-                room[r] -= length
-                break
-        else:
-            rows.append([i])
-            room.append(row_tokens - length)
+    rows = first_fit(lengths, row_tokens)
     width = max(sum(lengths[i] for i in row) for row in rows)
     shape = (len(rows), width)
     packed = {'input_ids': torch.zeros(shape, dtype=input_ids.dtype),

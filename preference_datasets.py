@@ -54,7 +54,7 @@ import tqdm
 from checkpoints import DiskFullError, save_atomically, unreadable_because
 from chat_format import Messages, closed_turn, special_token_texts
 from data_sources import DataWarning, PreferenceData, load_source, resolve_name, split_file
-from utils import UserError, file_identity, fingerprint, get_local_dir
+from utils import UserError, file_identity, first_fit, fingerprint, get_local_dir
 
 # 2: chat-rendered responses end at their end-of-turn token (no EOS after it); 3: a too long chat prompt is cut
 # inside its conversation and rendered again (chat_prompt_ids), so it keeps its generation prompt
@@ -447,13 +447,26 @@ def mismatched_batch(batch: Mapping[str, Any]) -> Dict[str, torch.Tensor]:
     return {'input_ids': out_ids, 'attention_mask': out_mask, 'labels': out_labels}
 
 
-def padding_fraction(batch: Mapping[str, Any]) -> float:
-    """Share of the policy's forward pass that is padding: chosen and rejected are run together, padded to
-    the longer of the two (the original's concatenated_inputs), so padded / (rows * that length)."""
+def padding_counts(batch: Mapping[str, Any], row_tokens: Optional[int] = None) -> Tuple[int, int]:
+    """(padding tokens, tokens computed) of the policy's forward pass over `batch`: chosen and rejected run together,
+    padded to the longer of the two (the original's concatenated_inputs), 2B rows of that width; with row_tokens
+    (padding_free=true), their sequences packed first fit into rows of at most row_tokens tokens
+    (logps.pack_sequences), padded to the longest row."""
     masks = [batch[k] for k in ('chosen_attention_mask', 'rejected_attention_mask') if k in batch]
-    width = max(m.shape[1] for m in masks)
-    total = sum(m.shape[0] for m in masks) * width
-    return 1.0 - sum(int(m.sum()) for m in masks) / total
+    lengths = [int(n) for m in masks for n in m.sum(-1)]
+    if row_tokens:
+        rows = first_fit(lengths, row_tokens)
+        total = len(rows) * max(sum(lengths[i] for i in row) for row in rows)
+    else:
+        total = len(lengths) * max(m.shape[1] for m in masks)
+    return total - sum(lengths), total
+
+
+def padding_fraction(batch: Mapping[str, Any], row_tokens: Optional[int] = None) -> float:
+    """Share of the policy's forward pass over `batch` that is padding (`padding_counts`: padded, or packed into rows
+    of row_tokens)."""
+    padding, total = padding_counts(batch, row_tokens)
+    return padding / total
 
 
 def epoch_order(group_sizes: np.ndarray, shuffle: bool, seed: int, epoch: int) -> np.ndarray:

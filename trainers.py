@@ -32,7 +32,7 @@ from losses import (BetaDPO, BetaDPOBatch, EpsilonBeta, LossMode, chosen_nll, ep
 from lora import lora_enabled
 from models import enable_activation_checkpointing, first_device, load_tokenizer
 from optimization import build_optimizer, total_training_steps
-from preference_datasets import batch_iterator_kwargs, get_batch_iterator, mismatched_batch, padding_fraction
+from preference_datasets import batch_iterator_kwargs, get_batch_iterator, mismatched_batch, padding_counts
 from reference_cache import ReferenceLogps, reference_cache_path, reference_pass_batches
 from synthetic_task import gold_eval_accuracy
 from utils import (DummyWandb, StopRequest, extend_metrics, formatted_dict, mean_metrics, rank0_print,
@@ -168,6 +168,13 @@ class BasicTrainer(TrainerCheckpointing):
         accumulation = self.config.gradient_accumulation_steps
         return [slice_and_move_batch_for_device(batch, i, accumulation, 'cpu') for i in range(accumulation)]
 
+    def padding_fraction(self, microbatches: List[Dict]) -> float:
+        """Share of this process's policy forward passes of a step that is padding, in the layout computed: each
+        microbatch's local slice padded, or packed into rows of pack_tokens (padding_free)."""
+        counts = [padding_counts(slice_and_move_batch_for_device(m, self.dp_rank, self.dp_size, 'cpu'), self.pack_tokens)
+                  for m in microbatches]
+        return sum(p for p, _ in counts) / sum(t for _, t in counts)
+
     def local(self, batch: Dict) -> Dict:
         """This process's data-parallel slice of `batch`, on its device."""
         return slice_and_move_batch_for_device(batch, self.dp_rank, self.dp_size, self.device)
@@ -218,7 +225,7 @@ class BasicTrainer(TrainerCheckpointing):
         return {**mean_metrics(metrics),
                 'examples_per_second': self.config.batch_size / (time.time() - start_time),
                 'grad_norm': grad_norm, 'lr': self.scheduler.get_last_lr()[0],
-                'padding/fraction': padding_fraction(batch)}
+                'padding/fraction': self.padding_fraction(microbatches)}
 
     def no_sync_unless(self, last: bool):
         """The context of a microbatch's backward pass; `last`: the step's last microbatch. Nothing in one process."""

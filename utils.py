@@ -205,3 +205,21 @@ def extend_metrics(into: Dict[str, List[float]], metrics: Dict[str, List[float]]
 def mean_metrics(metrics: Dict[str, List[float]]) -> Dict[str, float]:
     """The mean of each list."""
     return {key: sum(values) / len(values) for key, values in metrics.items()}
+
+
+def first_fit(lengths: List[int], capacity: int) -> List[List[int]]:
+    """Indices of `lengths` grouped into bins of at most `capacity`, first fit in order: each goes into the first bin
+    with room for it, or a new one (an item longer than capacity gets a bin of its own). padding_free's rows
+    (logps.pack_sequences) and their logged padding share (preference_datasets.padding_counts) both use it."""
+    bins: List[List[int]] = []
+    room: List[int] = []
+    for i, length in enumerate(lengths):
+        for b, free in enumerate(room):
+            if free >= length:
+                bins[b].append(i)
+                room[b] -= length
+                break
+        else:
+            bins.append([i])
+            room.append(capacity - length)
+    return bins

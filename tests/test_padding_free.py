@@ -193,3 +193,26 @@ def test_fsdp_packed_equals_basic_trainer_packed(tmp_path):
         assert [m[key] for m in fsdp] == pytest.approx([m[key] for m in basic], rel=1e-4), key
     assert [json.loads((tmp_path / f'sharded_rank{r}.json').read_text()) for r in (0, 1)] == [True, True]
     assert (tmp_path / 'fsdp' / 'LATEST' / 'policy.pt').exists()
+
+
+def test_padding_fraction_reports_the_packed_layout(tmp_path):
+    """Chosen lengths 3, 5 (width 5) and rejected 2, 4 (width 4): padded, 4 rows × 5 = 20 tokens for 14 real, 0.3;
+    packed first fit into rows of 6: [3, 2], [5], [4] -> 3 rows × 5 = 15, 1/15; rows of 14: one row of 14, 0."""
+    def mask(lengths, width):
+        return (torch.arange(width)[None] < torch.tensor(lengths)[:, None]).long()
+    batch = {'chosen_attention_mask': mask([3, 5], 5), 'rejected_attention_mask': mask([2, 4], 4)}
+    assert pd.padding_counts(batch) == (6, 20)
+    assert pd.padding_fraction(batch) == pytest.approx(0.3)
+    assert pd.padding_counts(batch, 6) == (1, 15)
+    assert pd.padding_fraction(batch, 14) == 0
+
+
+@pytest.mark.slow
+def test_the_trainer_logs_the_padding_of_the_layout_it_computes(tmp_path):
+    """padding/fraction of a step: the padded layout's share, or with padding_free=true its packed rows'."""
+    for packed in ('false', 'true'):
+        trainer = start_run([*FAST, 'loss=dpo', 'loss.beta=0.1', f'padding_free={packed}'], tmp_path / packed)
+        real = next(iter(trainer.train_batches()))
+        expected = pd.padding_fraction(real, trainer.config.max_length if packed == 'true' else None)
+        assert trainer.padding_fraction(trainer.microbatches(real)) == pytest.approx(expected)
+        assert trainer.train_step(real)['padding/fraction'] == pytest.approx(expected)
