@@ -260,8 +260,10 @@ def command_line_problems(overrides: Sequence[str]) -> List[str]:
         parsed = OverridesParser.create().parse_overrides(list(overrides))
     except Exception:  # a syntax error: Hydra's own message says where
         return []
-    groups = {key: value for entry in OmegaConf.load(CONFIG_DIR / 'config.yaml').defaults if isinstance(entry, dict)
-              for key, value in entry.items()}
+    # the defaults list as plain Python: its entries are DictConfigs, which are no dict (isinstance(entry, dict) found
+    # none, and `loss=simpo loss.gamma=0.5` was checked against DPO's keys and refused)
+    defaults = OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / 'config.yaml').defaults)
+    groups = {key: value for entry in defaults if isinstance(entry, dict) for key, value in entry.items()}
     groups.update({o.key_or_group: o.value() for o in parsed if o.key_or_group in groups})
     known = {**TRAIN_SCHEMA, **{f'loss.{key}': rule for key, rule in loss_schema(groups.get('loss')).items()}}
     keys = [o.key_or_group for o in parsed if not o.is_delete() and o.key_or_group not in groups

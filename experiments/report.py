@@ -78,7 +78,8 @@ def write_report(out: Path, lines: Sequence[str], results) -> Path:
 @dataclass
 class RunMetrics:
     """What a training run's metrics.jsonl says: its evaluations in order, its steps, and the mean over the steps
-    of β-DPO's β and of the fraction its filter kept (None where the run logged none)."""
+    of the adaptive β (β-DPO's batch-level β, ε-DPO's per-pair β) and of the fraction β-DPO's filter kept (None where
+    the run logged none)."""
     evals: List[Dict[str, float]]
     steps: int
     beta_mean: Optional[float]
@@ -88,7 +89,9 @@ class RunMetrics:
 def run_metrics(run_dir: Path) -> RunMetrics:
     records = plots.read_metrics(run_dir)
     train = [r for r in records if r['split'] == 'train']
-    betas = [r['record_train/beta_used'] for r in train if 'record_train/beta_used' in r]
+    # β-DPO's batch-level β; ε-DPO's mean per-pair β of the step
+    betas = [r.get('record_train/beta_used', r.get('epsilon_train/beta')) for r in train
+             if 'record_train/beta_used' in r or 'epsilon_train/beta' in r]
     kept = [r['record_train/kept_fraction'] for r in train if 'record_train/kept_fraction' in r]
     return RunMetrics([r for r in records if r['split'] == 'eval'], len(train),
                       statistics.fmean(betas) if betas else None, statistics.fmean(kept) if kept else None)

@@ -1,12 +1,13 @@
 """ε-DPO (Lee et al. 2025) and KTO (Ethayarajh et al. 2024) beside β-DPO: worked numbers of the losses and of β,
 ε-DPO's perturbed log-probabilities against the naive full-logits computation, and the first step of each run."""
+import json
 import math
 
 import pytest
 import torch
 import torch.nn as nn
 
-from helpers import FAST, compose_config, start_run
+from helpers import FAST, compose_config, start_run, train_in_process
 from losses import EpsilonBeta, epsilon_betas, epsilon_steps, kto_loss, kto_reference_point
 from logps import perturbed_label_logps
 from preference_datasets import mismatched_batch, mismatched_partners
@@ -96,3 +97,27 @@ def test_refused_combinations(tmp_path, overrides, needle):
     from config_schema import validate_config
     problems = validate_config(compose_config([*FAST, *overrides], tmp_path))
     assert any(needle in p for p in problems), problems
+
+
+@pytest.mark.slow
+def test_epsilon_dpo_resume_continues_with_the_saved_beta(tmp_path):
+    """ε-DPO's baseline β is in the checkpoint: a run of 6 steps saved at 32 and 48 examples, resumed from its
+    step-32 checkpoint (LATEST pointed back to it), logs the same metrics as it did uninterrupted, bitwise (the
+    baseline β at 40 and 48 examples included); the saved β has moved from β0 = 0.1 (the first three steps' s̄ are
+    0 on the tiny model, the fourth's is not), so a resume that restarted at β0 would log another β."""
+    from checkpoints import point_latest_to
+    args = [*FAST, 'loss=dpo', 'loss.beta=0.1', 'loss.mode_loss=epsilon_DPO', 'n_examples=48', 'eval_every=32',
+            'do_first_eval=false', 'minimum_log_interval_secs=0', 'lr=1e-2', f'local_dirs=[{tmp_path}]']
+    run_dir = train_in_process(args, tmp_path)
+    uninterrupted = (run_dir / 'metrics.jsonl').read_text().splitlines()
+    saved = torch.load(run_dir / 'step-32' / 'trainer_state.pt', weights_only=True)['epsilon_beta']
+    assert saved != 0.1
+    point_latest_to(run_dir, 'step-32')
+    train_in_process([*args, f'resume_from={run_dir}'], tmp_path)
+
+    def without_time(lines):
+        return [{k: v for k, v in json.loads(line).items() if k != 'examples_per_second'} for line in lines]
+    resumed = without_time((run_dir / 'metrics.jsonl').read_text().splitlines())
+    assert resumed == without_time(uninterrupted)
+    first_after = next(r for r in resumed if r['split'] == 'train' and r['counters/examples'] == 40)
+    assert first_after['epsilon_train/baseline_beta'] == pytest.approx(saved)

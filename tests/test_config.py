@@ -77,3 +77,14 @@ def test_compile_policy_is_refused_with_tensor_parallelism(tmp_path):
         "compile_policy=true does not work with trainer=TensorParallelTrainer (torch 2.13 fails to trace the split "
         "model's backward pass); use compile_policy=false or trainer=FSDPTrainer"]
     assert validate_config(compose_config(['trainer=FSDPTrainer', 'compile_policy=true'], tmp_path)) == []
+
+
+def test_command_line_knows_the_keys_of_the_chosen_loss():
+    """The command-line check reads the loss group the command picks: SimPO's γ and KTO's λ_D, λ_U are keys of
+    loss=simpo and loss=kto (it once read no group and refused them as DPO's unknown keys), and stay unknown under
+    loss=dpo."""
+    from train import command_line_problems
+    assert command_line_problems(['loss=simpo', 'loss.beta=2.5', 'loss.gamma=1.375']) == []
+    assert command_line_problems(['loss=kto', 'loss.beta=0.1', 'loss.desirable_weight=1.33']) == []
+    assert command_line_problems(['loss=dpo', 'loss.beta=0.1', 'loss.gamma=1.0']) == [
+        "loss.gamma is not a key of train.py's config; did you mean loss.a?"]

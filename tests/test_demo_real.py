@@ -147,3 +147,31 @@ def test_jobs_run_after_their_inputs_and_recorded_outputs_are_reused(tmp_path):
     assert made.read_text() == 'firstsecond' and changed['a'].log_text.strip() == 'wrote second'
     with pytest.raises(RuntimeError, match=r"c failed with exit code 3.*\n.*boom"):
         run_jobs([Job('c', lambda done: [sys.executable, '-c', 'print("boom"); raise SystemExit(3)'])], tmp_path, 1, 1)
+
+
+def test_compare_plans_every_method_with_its_own_overrides(tmp_path):
+    """--compare: DPO, β-DPO, ε-DPO, SimPO at β0 = 0.1 (γ = 0.55·β = 0.055), SimPO at its paper's β 2.5 (γ 1.375)
+    and KTO, each condition and seed; ε-DPO and KTO without the precomputed reference, SimPO reference-free."""
+    args = demo_real.parse_args(['--compare', '--train-prompts', '32'])
+    assert (args.conditions, args.seeds, demo_real.run_sizes(args).n_train_prompts) == (['clean', 'noisy'], [0, 1, 2], 32)
+    specs = demo_real.run_specs(args, 'noisy', 1)
+    assert [s.name for s in specs] == ['dpo_beta0.1_noisy_seed1', 'beta_dpo_beta0.1_noisy_seed1',
+                                       'epsilon_dpo_beta0.1_noisy_seed1', 'simpo_beta0.1_noisy_seed1',
+                                       'kto_beta0.1_noisy_seed1', 'simpo_paper_beta2.5_noisy_seed1']
+    overrides = {s.method: demo_real.train_overrides(s, tmp_path, demo_real.SIZES, tmp_path) for s in specs}
+    assert overrides['epsilon_dpo']['loss.mode_loss'] == 'epsilon_DPO'
+    assert [overrides[m]['precompute_ref_log_probs'] for m in ('dpo', 'beta_dpo', 'epsilon_dpo', 'kto')] == [
+        'true', 'true', 'false', 'false']
+    assert (overrides['simpo']['loss'], overrides['simpo']['loss.gamma']) == ('simpo', '0.055')
+    assert (overrides['simpo_paper']['loss.beta'], overrides['simpo_paper']['loss.gamma']) == ('2.5', '1.375')
+    assert overrides['kto']['loss'] == 'kto' and overrides['kto']['loss.beta'] == '0.1'
+
+
+def test_method_differences_over_seeds_worked():
+    """ε-DPO − DPO over two seeds: rewards +0.10 and +0.02 → mean +0.060, sd 0.0566, se 0.040: within 2 standard
+    errors; KL −1 and −3 → −2.00 ± 1.00: |−2| is not below 2·1, so it counts as lower."""
+    outcomes = [outcome('dpo', 0.1, 0.50, 0.03, 5.0), outcome('epsilon_dpo', 0.1, 0.60, 0.03, 4.0),
+                outcome('dpo', 0.1, 0.40, 0.03, 6.0, seed=1), outcome('epsilon_dpo', 0.1, 0.42, 0.03, 3.0, seed=1)]
+    assert demo_real.method_differences(outcomes) == [
+        '- clean, ε-DPO, β = 0.1 − DPO (β = 0.1), 2 seed(s): reward +0.060 ± 0.040 (within 2 standard errors); '
+        'KL -2.00 ± 1.00 (lower).']
