@@ -349,7 +349,7 @@ def summarise(run: dict, n_params: int, peak_gflops: float, batch_size: int) -> 
     flops = ((4 if run['lora'] else 6) + (2 if run['reference_in_step'] else 0)) * n_params * statistics.mean(tokens)
     return {'pairs_per_s': batch_size / step_time, 'tokens_per_s': statistics.mean(tokens) / step_time, 'step_s': step_time, 'peak_rss_mib': run['peak_rss_mib'],
             'gflop_per_step': flops / 1e9, 'peak_fraction': flops / step_time / 1e9 / peak_gflops,
-            'tokens': statistics.mean(tokens), 'steps_timed': len(times),
+            'tokens': statistics.mean(tokens), 'steps_timed': len(times), 'first_step_s': run['times'][0],
             'padding': 1 - sum(tokens) / sum(run['padded_tokens'][1:]) if 'padded_tokens' in run else None}
 
 
@@ -408,7 +408,8 @@ def main():
                             peak, args.batch_size)
             key = (model, mode, impl)
             print(f'[{repeat + 1}/{args.repeats}] {model:16s} {mode:6s} {impl:40s} {row["pairs_per_s"]:7.2f} pairs/s '
-                  f'{row["peak_rss_mib"]:7.0f} MiB {100 * row["peak_fraction"]:5.1f}% of matmul'
+                  f'{row["peak_rss_mib"]:7.0f} MiB {100 * row["peak_fraction"]:5.1f}% of matmul, '
+                  f'first step {row["first_step_s"]:.0f} s'
                   + (f', padding {100 * row["padding"]:.0f}%' if row['padding'] is not None else ''), flush=True)
             if key not in best or row['pairs_per_s'] > best[key]['pairs_per_s']:
                 best[key] = {**row, 'peak_rss_mib': min(row['peak_rss_mib'], best.get(key, row)['peak_rss_mib'])}
