@@ -17,7 +17,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 COMMON = ['wandb.enabled=false', 'sample_during_eval=false', 'loss=dpo', 'loss.beta=0.1', 'loss.mode_loss=beta_DPO',
           'loss.mode_weight=0.2', 'loss.a=0.6', 'synthetic.n_train=1024', 'synthetic.n_test=64',
-          'synthetic.n_gold_eval=32', 'n_eval_examples=64', 'eval_batch_size=16', 'warmup_steps=0']
+          'synthetic.n_gold_eval=32', 'n_eval_examples=64', 'eval_batch_size=16', 'warmup_steps=0',
+          # every step's β logged: by default train.py logs at most once a second (minimum_log_interval_secs: 1.0),
+          #   so which steps the sd saw, and the sd, depended on the machine's speed (seed 0, batch 8: 17 of the 64
+          #   steps logged at one load, 26 at another)
+          'minimum_log_interval_secs=0']
 VARIANTS = {'batch8': ['batch_size=8'], 'batch16': ['batch_size=16'], 'batch32': ['batch_size=32'],
             'batch64': ['batch_size=64'],
             'batch64_step_scope_accum8': ['batch_size=64', 'gradient_accumulation_steps=8',
